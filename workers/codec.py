@@ -1,0 +1,101 @@
+"""msgpack encoding of session records and metadata, with the limits untrusted bytes need.
+
+Disk records and the daemon's wire share this module. Nothing here ever unpickles: msgpack
+carries None, bools, integers (64-bit), floats, strings, bytes, lists and string-keyed maps,
+and that is exactly what metadata may hold. Tuples are accepted and come back as lists.
+
+A stored record is the array ``[RECORD_FORMAT, id, created_at, last_accessed, timeout_ms,
+version, metadata]``; the leading format number lets a later release read old records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidMetadata, SessionTooLarge, StoreError
+from .session import Session
+
+RECORD_FORMAT = 1
+#: Default cap on the encoded size of one session's metadata.
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024
+
+_packer_options = {"use_bin_type": True}
+
+
+def pack(obj: Any) -> bytes:
+    """Encode ``obj`` with msgpack (bytes stay bytes, strings stay strings)."""
+    return msgpack.packb(obj, **_packer_options)
+
+
+def unpack(data: bytes) -> Any:
+    """Decode msgpack from a trusted or untrusted source.
+
+    Sizes are bounded by ``len(data)`` (msgpack refuses lengths past the buffer) and nesting by
+    msgpack's own fixed stack; map keys must be strings or bytes. Raises ``ValueError`` (or a
+    subclass) on anything malformed, never anything else.
+    """
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise ValueError(f"malformed msgpack: {exc}") from None
+
+
+def canonical_metadata(metadata: object, max_bytes: int) -> dict[str, Any]:
+    """Validate ``metadata`` and return the copy that will be stored.
+
+    The copy is what msgpack gives back, so what a caller later reads equals what was stored,
+    and the caller's own dict is never kept. Raises :class:`InvalidMetadata` or
+    :class:`SessionTooLarge`; nothing is written by anyone before this returns.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidMetadata(f"metadata is a dict, not {type(metadata).__name__}")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise InvalidMetadata(f"metadata keys are strings, got {key!r:.80}")
+    try:
+        data = pack(metadata)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidMetadata(f"metadata cannot be stored as msgpack: {exc}") from None
+    if len(data) > max_bytes:
+        raise SessionTooLarge(
+            f"metadata is {len(data)} bytes encoded, above max_metadata_bytes={max_bytes}"
+        )
+    try:
+        return unpack(data)
+    except ValueError as exc:  # a nested map with non-string keys
+        raise InvalidMetadata(f"metadata cannot be stored: {exc}") from None
+
+
+def copy_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of already-canonical metadata (msgpack round trip: faster than deepcopy)."""
+    return msgpack.unpackb(pack(metadata), raw=False)
+
+
+def encode_session(session: Session) -> bytes:
+    """The stored form of ``session``."""
+    return pack(
+        (
+            RECORD_FORMAT,
+            session.id,
+            session.created_at,
+            session.last_accessed,
+            session.timeout_ms,
+            session.version,
+            session.metadata,
+        )
+    )
+
+
+def decode_session(data: bytes) -> Session:
+    """Rebuild a session from :func:`encode_session` output; :class:`StoreError` if it is not one."""
+    try:
+        fmt, sid, created_at, last_accessed, timeout_ms, version, metadata = unpack(data)
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"unreadable session record: {exc}") from None
+    if fmt != RECORD_FORMAT:
+        raise StoreError(f"session record format {fmt!r} is not supported (expected {RECORD_FORMAT})")
+    return Session(sid, created_at, last_accessed, timeout_ms, metadata, version)

@@ -1,0 +1,89 @@
+"""The errors of the session service.
+
+Every error a caller can see is a :class:`SessionError`, so ``except SessionError`` catches the
+service's own failures and nothing else. The same classes are raised by the embedded service and
+by the daemon's clients: an error crosses the wire as its class name and message (see
+:func:`error_from_wire`), never as a pickled object.
+"""
+
+from __future__ import annotations
+
+
+class SessionError(Exception):
+    """Base class of every error the session service raises on purpose."""
+
+
+class SessionNotFound(SessionError, LookupError):
+    """No session has this id (it never existed, was deleted, or was swept after expiring)."""
+
+
+class SessionExpired(SessionNotFound):
+    """The session exists but its idle timeout has passed; it will never be returned again."""
+
+
+class InvalidSessionId(SessionError, ValueError):
+    """The id is not a string of the accepted shape; nothing was looked up."""
+
+
+class UpdateFailed(SessionError):
+    """An update function raised or returned something that is not a dict; the session is unchanged."""
+
+
+class VersionConflict(SessionError):
+    """``expected_version`` did not match the stored version; the session is unchanged."""
+
+
+class InvalidMetadata(SessionError, ValueError):
+    """Metadata is not a dict with string keys of values msgpack can carry; nothing was written."""
+
+
+class InvalidTTL(SessionError, ValueError):
+    """A ttl is not a positive finite number of seconds or None; nothing was written."""
+
+
+class SessionTooLarge(SessionError, ValueError):
+    """Encoded metadata is above ``max_metadata_bytes``; nothing was written."""
+
+
+class CapacityExceeded(SessionError):
+    """The store already holds ``max_sessions`` live sessions. Sessions are never evicted."""
+
+
+class ServiceUnavailable(SessionError):
+    """The service could not answer (its manager is restarting or stopped, or the daemon is
+    unreachable). The request may be retried; a write reported this way may or may not have
+    been applied only if it was in flight when the failure happened."""
+
+
+class StoreError(SessionError):
+    """The backing store failed or could not be opened (locked by another owner, corrupt, full)."""
+
+
+#: Every error class by name, for errors that travel over the wire.
+ERRORS: dict[str, type[SessionError]] = {
+    cls.__name__: cls
+    for cls in (
+        SessionError,
+        SessionNotFound,
+        SessionExpired,
+        InvalidSessionId,
+        UpdateFailed,
+        VersionConflict,
+        InvalidMetadata,
+        InvalidTTL,
+        SessionTooLarge,
+        CapacityExceeded,
+        ServiceUnavailable,
+        StoreError,
+    )
+}
+
+
+def error_to_wire(exc: SessionError) -> tuple[str, str]:
+    """The (class name, message) pair that represents ``exc`` on the wire."""
+    return type(exc).__name__, str(exc)
+
+
+def error_from_wire(name: str, message: str) -> SessionError:
+    """Rebuild an error sent by :func:`error_to_wire`; unknown names become :class:`SessionError`."""
+    return ERRORS.get(name, SessionError)(message)

@@ -1,0 +1,98 @@
+"""The session record, its ids, and the arithmetic of idle timeouts.
+
+A session is the seed's record: ``id``, ``created_at`` and ``last_accessed`` (wall-clock
+milliseconds since the epoch), ``timeout_ms`` (``None`` for never) and ``metadata``, plus a
+``version`` that counts metadata changes (1 at creation) so that writers can detect each other.
+
+Expiry is idle-based: a session is expired once ``now_ms > last_accessed + timeout_ms``. The
+rule lives in :meth:`Session.expired_at` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .errors import InvalidSessionId, InvalidTTL
+
+#: Longest id accepted from a caller or an ``id_factory`` (the default ids are 32 characters).
+MAX_ID_LENGTH = 256
+#: Longest ttl accepted, in seconds: about 100 years, far below any integer overflow.
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One session, as stored and as returned to callers.
+
+    Instances handed to callers are copies: changing ``metadata`` in place changes nothing in
+    the store. Use ``update`` for that.
+    """
+
+    id: str
+    created_at: int
+    last_accessed: int
+    timeout_ms: int | None
+    metadata: dict[str, Any]
+    version: int
+
+    @property
+    def expires_at(self) -> int | None:
+        """The last millisecond at which the session is still live, or None if it never expires."""
+        if self.timeout_ms is None:
+            return None
+        return self.last_accessed + self.timeout_ms
+
+    def expired_at(self, now_ms: int) -> bool:
+        """Whether the session is expired at wall-clock time ``now_ms``."""
+        expires_at = self.expires_at
+        return expires_at is not None and now_ms > expires_at
+
+    def accessed(self, now_ms: int) -> Session:
+        """This session with ``last_accessed`` moved to ``now_ms`` (never backwards)."""
+        if now_ms <= self.last_accessed:
+            return self
+        return replace(self, last_accessed=now_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The seed's record as a plain dict (``version`` included)."""
+        return asdict(self)
+
+
+def new_id() -> str:
+    """A fresh session id: 32 lowercase hex characters, 128 bits from :mod:`secrets`."""
+    return secrets.token_hex(16)
+
+
+def check_id(session_id: object) -> str:
+    """Return ``session_id`` if it is an acceptable id, else raise :class:`InvalidSessionId`.
+
+    Ids from an ``id_factory`` may have any printable shape, so the check is about safety
+    (type, length, no control characters), not about the default hex format.
+    """
+    if not isinstance(session_id, str):
+        raise InvalidSessionId(f"a session id is a str, not {type(session_id).__name__}")
+    if not 0 < len(session_id) <= MAX_ID_LENGTH or not session_id.isprintable():
+        raise InvalidSessionId(
+            f"a session id is 1 to {MAX_ID_LENGTH} printable characters, got {session_id!r:.80}"
+        )
+    return session_id
+
+
+def ttl_to_ms(ttl: object) -> int | None:
+    """Convert a ttl in seconds to ``timeout_ms``; ``None`` means the session never expires.
+
+    Raises :class:`InvalidTTL` for anything that is not a positive finite number (bools included:
+    ``True`` is almost certainly a mistake, not one second).
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise InvalidTTL(f"ttl is a number of seconds or None, not {type(ttl).__name__}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidTTL(f"ttl must be a positive finite number of seconds, got {ttl!r}")
+    if ttl > MAX_TTL_SECONDS:
+        raise InvalidTTL(f"ttl is at most {MAX_TTL_SECONDS:.0f} seconds, got {ttl!r}")
+    return max(1, round(ttl * 1000))

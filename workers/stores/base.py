@@ -1,0 +1,94 @@
+"""The one protocol every store implements, and the writes a manager commits through it.
+
+Theory of operation
+-------------------
+The :class:`~workers.manager.SessionManager` actor is the only code that talks to a store. It
+works in batches: it collects the requests queued in its mailbox, ``load``\\ s the sessions they
+name in one call, computes every result in memory, and ``commit``\\ s all the resulting writes in
+one call, which a store runs as one transaction (group commit). Only then are the callers
+answered, so an acknowledged write is a committed write.
+
+Writes are conditional, which is what lets several managers share one store (redis): a
+:class:`Put` names the version it expects to replace, and a :class:`Delete` may require the
+stored session to be expired. ``commit`` applies the writes in order and reports, per write,
+whether it took effect; a manager that owns its store alone never sees ``False`` for a ``Put``.
+
+All methods are async. A store whose library blocks (diskcache, lmdb) runs every call on its
+own long-lived worker thread (:class:`~workers.stores.thread.StoreThread`); a store whose
+library is async (coredis) awaits it directly. No store blocks the Trio thread.
+
+Stores raise :class:`~workers.errors.StoreError` for their own failures; ``open`` raises it,
+naming the cause, when the store is locked by another owner or is unusable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..session import Session
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Store ``session``, replacing the stored version ``expected_version``.
+
+    ``expected_version=None`` means the id must be free (a create). The put does not take effect
+    (``commit`` reports ``False``) when the stored state differs from what it expects.
+    """
+
+    session: Session
+    expected_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove session ``id``; with ``if_expired_at`` set, only if it is expired at that time.
+
+    ``commit`` reports ``True`` when a stored session was removed. The conditional form lets a
+    sweep never remove a session that another writer refreshed meanwhile.
+    """
+
+    id: str
+    if_expired_at: int | None = None
+
+
+Write = Put | Delete
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A place sessions live. See the module docstring for how a manager drives it."""
+
+    #: Canonical backend name: "memory", "disk", "lmdb" or "redis".
+    backend: str
+    #: True when other processes may write the same sessions (no caching above the store).
+    shared: bool
+
+    async def open(self) -> None:
+        """Acquire and open the store; raise StoreError naming the cause when it cannot."""
+
+    async def close(self) -> None:
+        """Flush and release the store. Safe to call twice and after a failed open."""
+
+    async def load(self, ids: Sequence[str]) -> dict[str, Session]:
+        """The stored sessions among ``ids``, expired ones included; absent ids are left out."""
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        """Apply ``writes`` in order as one transaction; per write, whether it took effect."""
+
+    async def scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        """Up to ``limit`` live sessions after ``cursor`` (None: from the start).
+
+        Returns the page and the cursor for the next one, None when the scan is complete. A
+        session created or deleted during a scan may or may not appear; none appears twice.
+        """
+
+    async def expired(self, now_ms: int, limit: int) -> list[str]:
+        """Up to ``limit`` ids of sessions expired at ``now_ms`` (candidates for a sweep)."""
+
+    async def count(self, now_ms: int) -> int:
+        """The number of live sessions at ``now_ms``."""
