@@ -91,11 +91,11 @@ def encode_session(session: Session) -> bytes:
 
 
 def decode_session(data: bytes) -> Session:
-    """Rebuild a session from :func:`encode_session` output; :class:`StoreError` if it is not one."""
+    """Rebuild a session from :func:`encode_session` output; StoreError if it is not one."""
     try:
         fmt, sid, created_at, last_accessed, timeout_ms, version, metadata = unpack(data)
     except (ValueError, TypeError) as exc:
         raise StoreError(f"unreadable session record: {exc}") from None
     if fmt != RECORD_FORMAT:
-        raise StoreError(f"session record format {fmt!r} is not supported (expected {RECORD_FORMAT})")
+        raise StoreError(f"session record format {fmt!r} is unknown (expected {RECORD_FORMAT})")
     return Session(sid, created_at, last_accessed, timeout_ms, metadata, version)

@@ -26,7 +26,7 @@ class InvalidSessionId(SessionError, ValueError):
 
 
 class UpdateFailed(SessionError):
-    """An update function raised or returned something that is not a dict; the session is unchanged."""
+    """An update function raised or returned a non-dict; the stored session is unchanged."""
 
 
 class VersionConflict(SessionError):
@@ -85,5 +85,5 @@ def error_to_wire(exc: SessionError) -> tuple[str, str]:
 
 
 def error_from_wire(name: str, message: str) -> SessionError:
-    """Rebuild an error sent by :func:`error_to_wire`; unknown names become :class:`SessionError`."""
+    """Rebuild an error sent by :func:`error_to_wire`; unknown names become SessionError."""
     return ERRORS.get(name, SessionError)(message)

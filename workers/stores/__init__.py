@@ -55,4 +55,13 @@ def make_store(
     return LmdbStore(path, **options)
 
 
-__all__ = ["ALIASES", "BACKENDS", "Delete", "Put", "Store", "Write", "canonical_backend", "make_store"]
+__all__ = [
+    "ALIASES",
+    "BACKENDS",
+    "Delete",
+    "Put",
+    "Store",
+    "Write",
+    "canonical_backend",
+    "make_store",
+]

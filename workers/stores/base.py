@@ -12,6 +12,8 @@ Writes are conditional, which is what lets several managers share one store (red
 :class:`Put` names the version it expects to replace, and a :class:`Delete` may require the
 stored session to be expired. ``commit`` applies the writes in order and reports, per write,
 whether it took effect; a manager that owns its store alone never sees ``False`` for a ``Put``.
+Once a write to an id does not take effect, the later writes of the same batch to that id do not
+either (they were computed from the state the failed write expected).
 
 All methods are async. A store whose library blocks (diskcache, lmdb) runs every call on its
 own long-lived worker thread (:class:`~workers.stores.thread.StoreThread`); a store whose

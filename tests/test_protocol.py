@@ -1,0 +1,306 @@
+"""The sans-IO msgpack-RPC protocol, without sockets."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from workers.errors import SessionExpired, SessionNotFound, VersionConflict
+from workers.protocol import (
+    METHODS,
+    NEED_DATA,
+    AuthenticationFailed,
+    Connection,
+    ConnectionClosed,
+    InvalidMessage,
+    InvalidRequest,
+    LocalProtocolError,
+    Notification,
+    RemoteProtocolError,
+    Request,
+    Response,
+    Role,
+    decode_error,
+    encode_error,
+    parse_address,
+    session_from_wire,
+    session_to_wire,
+)
+from workers.session import Session
+
+
+def events(conn: Connection) -> list[object]:
+    out = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        out.append(event)
+    return out
+
+
+def pair(max_message_size: int = 1024) -> tuple[Connection, Connection]:
+    return (
+        Connection(Role.CLIENT, max_message_size=max_message_size),
+        Connection(Role.SERVER, max_message_size=max_message_size),
+    )
+
+
+def test_request_response_round_trip() -> None:
+    client, server = pair()
+    msgid, data = client.send_request("retrieve", ["abc"])
+    server.receive_data(data)
+    assert events(server) == [Request(msgid, "retrieve", ["abc"])]
+    client.receive_data(server.send_response(msgid, result={"x": 1}))
+    assert events(client) == [Response(msgid, None, {"x": 1})]
+    assert client.in_flight == server.in_flight == set()
+
+
+def test_pipelined_responses_in_any_order_byte_by_byte() -> None:
+    client, server = pair()
+    sent = [client.send_request("ping", []) for _ in range(5)]
+    stream = b"".join(data for _, data in sent)
+    for i in range(len(stream)):  # one byte at a time
+        server.receive_data(stream[i : i + 1])
+    requests = events(server)
+    assert [r.msgid for r in requests] == [msgid for msgid, _ in sent]
+    answers = b"".join(server.send_response(r.msgid, result=r.msgid) for r in reversed(requests))
+    client.receive_data(answers)
+    assert [(e.msgid, e.result) for e in events(client)] == [
+        (msgid, msgid) for msgid, _ in reversed(sent)
+    ]
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=20), st.lists(st.integers(-(2**63), 2**64 - 1), max_size=5)),
+        max_size=8,
+    ),
+    st.lists(st.integers(min_value=1, max_value=50), min_size=1),
+)
+def test_any_chunking_gives_the_same_events(
+    calls: list[tuple[str, list[int]]], cuts: list[int]
+) -> None:
+    client, server = pair()
+    stream = b"".join(client.send_request(method, params)[1] for method, params in calls)
+    pos, i = 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        server.receive_data(stream[pos : pos + step])
+        pos, i = pos + step, i + 1
+    server.receive_data(b"")
+    got = events(server)
+    assert [(e.method, e.params) for e in got[:-1]] == [(m, p) for m, p in calls]
+    assert got[-1] == ConnectionClosed()
+
+
+def test_notifications_travel_both_ways() -> None:
+    client, server = pair()
+    server.receive_data(client.send_notification("hello", [1]))
+    client.receive_data(server.send_notification("bye", []))
+    assert events(server) == [Notification("hello", [1])]
+    assert events(client) == [Notification("bye", [])]
+
+
+def test_clean_eof_is_connection_closed() -> None:
+    _, server = pair()
+    server.receive_data(b"")
+    assert events(server) == [ConnectionClosed()]
+    server.receive_data(b"")  # idempotent
+    with pytest.raises(LocalProtocolError):
+        server.receive_data(b"more")
+
+
+def test_truncated_message_is_fatal_at_eof() -> None:
+    client, server = pair()
+    _, data = client.send_request("ping", [])
+    server.receive_data(data[:-1])
+    assert events(server) == []
+    server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="ended inside a message"):
+        server.next_event()
+
+
+def test_garbage_is_fatal_after_the_good_messages() -> None:
+    client, server = pair()
+    _, good = client.send_request("ping", [])
+    server.receive_data(good + b"\xc1" + good)
+    assert isinstance(server.next_event(), Request)
+    assert server.broken
+    with pytest.raises(RemoteProtocolError, match="not msgpack"):
+        server.next_event()
+    with pytest.raises(RemoteProtocolError):  # stays broken
+        server.next_event()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, 10_000])
+def test_oversized_message_is_fatal_whatever_the_chunking(chunk: int) -> None:
+    client, server = pair(max_message_size=1024)
+    _, small = client.send_request("ping", [])
+    _, big = client.send_request("create", [{"blob": "x" * 2000}])
+    stream = small + big + small
+    for pos in range(0, len(stream), chunk):
+        server.receive_data(stream[pos : pos + chunk])
+    assert isinstance(server.next_event(), Request)
+    with pytest.raises(RemoteProtocolError, match="longer than 1024"):
+        server.next_event()
+
+
+def test_oversized_header_alone_is_refused_early() -> None:
+    _, server = pair(max_message_size=1024)
+    # A request whose str claims 1 GiB: refused without waiting for (or buffering) the body.
+    server.receive_data(b"\x94\x00\x01\xdb\x40\x00\x00\x00" + b"x" * 2000)
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+
+
+@pytest.mark.parametrize(
+    ("message", "msgid"),
+    [
+        (5, None),
+        ([], None),
+        (["0", 1, "m", []], None),
+        ([0, -1, "m", []], None),
+        ([0, 2**32, "m", []], None),
+        ([0, 7, 3, []], 7),
+        ([0, 7, "m", {"a": 1}], 7),
+        ([1, 7, None, None], None),  # a client cannot send responses
+        ([2, 1, []], None),
+        ([9, 1, 2, 3], None),
+        ([0, 1, "m"], None),
+    ],
+)
+def test_invalid_messages_are_reported_and_the_stream_goes_on(
+    message: object, msgid: int | None
+) -> None:
+    client, server = pair()
+    _, good = client.send_request("ping", [])
+    server.receive_data(msgpack.packb(message) + good)
+    bad, request = events(server)
+    assert isinstance(bad, InvalidMessage)
+    assert bad.msgid == msgid
+    assert isinstance(request, Request)
+    if msgid is not None:  # it can be answered
+        assert b"InvalidRequest" in server.send_response(msgid, error=InvalidRequest("bad"))
+
+
+def test_duplicate_msgid_in_flight_is_invalid() -> None:
+    _, server = pair()
+    server.receive_data(msgpack.packb([0, 3, "ping", []]) * 2)
+    first, second = events(server)
+    assert first == Request(3, "ping", [])
+    assert isinstance(second, InvalidMessage)
+    assert second.msgid is None
+
+
+def test_client_side_checks() -> None:
+    client, server = pair()
+    client.receive_data(msgpack.packb([1, 99, None, 1]))  # never asked
+    client.receive_data(msgpack.packb([0, 1, "ping", []]))  # servers do not call
+    assert all(isinstance(e, InvalidMessage) for e in events(client))
+    with pytest.raises(LocalProtocolError):
+        server.send_request("ping", [])
+    with pytest.raises(LocalProtocolError):
+        client.send_response(1, result=None)
+    with pytest.raises(LocalProtocolError):
+        server.send_response(42, result=None)  # not in flight
+
+
+def test_forgotten_request_answer_is_invalid() -> None:
+    client, server = pair()
+    msgid, data = client.send_request("ping", [])
+    server.receive_data(data)
+    events(server)
+    client.forget(msgid)
+    client.receive_data(server.send_response(msgid, result="pong"))
+    assert isinstance(client.next_event(), InvalidMessage)
+
+
+def test_msgids_wrap_and_skip_those_in_flight() -> None:
+    client, _ = pair()
+    client._next_msgid = 2**32 - 1
+    first, _ = client.send_request("ping", [])
+    second, _ = client.send_request("ping", [])
+    assert (first, second) == (2**32 - 1, 0)
+    client._next_msgid = 0
+    assert client.send_request("ping", [])[0] == 1
+
+
+def test_unencodable_result_still_answers() -> None:
+    _, server = pair()
+    server.receive_data(msgpack.packb([0, 1, "stats", []]))
+    events(server)
+    response = msgpack.unpackb(server.send_response(1, result=object()))
+    assert response[:2] == [1, 1]
+    assert response[2][0] == "InternalError"
+    with pytest.raises(LocalProtocolError):
+        server.send_notification("x", [object()])
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        SessionNotFound("gone"),
+        SessionExpired("old"),
+        VersionConflict("v"),
+        AuthenticationFailed("no"),
+    ],
+)
+def test_errors_round_trip_to_the_same_class(exc: Exception) -> None:
+    back = decode_error(msgpack.unpackb(msgpack.packb(encode_error(exc))))
+    assert type(back) is type(exc)
+    assert str(back) == str(exc)
+
+
+def test_unknown_and_malformed_errors() -> None:
+    back = decode_error(["NoSuchError", "m"])
+    assert type(back).__name__ == "SessionError"
+    assert isinstance(decode_error("oops"), RemoteProtocolError)
+
+
+def test_session_wire_round_trip_and_validation() -> None:
+    session = Session("ab" * 16, 1, 2, None, {"k": [1, "v"]}, 3)
+    wire = msgpack.unpackb(msgpack.packb(session_to_wire(session)))
+    assert session_from_wire(wire) == session
+    for bad in ({**wire, "version": "3"}, {**wire, "extra": 1}, {**wire, "created_at": True}, []):
+        with pytest.raises(RemoteProtocolError):
+            session_from_wire(bad)
+
+
+def test_method_table_checks_arity_and_pages() -> None:
+    METHODS["create"].check_params([])
+    METHODS["create"].check_params([{}, 10])
+    with pytest.raises(InvalidRequest, match="takes 0 to 2"):
+        METHODS["create"].check_params([{}, 1, 2])
+    with pytest.raises(InvalidRequest, match="takes 2"):
+        METHODS["set_ttl"].check_params(["id"])
+    session = Session("s", 1, 1, 1000, {}, 1)
+    page = METHODS["list_page"]
+    assert page.decode_result(page.encode_result(([session], "next"))) == ([session], "next")
+    with pytest.raises(RemoteProtocolError):
+        page.decode_result({"not": "a page"})
+
+
+def test_addresses() -> None:
+    tcp = parse_address("tcp://127.0.0.1:7878")
+    assert (tcp.host, tcp.port, tcp.is_local, str(tcp)) == (
+        "127.0.0.1",
+        7878,
+        True,
+        "tcp://127.0.0.1:7878",
+    )
+    assert parse_address("tcp://[::1]:9").is_local
+    assert str(parse_address("tcp://[::1]:9")) == "tcp://[::1]:9"
+    assert not parse_address("tcp://0.0.0.0:9").is_local
+    assert not parse_address("tcp://example.com:9").is_local
+    unix = parse_address("unix:///tmp/s.sock")
+    assert (unix.path, unix.is_local) == ("/tmp/s.sock", True)
+    for bad in (
+        "tcp://host",
+        "tcp://:80",
+        "unix://rel/path",
+        "http://x:1",
+        "unix:relative",
+        "tcp://h:99999",
+    ):
+        with pytest.raises(ValueError):
+            parse_address(bad)

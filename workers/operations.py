@@ -1,0 +1,413 @@
+"""What each request to the session manager does, without any I/O (the manager's sans-IO core).
+
+Rules
+-----
+1. An expired session is never returned, listed or counted: every operation that names one
+   raises :class:`SessionExpired`, whether or not a sweep has removed it yet.
+2. ``retrieve``, ``update``, ``patch`` and ``touch`` move ``last_accessed`` to now (never
+   backwards); ``peek``, ``set_ttl`` and listing do not. ``version`` counts metadata changes.
+3. A failing operation writes nothing and raises a :class:`SessionError` for its caller alone;
+   the other operations of the batch are unaffected.
+
+Theory of operation
+-------------------
+The manager answers requests in batches. For a batch it builds a :class:`View` over the store:
+each operation first runs its ``read`` step (store queries it needs, such as a scan), then the
+manager loads every session the batch names in one call, then each operation's ``apply`` runs
+against the view, in arrival order, seeing the writes of the operations before it. The view
+collects the writes; the manager commits them in one store transaction and answers the callers.
+If a conditional write did not take effect (only possible when several processes share a store)
+the operation that made it is retried in a later batch.
+
+Everything here is synchronous and deterministic given the view, the clock reading and the
+loaded sessions, so it is tested without a store thread or an actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from .codec import canonical_metadata, copy_metadata
+from .errors import (
+    CapacityExceeded,
+    SessionExpired,
+    SessionNotFound,
+    UpdateFailed,
+    VersionConflict,
+)
+from .session import Session
+from .stores.base import Delete, Put, Store, Write
+
+
+@dataclass(slots=True)
+class Limits:
+    """The manager's settings that operations need."""
+
+    max_metadata_bytes: int
+    max_sessions: int | None
+    id_factory: Callable[[], str]
+
+
+class View:
+    """The sessions of one batch: loaded ones plus the batch's own writes, in order."""
+
+    def __init__(self, store: Store, now_ms: int, limits: Limits) -> None:
+        self.store = store
+        self.now_ms = now_ms
+        self.limits = limits
+        self.sessions: dict[str, Session | None] = {}
+        self.writes: list[Write] = []
+        #: Live sessions as of this batch's writes so far; known once live_count() was awaited.
+        self.live_total: int | None = None
+
+    async def live_count(self) -> int:
+        """Live sessions in the store before this batch's writes (asked once per batch)."""
+        if self.live_total is None:
+            self.live_total = await self.store.count(self.now_ms)
+        return self.live_total
+
+    def stored(self, session_id: str) -> Session | None:
+        """The session as the batch sees it, expired or not; None if there is none."""
+        return self.sessions.get(session_id)
+
+    def live(self, session_id: str) -> Session:
+        """The live session ``session_id``, or raise SessionExpired / SessionNotFound."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        if session.expired_at(self.now_ms):
+            raise SessionExpired(f"session {session_id!r} has expired")
+        return session
+
+    def put(self, session: Session) -> int:
+        """Write ``session`` over what the view holds for its id; returns the write's index."""
+        previous = self.sessions.get(session.id)
+        self.writes.append(Put(session, None if previous is None else previous.version))
+        self.sessions[session.id] = session
+        if self.live_total is not None and (previous is None or previous.expired_at(self.now_ms)):
+            self.live_total += 1
+        return len(self.writes) - 1
+
+    def delete(self, session_id: str, if_expired: bool = False) -> int:
+        """Remove ``session_id``; with ``if_expired``, only while the store finds it expired."""
+        previous = self.sessions.get(session_id)
+        self.writes.append(Delete(session_id, self.now_ms if if_expired else None))
+        self.sessions[session_id] = None
+        was_live = previous is not None and not previous.expired_at(self.now_ms)
+        if self.live_total is not None and was_live:
+            self.live_total -= 1
+        return len(self.writes) - 1
+
+
+def reply_copy(session: Session) -> Session:
+    """The copy of ``session`` a caller gets, so that no caller can reach stored metadata."""
+    return replace(session, metadata=copy_metadata(session.metadata))
+
+
+@dataclass(slots=True)
+class Operation:
+    """One request to the manager. Subclasses define ``ids``, ``read`` and ``apply``."""
+
+    #: Whether the operation writes (read-only ones never need a retry).
+    writes: ClassVar[bool] = True
+
+    def ids(self) -> Iterable[str]:
+        """The session ids to load before ``apply``."""
+        return ()
+
+    async def read(self, view: View) -> None:
+        """Store queries this operation needs before the batch's sessions are loaded."""
+
+    def apply(self, view: View) -> Any:
+        """Compute the result and record the writes in ``view``; raise SessionError to fail."""
+        raise NotImplementedError
+
+    def finish(self, result: Any, outcomes: Sequence[bool]) -> Any:
+        """The caller's answer once the writes this operation made are committed."""
+        return result
+
+
+@dataclass(slots=True)
+class Create(Operation):
+    metadata: dict[str, Any]
+    timeout_ms: int | None
+    id: str = ""
+
+    async def read(self, view: View) -> None:
+        # The id is drawn here so that a custom id_factory's repeats are loaded and seen.
+        self.id = view.limits.id_factory()
+        if view.limits.max_sessions is not None:
+            await view.live_count()
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> str:
+        limit = view.limits.max_sessions
+        if limit is not None and view.live_total is not None and view.live_total >= limit:
+            raise CapacityExceeded(f"the store holds max_sessions={limit} live sessions")
+        _check_free(view, self.id)
+        now = view.now_ms
+        view.put(Session(self.id, now, now, self.timeout_ms, self.metadata, 1))
+        return self.id
+
+
+def _check_free(view: View, session_id: str) -> None:
+    existing = view.stored(session_id)
+    if existing is not None and not existing.expired_at(view.now_ms):
+        raise UpdateFailed(f"id_factory returned {session_id!r}, which is already in use")
+
+
+@dataclass(slots=True)
+class Get(Operation):
+    """``retrieve`` (refresh=True) and ``peek``."""
+
+    id: str
+    refresh: bool
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> Session:
+        session = view.live(self.id)
+        if self.refresh:
+            refreshed = session.accessed(view.now_ms)
+            if refreshed is not session:
+                view.put(refreshed)
+            session = refreshed
+        return reply_copy(session)
+
+
+@dataclass(slots=True)
+class Touch(Operation):
+    id: str
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> None:
+        session = view.live(self.id)
+        refreshed = session.accessed(view.now_ms)
+        if refreshed is not session:
+            view.put(refreshed)
+
+
+@dataclass(slots=True)
+class SetTTL(Operation):
+    id: str
+    timeout_ms: int | None
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> None:
+        view.put(replace(view.live(self.id), timeout_ms=self.timeout_ms))
+
+
+def _check_version(session: Session, expected_version: int | None) -> None:
+    if expected_version is not None and session.version != expected_version:
+        raise VersionConflict(
+            f"session {session.id!r} is at version {session.version}, not {expected_version}"
+        )
+
+
+def _store_new_metadata(view: View, session: Session, metadata: object) -> Session:
+    new = replace(
+        session.accessed(view.now_ms),
+        metadata=canonical_metadata(metadata, view.limits.max_metadata_bytes),
+        version=session.version + 1,
+    )
+    view.put(new)
+    return reply_copy(new)
+
+
+@dataclass(slots=True)
+class Update(Operation):
+    """``update(id, fn)``: ``fn(metadata) -> dict`` runs here, so it is atomic per session."""
+
+    id: str
+    fn: Callable[[dict[str, Any]], dict[str, Any]]
+    expected_version: int | None = None
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> Session:
+        session = view.live(self.id)
+        _check_version(session, self.expected_version)
+        try:
+            metadata = self.fn(copy_metadata(session.metadata))
+        except Exception as exc:
+            raise UpdateFailed(f"the update function raised {exc!r}") from exc
+        if not isinstance(metadata, dict):
+            raise UpdateFailed(
+                f"the update function returned {type(metadata).__name__}, not a dict"
+            )
+        return _store_new_metadata(view, session, metadata)
+
+
+@dataclass(slots=True)
+class Patch(Operation):
+    """The wire form of update: set some keys, remove others."""
+
+    id: str
+    set: dict[str, Any]
+    unset: tuple[str, ...]
+    expected_version: int | None = None
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> Session:
+        session = view.live(self.id)
+        _check_version(session, self.expected_version)
+        metadata = {**session.metadata, **self.set}
+        for key in self.unset:
+            metadata.pop(key, None)
+        return _store_new_metadata(view, session, metadata)
+
+
+@dataclass(slots=True)
+class Remove(Operation):
+    """``delete(id)``: idempotent; True if a live session was removed."""
+
+    id: str
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+    def apply(self, view: View) -> bool:
+        session = view.stored(self.id)
+        if session is None:
+            return False
+        view.delete(self.id)
+        return not session.expired_at(view.now_ms)
+
+
+@dataclass(slots=True)
+class Rotate(Operation):
+    """Give a session a new id and retire the old one, in one transaction."""
+
+    id: str
+    new_id: str = ""
+
+    async def read(self, view: View) -> None:
+        self.new_id = view.limits.id_factory()
+
+    def ids(self) -> Iterable[str]:
+        return (self.id, self.new_id)
+
+    def apply(self, view: View) -> str:
+        session = view.live(self.id)
+        _check_free(view, self.new_id)
+        view.delete(self.id)
+        view.put(replace(session.accessed(view.now_ms), id=self.new_id))
+        return self.new_id
+
+
+@dataclass(slots=True)
+class Sweep(Operation):
+    """Remove up to ``limit`` expired sessions; the answer is how many went."""
+
+    limit: int
+    candidates: list[str] = field(default_factory=list)
+    first_write: int = 0
+
+    async def read(self, view: View) -> None:
+        self.candidates = await view.store.expired(view.now_ms, self.limit)
+
+    def ids(self) -> Iterable[str]:
+        return self.candidates
+
+    def apply(self, view: View) -> None:
+        self.first_write = len(view.writes)
+        for session_id in self.candidates:
+            session = view.stored(session_id)
+            if session is not None and session.expired_at(view.now_ms):
+                view.delete(session_id, if_expired=True)
+
+    def finish(self, result: Any, outcomes: Sequence[bool]) -> int:
+        return sum(outcomes)
+
+
+@dataclass(slots=True)
+class Page(Operation):
+    """One page of live sessions; with ``where``, deletes the page's sessions that match."""
+
+    writes: ClassVar[bool] = False
+
+    cursor: str | None
+    limit: int
+    page: list[Session] = field(default_factory=list)
+    next_cursor: str | None = None
+
+    async def read(self, view: View) -> None:
+        self.page, self.next_cursor = await view.store.scan(view.now_ms, self.cursor, self.limit)
+
+    def apply(self, view: View) -> tuple[list[Session], str | None]:
+        # The page was read before this batch's writes: show what the batch left of it.
+        current = [view.sessions.get(s.id, s) for s in self.page]
+        live = [reply_copy(s) for s in current if s is not None and not s.expired_at(view.now_ms)]
+        return live, self.next_cursor
+
+
+@dataclass(slots=True)
+class DeleteWhere(Operation):
+    """Delete the sessions of one page whose ``metadata[key] == value``; (count, next cursor)."""
+
+    key: str
+    value: Any
+    cursor: str | None
+    limit: int
+    matches: list[str] = field(default_factory=list)
+    next_cursor: str | None = None
+
+    async def read(self, view: View) -> None:
+        page, self.next_cursor = await view.store.scan(view.now_ms, self.cursor, self.limit)
+        self.matches = [s.id for s in page if s.metadata.get(self.key, _MISSING) == self.value]
+
+    def ids(self) -> Iterable[str]:
+        return self.matches
+
+    def apply(self, view: View) -> None:
+        for session_id in self.matches:
+            session = view.stored(session_id)
+            if session is not None and session.metadata.get(self.key, _MISSING) == self.value:
+                view.delete(session_id)
+
+    def finish(self, result: Any, outcomes: Sequence[bool]) -> tuple[int, str | None]:
+        return sum(outcomes), self.next_cursor
+
+
+@dataclass(slots=True)
+class Count(Operation):
+    writes: ClassVar[bool] = False
+
+    async def read(self, view: View) -> None:
+        await view.live_count()
+
+    def apply(self, view: View) -> int | None:
+        return view.live_total
+
+
+@dataclass(slots=True)
+class Import(Operation):
+    """Restore sessions from a backup; those whose id is in use are skipped. Answer: how many."""
+
+    sessions: list[Session]
+
+    def ids(self) -> Iterable[str]:
+        return [s.id for s in self.sessions]
+
+    def apply(self, view: View) -> None:
+        for session in self.sessions:
+            if view.stored(session.id) is None and not session.expired_at(view.now_ms):
+                view.put(session)
+
+    def finish(self, result: Any, outcomes: Sequence[bool]) -> int:
+        return sum(outcomes)
+
+
+_MISSING = object()

@@ -1,0 +1,366 @@
+"""The embedded session service: the supervision tree and the API applications call.
+
+::
+
+    session service supervisor   rest_for_one, intensity 5 / period 10 s
+    ├─ SessionManager            owns the store (opens it in init, closes it in terminate)
+    ├─ Cleanup                   sweeps expired sessions every cleanup_interval
+    └─ extra children            e.g. the daemon's listener
+
+rest_for_one because each child depends on the ones before it. Callers never talk to an actor
+object: :class:`SessionService` resolves the manager by its registered name on every call, so a
+call made while the manager restarts waits briefly for the new one instead of failing, and a
+call that was waiting on a manager that crashed gets :class:`ServiceUnavailable` at once.
+
+Bad input is refused here, in the caller's task, before a request reaches the manager.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, Final
+
+import trio
+
+from supervisor import (
+    CallTimeout,
+    ChildSpec,
+    NoProc,
+    ServerDown,
+    StartError,
+    Strategy,
+    Supervisor,
+    call,
+)
+
+from .cleanup import Cleanup
+from .codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata
+from .errors import InvalidMetadata, ServiceUnavailable, SessionError
+from .manager import ManagerSettings, SessionManager
+from .operations import (
+    Count,
+    Create,
+    DeleteWhere,
+    Get,
+    Import,
+    Limits,
+    Operation,
+    Page,
+    Patch,
+    Remove,
+    Rotate,
+    SetTTL,
+    Sweep,
+    Touch,
+    Update,
+)
+from .session import Session, check_id, new_id, ttl_to_ms
+from .stores import Store, canonical_backend, make_store
+
+log = logging.getLogger("workers.service")
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: ``ttl=DEFAULT`` means the service's ``default_ttl``.
+DEFAULT: Final = _Default()
+
+_instances = itertools.count(1)
+
+
+class SessionService:
+    """The handle applications use. Every method is async and safe to call from many tasks.
+
+    Get one from :func:`open_session_service` or :func:`run_session_service`.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str,
+        manager_name: str,
+        default_ttl: float | None,
+        max_metadata_bytes: int,
+        call_timeout: float,
+        sweep_batch: int,
+        page_size: int,
+    ) -> None:
+        #: The canonical backend name: "memory", "disk", "lmdb" or "redis".
+        self.backend = backend
+        self._manager = manager_name
+        self._default_timeout_ms = ttl_to_ms(default_ttl)
+        self._max_metadata_bytes = max_metadata_bytes
+        self._call_timeout = call_timeout
+        self._sweep_batch = sweep_batch
+        self._page_size = page_size
+        self._started = time.monotonic()
+        #: Restarts of the service's children since it started (read by ``stats``).
+        self.restarts = 0
+
+    async def _call(self, op: Operation) -> Any:
+        try:
+            return await call(self._manager, op, timeout=self._call_timeout)
+        except (NoProc, ServerDown) as exc:
+            raise ServiceUnavailable(f"the session manager is not running ({exc}); retry") from exc
+        except CallTimeout as exc:
+            raise ServiceUnavailable(
+                f"the session manager did not answer within {self._call_timeout} s"
+            ) from exc
+
+    def _ttl(self, ttl: object) -> int | None:
+        return self._default_timeout_ms if ttl is DEFAULT else ttl_to_ms(ttl)
+
+    async def create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> str:
+        """Store a new session and return its id. ``ttl`` is idle seconds, None for never."""
+        timeout_ms = self._ttl(ttl)
+        return await self._call(
+            Create(canonical_metadata(metadata, self._max_metadata_bytes), timeout_ms)
+        )
+
+    async def retrieve(self, session_id: str) -> Session:
+        """The live session ``session_id``; refreshes its access time."""
+        return await self._call(Get(check_id(session_id), refresh=True))
+
+    async def peek(self, session_id: str) -> Session:
+        """The live session ``session_id``, leaving its access time alone."""
+        return await self._call(Get(check_id(session_id), refresh=False))
+
+    async def update(
+        self,
+        session_id: str,
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        expected_version: int | None = None,
+    ) -> Session:
+        """Replace the metadata by ``fn(metadata)``, atomically; returns the updated session.
+
+        ``fn`` runs inside the manager (keep it quick and synchronous) on a copy of the
+        metadata; if it raises or returns a non-dict, :class:`UpdateFailed` and nothing changes.
+        """
+        if not callable(fn):
+            raise TypeError(f"update takes a function metadata -> dict, not {fn!r}")
+        return await self._call(Update(check_id(session_id), fn, expected_version))
+
+    async def patch(
+        self,
+        session_id: str,
+        set: dict[str, Any] | None = None,
+        unset: Iterable[str] = (),
+        *,
+        expected_version: int | None = None,
+    ) -> Session:
+        """Set some metadata keys and remove others (the daemon's form of ``update``)."""
+        changes = canonical_metadata(set, self._max_metadata_bytes)
+        keys = tuple(unset)
+        if not all(isinstance(k, str) for k in keys):
+            raise InvalidMetadata("unset takes metadata keys, which are strings")
+        return await self._call(Patch(check_id(session_id), changes, keys, expected_version))
+
+    async def touch(self, session_id: str) -> None:
+        """Refresh the access time of a live session."""
+        await self._call(Touch(check_id(session_id)))
+
+    async def set_ttl(self, session_id: str, ttl: float | None) -> None:
+        """Change a live session's idle timeout (seconds, None for never)."""
+        await self._call(SetTTL(check_id(session_id), ttl_to_ms(ttl)))
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove a session; True if a live one was removed. Deleting twice is fine."""
+        return await self._call(Remove(check_id(session_id)))
+
+    async def rotate(self, session_id: str) -> str:
+        """Move a live session to a fresh id, retiring the old one (session-fixation defence)."""
+        return await self._call(Rotate(check_id(session_id)))
+
+    async def delete_where(self, key: str, value: Any) -> int:
+        """Delete every session whose ``metadata[key] == value`` ("log out everywhere")."""
+        if not isinstance(key, str):
+            raise InvalidMetadata("metadata keys are strings")
+        removed, cursor = 0, None
+        while True:
+            n, cursor = await self._call(DeleteWhere(key, value, cursor, self._page_size))
+            removed += n
+            if cursor is None:
+                return removed
+
+    async def list_page(
+        self, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Session], str | None]:
+        """One page of live sessions and the cursor of the next page (None after the last)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit is a positive int, got {limit!r}")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ValueError("cursor is a string from a previous page, or None")
+        return await self._call(Page(cursor, limit))
+
+    async def list_sessions(self) -> list[Session]:
+        """Every live session (pages through the store; prefer ``list_page`` for large ones)."""
+        sessions: list[Session] = []
+        cursor = None
+        while True:
+            page, cursor = await self.list_page(cursor, self._page_size)
+            sessions.extend(page)
+            if cursor is None:
+                return sessions
+
+    async def count(self) -> int:
+        """The number of live sessions."""
+        return await self._call(Count())
+
+    async def cleanup_expired(self) -> int:
+        """Remove every expired session now, in bounded batches; returns how many went."""
+        removed = 0
+        while True:
+            n = await self._call(Sweep(self._sweep_batch))
+            removed += n
+            if n < self._sweep_batch:
+                return removed
+
+    async def import_sessions(self, sessions: Sequence[Session]) -> int:
+        """Store sessions from a backup as they are; ids already in use are skipped."""
+        for s in sessions:
+            check_id(s.id)
+            canonical_metadata(s.metadata, self._max_metadata_bytes)
+        return await self._call(Import(list(sessions)))
+
+    async def get_backend(self) -> str:
+        """The canonical backend name (the seed's ``get_backend``)."""
+        return self.backend
+
+    async def stats(self) -> dict[str, Any]:
+        """Figures for operators: backend, live sessions, restarts, uptime."""
+        return {
+            "backend": self.backend,
+            "sessions": await self.count(),
+            "restarts": self.restarts,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+
+
+async def run_session_service(
+    *,
+    backend: str = "memory",
+    path: str | None = None,
+    url: str | None = None,
+    default_ttl: float | None = 3600.0,
+    cleanup_interval: float = 300.0,
+    clock: Callable[[], float] | None = None,
+    max_sessions: int | None = None,
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+    id_factory: Callable[[], str] = new_id,
+    call_timeout: float = 5.0,
+    sweep_batch: int = 500,
+    page_size: int = 500,
+    max_batch: int = 256,
+    intensity: int = 5,
+    period: float = 10.0,
+    extra_children: Callable[[SessionService], Sequence[ChildSpec]] | None = None,
+    store: Store | None = None,
+    task_status: trio.TaskStatus[SessionService] = trio.TASK_STATUS_IGNORED,
+    **store_options: Any,
+) -> None:
+    """Run the service tree until cancelled; ``task_status.started`` gives the SessionService.
+
+    For ``await nursery.start(run_session_service, ...)`` in an application's own nursery. Any
+    option not named here goes to the store (``durability``, ``on_corrupt``, ``prefix``...).
+    ``store`` runs the service on a store object of your own (a wrapper, say) instead of
+    building one from ``backend``. A store that cannot be opened raises its ``StoreError`` here,
+    bare. If the tree
+    exceeds its restart budget this raises ``SupervisorShutdown`` after stopping everything.
+    """
+    _check_options(cleanup_interval, max_sessions, max_metadata_bytes)
+    if store is None:
+        store = make_store(backend, path=path, url=url, **store_options)
+    backend = canonical_backend(store.backend)
+    n = next(_instances)
+    service = SessionService(
+        backend=backend,
+        manager_name=f"sessions-{n}.manager",
+        default_ttl=default_ttl,
+        max_metadata_bytes=max_metadata_bytes,
+        call_timeout=call_timeout,
+        sweep_batch=sweep_batch,
+        page_size=page_size,
+    )
+    settings = ManagerSettings(
+        Limits(max_metadata_bytes, max_sessions, id_factory),
+        clock or time.time,
+        max_batch,
+    )
+    children = [
+        SessionManager.child_spec("manager", store, settings, name=service._manager),
+        Cleanup.child_spec(
+            "cleanup", service.cleanup_expired, cleanup_interval, name=f"sessions-{n}.cleanup"
+        ),
+        *(extra_children(service) if extra_children else ()),
+    ]
+
+    def count_restarts(event: Any) -> None:
+        if getattr(event, "kind", None) == "restart":
+            service.restarts += 1
+
+    tree = Supervisor(
+        children,
+        strategy=Strategy.REST_FOR_ONE,
+        intensity=intensity,
+        period=period,
+        name=f"sessions-{n}",
+        on_event=count_restarts,
+    )
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(tree.run)
+        except StartError as exc:
+            cause = exc.cause
+            if isinstance(cause, SessionError):
+                raise cause from None
+            raise
+        task_status.started(service)
+
+
+def _check_options(
+    cleanup_interval: float, max_sessions: int | None, max_metadata_bytes: int
+) -> None:
+    if not cleanup_interval > 0:
+        raise ValueError(f"cleanup_interval is a positive number of seconds: {cleanup_interval!r}")
+    if max_sessions is not None and max_sessions < 1:
+        raise ValueError(f"max_sessions is a positive int or None, got {max_sessions!r}")
+    if max_metadata_bytes < 1:
+        raise ValueError(f"max_metadata_bytes is a positive int, got {max_metadata_bytes!r}")
+
+
+@asynccontextmanager
+async def open_session_service(**options: Any) -> AsyncIterator[SessionService]:
+    """Start the service tree for the ``async with`` block and stop it in reverse order after.
+
+    Takes the options of :func:`run_session_service`. Errors from starting the tree (a store
+    that cannot be opened: ``StoreError``) and from the tree giving up
+    (``SupervisorShutdown``) are raised bare, not wrapped in an exception group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            service = await nursery.start(partial(run_session_service, **options))
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _only(group) from None
+
+
+def _only(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested single-member groups, or the group itself."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]
+    return group
+
+
+__all__ = ["DEFAULT", "SessionService", "open_session_service", "run_session_service"]
