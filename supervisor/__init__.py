@@ -1,0 +1,65 @@
+"""A generic Erlang/OTP supervision runtime on Trio: supervisors, restart strategies, actors.
+
+It knows nothing about what it supervises. Start here:
+
+* :class:`Supervisor`, :class:`DynamicSupervisor` and :class:`ChildSpec` build supervision trees
+  with OTP's restart types, strategies and intensity (the rules are in :mod:`supervisor.restart`).
+* :class:`Actor` is gen_server: a task with a mailbox, ``call`` and ``cast``, a name registry,
+  deferred replies, timers.
+* :func:`cleanup_scope` gives any child the shielded cleanup window its shutdown grace allows.
+"""
+
+from .actor import Actor, ActorRef, TimerHandle, call, cast
+from .child import ChildCounts, ChildInfo, ChildSpec, Restart, Shutdown
+from .cleanup import cleanup_scope
+from .errors import (
+    CallTimeout,
+    ChildExists,
+    ChildNotFound,
+    ChildRunning,
+    NameTaken,
+    NoProc,
+    ServerDown,
+    StartError,
+    SupervisorShutdown,
+    TooManyChildren,
+    unwrap,
+)
+from .events import EventKind, SupervisorEvent
+from .registry import whereis
+from .reply import ReplySlot
+from .restart import AutoShutdown, Strategy
+from .supervisor import DynamicSupervisor, Supervisor
+
+__all__ = [
+    "Actor",
+    "ActorRef",
+    "AutoShutdown",
+    "CallTimeout",
+    "ChildCounts",
+    "ChildExists",
+    "ChildInfo",
+    "ChildNotFound",
+    "ChildRunning",
+    "ChildSpec",
+    "DynamicSupervisor",
+    "EventKind",
+    "NameTaken",
+    "NoProc",
+    "ReplySlot",
+    "Restart",
+    "ServerDown",
+    "Shutdown",
+    "StartError",
+    "Strategy",
+    "Supervisor",
+    "SupervisorEvent",
+    "SupervisorShutdown",
+    "TimerHandle",
+    "TooManyChildren",
+    "call",
+    "cast",
+    "cleanup_scope",
+    "unwrap",
+    "whereis",
+]

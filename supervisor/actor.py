@@ -1,0 +1,413 @@
+"""Actors: OTP's gen_server on Trio.
+
+An :class:`Actor` is a task that owns some state and serves messages from its mailbox one at a
+time, so its state needs no locks. ``call`` sends a request and waits for the answer that
+``handle_call`` returns; ``cast`` sends a message to ``handle_cast`` and does not wait.
+
+Theory of operation
+-------------------
+Each start of an actor (an *incarnation*) is a :class:`_Process`: a fresh actor instance, a
+bounded Trio memory channel as its mailbox, and a heap of the callers still waiting for an
+answer (:class:`~supervisor.reply.Deadlines`). A call puts ``(request, slot)`` in the mailbox
+and parks on the slot; the loop hands the request to ``handle_call`` and settles the slot with
+what it returns, unless the actor took the slot with :meth:`Actor.defer_reply` to answer later.
+
+When the incarnation ends, for any reason, it first *dies*: it frees its name, cancels its
+timers and settles every waiting caller (queued, in progress or deferred) with
+:class:`ServerDown`. Only then does ``terminate`` run, in a shielded window bounded by the
+child's shutdown grace (:func:`~supervisor.cleanup_scope`). Callers that resolve the actor by
+name meanwhile wait (``name_wait``) for the next incarnation to register.
+
+Exceptions: an ``Exception`` from ``init`` is a start failure; from any handler, ``handle_drained``
+or ``terminate`` it is a crash (the exit reason), and it propagates out of the actor's task for
+its supervisor to see. Cancellation is a shutdown. Nothing is caught and forgotten.
+
+The mailbox is drained without a schedule point per message (``receive_nowait``), yielding
+once every ``_BATCH`` messages, so a busy actor answers a burst of callers in one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+import trio
+from trio.lowlevel import current_task
+
+from .child import ChildSpec
+from .cleanup import cleanup_scope
+from .errors import CallTimeout, ExitReason, NoProc, ServerDown, exit_reason
+from .registry import lookup, register, unregister, wait_for
+from .reply import Deadlines, ReplySlot
+
+DEFAULT_TIMEOUT = 5.0
+_BATCH = 64  # messages handled back to back before the loop lets other tasks run
+
+
+class Actor:
+    """Subclass this and override the handlers you need.
+
+    Start it under a supervisor with ``MyActor.child_spec("id", *init_args, name="...")``, or
+    directly with ``await nursery.start(MyActor.start, *init_args)``; both give an
+    :class:`ActorRef`. Every start builds a fresh instance, so a restart begins from clean state.
+
+    ``mailbox_size`` bounds the mailbox. When it is full, callers wait for room (within their
+    timeout); nothing is ever dropped. The default, 1024, absorbs bursts from many callers while
+    keeping memory bounded.
+    """
+
+    mailbox_size: ClassVar[int] = 1024
+
+    __process: _Process
+
+    async def init(self, *args: Any) -> None:
+        """Set up state. Runs before the actor is considered started; raising fails the start."""
+
+    async def handle_call(self, request: Any) -> Any:
+        """Answer ``request``; the return value is the caller's result (see :meth:`defer_reply`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no handle_call (got {request!r})")
+
+    async def handle_cast(self, message: Any) -> None:
+        """Handle a cast, or a message from :meth:`send_after`."""
+        raise NotImplementedError(f"{type(self).__name__} has no handle_cast (got {message!r})")
+
+    async def handle_drained(self) -> None:
+        """Called when one or more messages were handled and the mailbox is now empty.
+
+        Override it to batch the work of many queued calls (group commit): defer their replies
+        in ``handle_call``, then do the work once here and answer them all. Also called before
+        a normal :meth:`stop` if messages were handled since the last call. An exception here
+        crashes the actor. Messages that arrive while it runs are handled after it returns.
+        """
+
+    async def terminate(self, reason: ExitReason) -> None:
+        """Release resources. Called once on every exit after a successful ``init``.
+
+        ``reason`` is ``"normal"``, ``"shutdown"`` or the crash. It runs shielded, bounded by the
+        child's shutdown grace, after every waiting caller has had :class:`ServerDown`.
+        """
+
+    @property
+    def ref(self) -> ActorRef:
+        """This incarnation's own :class:`ActorRef`."""
+        return self.__process.ref
+
+    def defer_reply(self) -> ReplySlot:
+        """Answer the current call later (OTP's ``{noreply, State}`` and ``gen_server:reply``).
+
+        Call it inside ``handle_call``; what that ``handle_call`` returns is then ignored, and the
+        caller waits (within its timeout) until the slot is settled with ``slot.reply(value)`` or
+        ``slot.fail(exc)``. If the actor dies first, the caller gets :class:`ServerDown`.
+        """
+        process = self.__process
+        slot = process.current
+        if slot is None:
+            raise RuntimeError(
+                "defer_reply() is only valid inside handle_call, once per call; "
+                "keep the slot it returned to answer that call"
+            )
+        process.current = None
+        return slot
+
+    def send_after(self, delay: float, message: Any) -> TimerHandle:
+        """Deliver ``message`` to this actor's ``handle_cast`` after ``delay`` seconds.
+
+        OTP's ``erlang:send_after`` to self. The timer belongs to this incarnation: it never
+        fires into a restarted actor. Cancel it with the returned handle's ``cancel()``.
+        """
+        process = self.__process
+        timer = TimerHandle()
+        if process.alive:
+            process.nursery.start_soon(process.deliver_after, timer, delay, message)
+        else:
+            timer.cancel()
+        return timer
+
+    def stop(self) -> None:
+        """Exit normally (reason ``"normal"``) once the current message has been handled.
+
+        Calls still queued get :class:`ServerDown`. A permanent child is restarted after a
+        normal exit; a transient or temporary one is not.
+        """
+        self.__process.stopping = True
+
+    @classmethod
+    def child_spec(
+        cls, id: Hashable, *args: Any, name: Hashable | None = None, **child_options: Any
+    ) -> ChildSpec:
+        """A :class:`ChildSpec` that starts ``cls`` with ``init(*args)``, registered as ``name``.
+
+        ``child_options`` are ChildSpec's: ``restart``, ``shutdown``, ``significant``.
+        """
+        return ChildSpec(id, functools.partial(cls.start, *args, name=name), **child_options)
+
+    @classmethod
+    async def start(
+        cls,
+        *args: Any,
+        name: Hashable | None = None,
+        task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one incarnation: for ``nursery.start``; it reports the :class:`ActorRef`.
+
+        Raises :class:`~supervisor.errors.NameTaken` if ``name`` belongs to a running actor.
+        """
+        actor = cls()
+        process = _Process(actor, name, cls.mailbox_size)
+        actor.__process = process
+        async with trio.open_nursery() as nursery:
+            process.nursery = nursery
+            nursery.start_soon(process.deadlines.expire_forever)
+            await process.live(args, task_status)
+
+
+class TimerHandle:
+    """A pending :meth:`Actor.send_after`; ``cancel()`` stops it if it has not fired yet."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope = trio.CancelScope()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._scope.cancel_called
+
+
+class ActorRef:
+    """The address of one actor incarnation (OTP's pid).
+
+    It stays valid after the actor dies, but then every call raises :class:`NoProc`; a restarted
+    actor has a new ref. To follow an actor across restarts, address it by name with the
+    module-level :func:`call` and :func:`cast`.
+    """
+
+    __slots__ = ("_process",)
+
+    def __init__(self, process: _Process) -> None:
+        self._process = process
+
+    @property
+    def name(self) -> Hashable | None:
+        return self._process.name
+
+    @property
+    def alive(self) -> bool:
+        return self._process.alive
+
+    async def call(self, request: Any, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """Send ``request`` to ``handle_call`` and return its answer.
+
+        Raises :class:`NoProc` if the actor is not running, :class:`ServerDown` if it dies
+        before answering, :class:`CallTimeout` after ``timeout`` seconds (``math.inf`` waits
+        forever), or whatever the actor passed to ``slot.fail``.
+        """
+        # The hot path: one slot, one deadline in the heap, one send, one park.
+        process = self._process
+        if not process.alive:
+            raise NoProc(f"{self!r} is not running")
+        task = current_task()
+        if task is process.task:
+            raise RuntimeError(f"{self!r} called itself; that would deadlock")
+        slot = ReplySlot(task)
+        deadline = process.now() + timeout
+        process.deadlines.watch(slot, deadline)
+        try:
+            process.send_nowait((request, slot))
+        except trio.WouldBlock:
+            await process.send_when_room(request, slot, deadline)
+            return await slot._wait()
+        # Nothing ran since the send, so the slot is still unsettled.
+        return await slot._park()
+
+    async def cast(self, message: Any) -> None:
+        """Send ``message`` to ``handle_cast``; waits only if the mailbox is full.
+
+        Raises :class:`NoProc` if the actor is not running, :class:`ServerDown` if it died
+        while this waited for room. A cast queued when the actor dies is dropped, as in OTP.
+        """
+        process = self._process
+        if not process.alive:
+            raise NoProc(f"{self!r} is not running")
+        try:
+            await process.send((message, None))
+        except trio.BrokenResourceError:
+            raise ServerDown(self, process.reason) from None
+
+    def __repr__(self) -> str:
+        process = self._process
+        label = repr(process.name) if process.name is not None else type(process.actor).__name__
+        return f"<ActorRef {label} {'alive' if process.alive else 'dead'}>"
+
+
+class _Process:
+    """One incarnation of an actor: mailbox, pending callers, timers, and how it ended."""
+
+    __slots__ = (
+        "_recv",
+        "actor",
+        "alive",
+        "current",
+        "deadlines",
+        "name",
+        "now",
+        "nursery",
+        "reason",
+        "ref",
+        "send",
+        "send_nowait",
+        "stopping",
+        "task",
+    )
+
+    def __init__(self, actor: Actor, name: Hashable | None, mailbox_size: int) -> None:
+        self.actor = actor
+        self.name = name
+        self.ref = ActorRef(self)
+        self.alive = False
+        self.reason: ExitReason = "normal"  # meaningful once alive is False
+        self.stopping = False
+        self.current: ReplySlot | None = None  # the call handle_call is answering
+        self.task: trio.lowlevel.Task | None = None
+        self.nursery: trio.Nursery  # set by Actor.start before anything runs
+        self.deadlines = Deadlines(self.ref.__repr__)
+        mailbox, self._recv = trio.open_memory_channel[tuple[Any, ReplySlot | None]](mailbox_size)
+        # Bound once, so the hot path skips the lookups.
+        self.send_nowait = mailbox.send_nowait
+        self.send = mailbox.send
+        self.now = trio.lowlevel.current_clock().current_time
+
+    async def send_when_room(self, request: Any, slot: ReplySlot, deadline: float) -> None:
+        try:
+            with trio.move_on_at(deadline) as waited:
+                await self.send((request, slot))
+        except trio.BrokenResourceError:
+            return  # it died while we waited; dying settled the slot with ServerDown
+        except BaseException:
+            slot._give_up()
+            raise
+        if waited.cancelled_caught:
+            slot.fail(CallTimeout(f"{self.ref!r}'s mailbox stayed full until the timeout"))
+
+    async def deliver_after(self, timer: TimerHandle, delay: float, message: Any) -> None:
+        with timer._scope:
+            await trio.sleep(delay)
+            await self.send((message, None))
+
+    async def live(self, args: tuple[Any, ...], task_status: trio.TaskStatus[ActorRef]) -> None:
+        actor = self.actor
+        self.task = current_task()
+        if self.name is not None:
+            register(self.name, self.ref)
+        self.alive = True
+        try:
+            await actor.init(*args)
+        except BaseException as exc:
+            self.die(exit_reason(exc))
+            raise
+        task_status.started(self.ref)
+        reason: ExitReason = "normal"
+        try:
+            await self.serve()
+        except BaseException as exc:
+            reason = exit_reason(exc)
+            raise
+        finally:
+            self.die(reason)
+            with cleanup_scope():
+                await actor.terminate(reason)
+
+    async def serve(self) -> None:
+        actor = self.actor
+        receive_nowait = self._recv.receive_nowait
+        handle_call = actor.handle_call
+        handle_cast = actor.handle_cast
+        drained = actor.handle_drained
+        if type(actor).handle_drained is Actor.handle_drained:
+            drained = None  # skip awaiting a no-op after every burst
+        undrained = False
+        budget = _BATCH
+        while not self.stopping:
+            try:
+                request, slot = receive_nowait()
+            except trio.WouldBlock:
+                if undrained and drained is not None:
+                    undrained = False
+                    await drained()
+                    continue
+                budget = _BATCH
+                request, slot = await self._recv.receive()
+            else:
+                budget -= 1
+                if not budget:
+                    budget = _BATCH
+                    await trio.lowlevel.checkpoint()
+            undrained = True
+            if slot is None:
+                await handle_cast(request)
+            else:
+                self.current = slot
+                result = await handle_call(request)
+                if self.current is slot:
+                    self.current = None
+                    slot.reply(result)
+        if undrained and drained is not None:
+            await drained()
+
+    def die(self, reason: ExitReason) -> None:
+        """Free the name, stop the timers, settle every waiting caller with ServerDown."""
+        self.alive = False
+        self.reason = reason
+        if self.name is not None:
+            unregister(self.name, self.ref)
+        # Cancel before closing: a timer blocked on a full mailbox must see Cancelled, not
+        # BrokenResourceError (which would be reported next to the real exit reason).
+        self.nursery.cancel_scope.cancel()
+        self._recv.close()  # callers blocked on a full mailbox wake up and see their slot
+        self.deadlines.fail_all(lambda: ServerDown(self.ref, reason))
+
+
+async def _await_name(name: Hashable, until: float) -> ActorRef:
+    ref = await wait_for(name, until)
+    if ref is None:
+        raise NoProc(f"no actor is registered under {name!r} (waited for one to appear)")
+    return ref
+
+
+async def call(
+    target: ActorRef | Hashable,
+    request: Any,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    name_wait: float | None = None,
+) -> Any:
+    """Call an actor by ref or by registered name; the name is resolved at every call.
+
+    If no actor holds the name right now (say it is being restarted), wait up to ``name_wait``
+    seconds (default: the whole ``timeout``) for one to register, then raise :class:`NoProc`.
+    Time spent waiting counts against ``timeout``. Errors are those of :meth:`ActorRef.call`.
+    """
+    ref = lookup(target)  # names first: they are what this function is for
+    if ref is None:
+        if isinstance(target, ActorRef):
+            return await target.call(request, timeout)
+        start = trio.current_time()
+        wait = timeout if name_wait is None else min(timeout, name_wait)
+        ref = await _await_name(target, start + wait)
+        timeout -= trio.current_time() - start
+    return await ref.call(request, timeout)
+
+
+async def cast(
+    target: ActorRef | Hashable, message: Any, *, name_wait: float = DEFAULT_TIMEOUT
+) -> None:
+    """Cast to an actor by ref or by registered name, waiting up to ``name_wait`` seconds for
+    the name to be registered (then :class:`NoProc`). Errors are those of :meth:`ActorRef.cast`.
+    """
+    if not isinstance(target, ActorRef):
+        target = await _await_name(target, trio.current_time() + name_wait)
+    await target.cast(message)
