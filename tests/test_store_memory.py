@@ -1,0 +1,119 @@
+"""What the memory store promises beyond the Store contract: it outlives its managers, and its
+expiry index and scan stay cheap at scale (looked at from inside, deliberately)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from workers.errors import StoreError
+from workers.session import Session
+from workers.stores.base import Delete, Put
+from workers.stores.memory import _HEAP_SLACK, MemoryStore
+
+T0 = 1_700_000_000_000
+
+
+def session(sid: str, *, last_accessed: int = T0, timeout_ms: int | None = 1000) -> Session:
+    return Session(sid, T0, last_accessed, timeout_ms, {"user_id": sid}, 1)
+
+
+async def test_close_keeps_every_session_for_the_next_incarnation() -> None:
+    store = MemoryStore()
+    await store.open()
+    await store.commit([Put(session("a"), None), Put(session("b", timeout_ms=None), None)])
+    assert await store.count(T0 + 5000) == 1
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.load(["a"])
+    await store.open()  # the next manager borrows the same object
+    assert set(await store.load(["a", "b"])) == {"a", "b"}
+    assert await store.expired(T0 + 5000, 10) == ["a"]
+    await store.open()  # a manager that opens an open store changes nothing
+    assert await store.count(T0) == 2
+
+
+def test_it_takes_no_options() -> None:
+    with pytest.raises(TypeError):
+        MemoryStore(path="sessions")  # type: ignore[call-arg]
+
+
+async def test_the_expiry_heap_stays_bounded_under_constant_touches() -> None:
+    store = MemoryStore()
+    await store.open()
+    sessions = {sid: session(sid) for sid in "abcdefghij"}
+    await store.commit([Put(s, None) for s in sessions.values()])
+    for step in range(1, 5001):
+        # Every retrieve moves last_accessed, so each touch leaves a stale heap entry behind.
+        writes = []
+        for sid, s in sessions.items():
+            sessions[sid] = replace(s, last_accessed=T0 + step)
+            writes.append(Put(sessions[sid], s.version))
+        assert await store.commit(writes) == [True] * 10
+    assert len(store._heap) <= 2 * 10 + _HEAP_SLACK + 1
+    assert await store.count(T0 + 5000 + 1000) == 10
+    assert set(await store.expired(T0 + 5000 + 1001, 100)) == set(sessions)
+
+
+async def test_a_put_that_keeps_the_expiry_adds_no_heap_entry() -> None:
+    # Many requests land in the same millisecond: their Puts must not pile up heap entries.
+    store = MemoryStore()
+    await store.open()
+    current = session("a")
+    await store.commit([Put(current, None)])
+    for version in range(2, 200):
+        new = replace(current, version=version, metadata={"n": version})
+        assert await store.commit([Put(new, current.version)]) == [True]
+        current = new
+    assert store._heap == [(T0 + 1000, "a")]
+
+
+async def test_a_large_sweep_moves_each_index_entry_once() -> None:
+    store = MemoryStore()
+    await store.open()
+    n = 100_000
+    await store.commit([Put(session(f"s{i:06}", last_accessed=T0 + i), None) for i in range(n)])
+    later = T0 + n + 1000
+    # One batch of a sweep moves about one batch of the index, whatever the backlog.
+    assert len(await store.expired(later, 1000)) == 1000
+    assert len(store._expired) == 1000 and len(store._heap) == n - 1000
+    assert await store.count(later) == 0
+    # The first question moved every expired session out of the heap, in one pass.
+    assert store._heap == [] and len(store._expired) == n
+    swept = 0
+    while batch := await store.expired(later, 1000):
+        assert len(batch) <= 1000
+        done = await store.commit([Delete(sid, if_expired_at=later) for sid in batch])
+        assert done == [True] * len(batch)
+        swept += len(batch)
+    assert swept == n
+    assert await store.count(later) == 0 and not store._expired
+
+
+async def test_a_session_renewed_after_expiring_leaves_the_expired_set() -> None:
+    # Only another writer can do this to an expired session (a shared store), but the index
+    # must follow any Put.
+    store = MemoryStore()
+    await store.open()
+    old = session("a")
+    await store.commit([Put(old, None)])
+    assert await store.expired(T0 + 2000, 10) == ["a"]
+    renewed = replace(old, last_accessed=T0 + 2000, version=2)
+    assert await store.commit([Put(renewed, 1)]) == [True]
+    assert await store.expired(T0 + 2000, 10) == []
+    assert await store.count(T0 + 2000) == 1
+    # And one re-timed to a moment already known to be past lands directly among the expired.
+    past = replace(renewed, last_accessed=T0, version=3)
+    assert await store.commit([Put(past, 2)]) == [True]
+    assert await store.expired(T0 + 2000, 10) == ["a"]
+    assert await store.count(T0 + 500) == 1  # and a clock that steps back still sees it live
+
+
+async def test_a_foreign_cursor_is_refused() -> None:
+    store = MemoryStore()
+    await store.open()
+    for cursor in ("s0001", "x:y", "99999:a", "-1:a"):
+        with pytest.raises(StoreError, match="cursor"):
+            await store.scan(T0, cursor, 10)

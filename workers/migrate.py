@@ -1,0 +1,218 @@
+"""Copy every live session from one store to another, and the ``migrate`` command line verb.
+
+::
+
+    python run.py migrate --from disk:/var/lib/sessions --to redis:redis://127.0.0.1:6379/0
+
+A location is ``BACKEND:WHERE``: a path for ``disk`` and ``lmdb``, a URL for ``redis`` (empty:
+``redis://127.0.0.1:6379/0``; a ``prefix`` query parameter chooses the key prefix, as in
+``redis:redis://host:6379/0?prefix=myapp:``), nothing for ``memory``. The seed's names (``dets``,
+``leveldb``...) are accepted too.
+
+Sessions are copied field for field (id, times, timeout, metadata and version), as pages of a
+scan of the source, each page committed to the target as one batch. Expired sessions are not
+copied. A session whose id the target already holds is **skipped and counted**, never
+overwritten: the target's copy may be newer (a service may already be using it), and it makes a
+migration that stopped half way (Redis went down, the disk filled) safe to run again, copying
+only what is missing. Both stores are opened by the migration, so neither may be in use by a
+running service, except a shared (redis) one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import trio
+
+from .errors import SessionError
+from .stores import canonical_backend, make_store
+from .stores.base import Put, Store
+
+#: ``progress(done, total)``: sessions handled so far (copied or skipped), and the number of
+#: live sessions the source held when the migration began (:func:`migrate` always knows it;
+#: None is for callers that do not).
+Progress = Callable[[int, int | None], None]
+
+
+async def migrate(
+    source: Store,
+    target: Store,
+    *,
+    now_ms: int,
+    batch: int = 500,
+    progress: Progress | None = None,
+) -> int:
+    """Copy every session live at ``now_ms`` from ``source`` to ``target``, both open.
+
+    Returns the number of sessions copied. Sessions the target already holds are skipped (see
+    the module docstring); ``progress`` sees them in its count of sessions handled.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    total = await source.count(now_ms)
+    done = copied = 0
+    if progress is not None:
+        progress(done, total)
+    cursor: str | None = None
+    while True:
+        page, cursor = await source.scan(now_ms, cursor, batch)
+        if page:
+            results = await target.commit([Put(session, None) for session in page])
+            copied += sum(results)
+            done += len(page)
+            if progress is not None:
+                progress(done, total)
+        if cursor is None:
+            return copied
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``migrate`` verb to the command line."""
+    parser = subparsers.add_parser(
+        "migrate",
+        help="copy every live session from one store to another",
+        description="Copy every live session from one store to another, field for field.",
+        epilog="Sessions already in the target are skipped, so a migration can be run again.",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        type=location,
+        metavar="BACKEND:WHERE",
+        help="the store to copy from, e.g. disk:/var/lib/sessions",
+    )
+    parser.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        type=location,
+        metavar="BACKEND:WHERE",
+        help="the store to copy to, e.g. redis:redis://127.0.0.1:6379/0",
+    )
+    parser.add_argument(
+        "--batch",
+        type=_positive,
+        default=500,
+        help="sessions per page and per write (default 500)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help='print {"copied": N, "skipped": M} on stdout'
+    )
+    parser.set_defaults(func=run)
+
+
+def location(text: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``BACKEND:WHERE`` into a backend name and the options of :func:`make_store`."""
+    backend, sep, where = text.partition(":")
+    try:
+        backend = canonical_backend(backend)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected BACKEND:WHERE, got {text!r}")
+    if backend == "memory":
+        return backend, {}
+    if backend == "redis":
+        return backend, _redis_options(where)
+    if not where:
+        raise argparse.ArgumentTypeError(f"the {backend} backend needs a path: {backend}:PATH")
+    return backend, {"path": where}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _redis_options(url: str) -> dict[str, Any]:
+    if not url:
+        return {}
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options: dict[str, Any] = {}
+    rest = []
+    for key, value in query:
+        if key == "prefix":
+            options["prefix"] = value
+        else:
+            rest.append((key, value))
+    options["url"] = urlunsplit(parts._replace(query=urlencode(rest)))
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``migrate`` verb: 0 when every live session is in the target, else 1."""
+    if args.source == args.target:
+        print("migrate: the source and the target are the same store", file=sys.stderr)
+        return 1
+    try:
+        copied, handled = trio.run(_run, args)
+    except (SessionError, ValueError) as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    skipped = handled - copied
+    if args.json:
+        print(json.dumps({"copied": copied, "skipped": skipped}))
+    else:
+        note = f" ({skipped} already in the target, left as they were)" if skipped else ""
+        print(f"Copied {copied} sessions{note}")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> tuple[int, int]:
+    source = make_store(args.source[0], **args.source[1])
+    target = make_store(args.target[0], **args.target[1])
+    bar = ProgressBar(sys.stderr)
+    await source.open()
+    try:
+        await target.open()
+        try:
+            copied = await migrate(
+                source, target, now_ms=int(time.time() * 1000), batch=args.batch, progress=bar
+            )
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+        bar.finish()
+    return copied, bar.done
+
+
+class ProgressBar:
+    """A one-line progress bar, redrawn in place on ``out``: ``[#####     ] 512/1024``."""
+
+    width = 30
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.done = 0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self.done = done
+        if total:
+            filled = min(done * self.width // total, self.width)
+            line = f"[{'#' * filled}{' ' * (self.width - filled)}] {done}/{total}"
+        else:
+            line = f"{done} sessions"
+        self.out.write(f"\r{line}")
+        self.out.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        """End the bar's line, if one was drawn."""
+        if self._drawn:
+            self.out.write("\n")
+            self.out.flush()

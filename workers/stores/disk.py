@@ -1,0 +1,508 @@
+"""The disk store: sessions in a diskcache directory (the seed's ``dets`` file).
+
+:class:`DiskStore` keeps each session as one row of a `diskcache`_ ``Cache``, which is a SQLite
+database in a directory. It is durable (a committed session survives a crash of the process, or
+a power loss on request), single-owner, and never evicts, unpickles or blocks the Trio thread.
+
+.. _diskcache: https://grantjenks.com/docs/diskcache/
+
+Storage layout
+--------------
+``path`` is a directory the store owns::
+
+    path/
+        LOCK          flock()ed by the owner, holds its pid (workers.stores.files.DirectoryLock)
+        cache.db      diskcache's SQLite database
+        cache.db-wal  SQLite's write-ahead log (gone after a clean close)
+        cache.db-shm  the write-ahead log's index
+
+A session is one row of diskcache's ``Cache`` table:
+
+=========  ===================================================================================
+column     holds
+=========  ===================================================================================
+``key``    the session id, as TEXT (``raw=1``); its unique index gives the scan order
+``value``  the msgpack record of :func:`workers.codec.encode_session`, a BLOB stored inline
+``tag``    ``expires_at`` in ms as an INTEGER, NULL for a session that never expires;
+           indexed (``tag_index=True``), which is what makes ``expired`` and ``count`` cheap
+=========  ===================================================================================
+
+diskcache's other columns are left as it fills them; ``expire_time`` is always NULL, because
+expiry follows the service's clock and idle rule, not diskcache's own expiry on ``time.time()``.
+The ``Settings`` table holds diskcache's settings, plus ``sessions_format``: the record format
+this directory was written in, so a database that is not ours is recognised rather than misread.
+
+Durability
+----------
+Every ``commit`` is one SQLite transaction (``Cache.transact``), however many writes it carries:
+that is what makes the manager's group commit pay one sync for a whole batch. The journal is
+always WAL; ``durability`` chooses when a commit is on stable storage:
+
+- ``"process"`` (default; ``synchronous=NORMAL``): a committed transaction is in the WAL before
+  ``commit`` returns, so it survives the process being killed at any point. A power loss or
+  kernel crash may lose the last transactions (never corrupting the database). Fast: no fsync
+  per commit.
+- ``"power"`` (``synchronous=FULL``): the WAL is fsynced at every commit, so a commit also
+  survives power loss. One fsync per batch, which group commit keeps affordable.
+
+No eviction, ever
+-----------------
+diskcache is a cache: by default it evicts least-recently-stored rows once the database passes
+``size_limit`` (1 GB). A session store must never drop a session silently, so every open passes
+``eviction_policy="none"``, ``cull_limit=0`` (diskcache then never even looks for rows to drop)
+and the largest ``size_limit``. Settings persist in the database, but they are passed on every
+open anyway, so a directory whose settings were changed by another program is put right.
+A full disk therefore shows up as a failed commit (:class:`~workers.errors.StoreError`), and
+capacity is the manager's business (``max_sessions``), never the store's.
+
+Inline values
+-------------
+diskcache writes values of ``disk_min_file_size`` (32 KiB) and above to separate files. A
+session record is at most ``max_metadata_bytes`` (64 KiB by default) plus a few bytes, so by
+default a large one would live outside the database: outside its transactions, one more file
+to sync, and a file that a crash can leave behind. Records are therefore always inline
+(:class:`SessionDisk` never writes a file); SQLite stores a BLOB of this size efficiently.
+
+Never pickle
+------------
+diskcache pickles any key or value that is not a plain str, bytes, int or float, and unpickles
+whatever its rows say is a pickle. :class:`SessionDisk` replaces its serialisation: keys are str
+session ids, values are bytes, anything else is refused with StoreError on the way in, and on
+the way out only raw TEXT keys and inline BLOB values are returned, so a pickle planted in the
+database is an error, never executed.
+
+One thread
+----------
+SQLite connections belong to the thread that made them (diskcache keeps one per thread), and
+blocking calls must stay off the Trio thread. Each store therefore owns one
+:class:`~workers.stores.thread.StoreThread`, started by ``open`` and stopped by ``close``, and
+every diskcache and SQLite call (opening the database included) runs on it, one at a time. The
+thread serialises the store's calls, so no lock is needed, and a batch costs one thread hop.
+
+One owner
+---------
+``open`` takes the directory's flock first, before reading anything, so a second DiskStore on
+the same directory, in this process or another, fails ``open`` with a StoreError naming the
+holder's pid. The kernel drops the lock when its owner dies, so a SIGKILLed owner leaves no
+stale lock.
+
+Corruption
+----------
+``open`` checks the database before diskcache touches it: SQLite must be able to read it, and
+it must be a diskcache database carrying our format marker (an empty one is adopted). When it
+is not (a truncated or garbage file, a foreign database), ``on_corrupt`` decides:
+
+- ``"quarantine"`` (default): the whole directory is renamed to ``<path>.corrupt-<UTC time>``,
+  an ERROR is logged naming both paths, and the store starts empty in a fresh directory. The
+  rename happens while the lock is held (the lock file moves with its directory, and its flock
+  with it); the fresh directory's lock is taken before the old one is released, so no other
+  owner can slip in between.
+- ``"fail"``: ``open`` raises StoreError with that message and leaves the directory as it was.
+
+Only corruption (SQLite's ``SQLITE_CORRUPT`` and ``SQLITE_NOTADB``) and a foreign format are
+quarantined: an I/O or permission error is raised as StoreError and moves nothing. A record
+that is damaged later (it fails to decode) makes the call that reads it raise StoreError.
+
+Beyond diskcache's public API
+-----------------------------
+Two things use diskcache's internals, kept in two small functions; both depend on a schema
+that has been stable since diskcache 4 and is pinned by this module's tests:
+
+- :func:`_select` runs read-only SQL on the cache's own connection (``Cache._sql``), for the
+  three queries diskcache has no API for: ids by expiry range (``expired``), the number of
+  expired rows (``count``), and keys after a cursor in sorted order (``scan``; ``iterkeys``
+  always starts at the first key). Without it, ``expired`` and ``count`` would read every row.
+- :func:`_inspect` opens ``cache.db`` with :mod:`sqlite3` before diskcache does, because
+  ``Cache()`` starts by writing its settings, and a foreign database must be left untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import diskcache
+import trio
+from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
+
+from ..codec import decode_session, encode_session
+from ..errors import StoreError
+from ..session import Session
+from .base import Delete, Put, Write
+from .files import DirectoryLock, quarantine
+from .thread import StoreThread
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Durability = Literal["process", "power"]
+OnCorrupt = Literal["quarantine", "fail"]
+
+#: Settings key of the format marker, and the format this module writes.
+FORMAT_KEY = "sessions_format"
+FORMAT = 1
+
+_SQLITE_MAX_INT = 2**63 - 1
+_SYNCHRONOUS: dict[str, int] = {"process": 1, "power": 2}  # NORMAL, FULL
+#: Settings every open passes (see the module docstring for why each one).
+_PINNED_SETTINGS: dict[str, Any] = {
+    "eviction_policy": "none",
+    "cull_limit": 0,
+    "size_limit": _SQLITE_MAX_INT,
+    "disk_min_file_size": _SQLITE_MAX_INT,
+    "tag_index": 1,
+    "statistics": 0,  # statistics would turn every read into a write transaction
+    "sqlite_journal_mode": "wal",
+}
+#: diskcache settings a caller may tune: they change speed or file size, never what is kept.
+TUNABLE_SETTINGS = frozenset({"sqlite_cache_size", "sqlite_mmap_size", "sqlite_auto_vacuum"})
+
+# Expiry lives in Session.expired_at (now_ms > expires_at); in SQL over the tag column it reads
+# ``tag < now_ms``, which leaves out the NULL tags of sessions that never expire.
+_EXPIRED_IDS = "SELECT key, raw FROM Cache WHERE tag < ? ORDER BY tag LIMIT ?"
+_EXPIRED_COUNT = "SELECT COUNT(*) FROM Cache WHERE tag < ?"
+_PAGE = "SELECT key, raw, mode, filename, value FROM Cache WHERE key > ? ORDER BY key LIMIT ?"
+
+
+class SessionDisk(diskcache.Disk):
+    """diskcache serialisation for sessions: str keys, inline bytes values, never pickle."""
+
+    def put(self, key: Any) -> tuple[str, bool]:
+        if type(key) is not str:
+            raise StoreError(f"a disk store key is a str session id, not {type(key).__name__}")
+        return key, True
+
+    def get(self, key: Any, raw: bool) -> str:
+        if not raw or type(key) is not str:
+            raise StoreError(
+                f"refusing a stored key that is not a plain str (raw={raw!r}, "
+                f"{type(key).__name__}): the database holds rows this store did not write"
+            )
+        return key
+
+    def store(
+        self, value: Any, read: bool, key: Any = UNKNOWN
+    ) -> tuple[int, int, None, sqlite3.Binary]:
+        if read or type(value) is not bytes:
+            raise StoreError(f"a disk store value is bytes, not {type(value).__name__}")
+        return 0, MODE_RAW, None, sqlite3.Binary(value)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> bytes:
+        if read or mode != MODE_RAW or filename is not None or type(value) is not bytes:
+            raise StoreError(
+                f"refusing a stored value that is not inline bytes (mode {mode!r}, "
+                f"{type(value).__name__}): the database holds rows this store did not write"
+            )
+        return value
+
+    def remove(self, file_path: str) -> None:
+        # diskcache calls this with the file name a replaced or deleted row claims. This store
+        # never writes value files, so a name can only come from a planted row: never act on it.
+        pass
+
+
+class DiskStore:
+    """A durable, single-owner store in the directory ``path``. See the module docstring."""
+
+    backend = "disk"
+    shared = False
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "process",
+        on_corrupt: OnCorrupt = "quarantine",
+        **diskcache_settings: Any,
+    ) -> None:
+        if durability not in _SYNCHRONOUS:
+            raise ValueError(f"durability is 'process' or 'power', not {durability!r}")
+        if on_corrupt not in ("quarantine", "fail"):
+            raise ValueError(f"on_corrupt is 'quarantine' or 'fail', not {on_corrupt!r}")
+        refused = sorted(set(diskcache_settings) - TUNABLE_SETTINGS)
+        if refused:
+            raise ValueError(
+                f"a disk store does not take {', '.join(refused)}: the diskcache settings that "
+                f"decide what is kept are fixed; {', '.join(sorted(TUNABLE_SETTINGS))} may be tuned"
+            )
+        self.path = Path(path)
+        self.durability = durability
+        self.on_corrupt = on_corrupt
+        self._settings: dict[str, Any] = {
+            **diskcache_settings,
+            **_PINNED_SETTINGS,
+            "sqlite_synchronous": _SYNCHRONOUS[durability],
+            FORMAT_KEY: FORMAT,
+        }
+        self._thread: StoreThread | None = None
+        self._cache: diskcache.Cache | None = None
+        self._lock: DirectoryLock | None = None
+
+    async def open(self) -> None:
+        """Lock the directory and open (or create) the database. Does nothing if already open."""
+        if self._thread is not None:
+            return
+        thread = StoreThread(f"disk store {self.path}")
+        try:
+            await thread.run(self._open_on_thread)
+        except BaseException:
+            thread.stop()
+            raise
+        self._thread = thread
+
+    async def close(self) -> None:
+        """Close the database and release the lock. Safe to call twice and after a failed open."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        try:
+            # Shielded: a manager is often closed from a cancelled scope, and a close skipped
+            # here would keep the flock, locking every later owner in this process out.
+            with trio.CancelScope(shield=True):
+                await thread.run(self._close_on_thread)
+        finally:
+            thread.stop()
+
+    async def load(self, ids: Sequence[str]) -> dict[str, Session]:
+        return await self._run(self._load, list(ids))
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        return await self._run(self._commit, list(writes))
+
+    async def scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        _check_limit(limit)
+        return await self._run(self._scan, now_ms, cursor, limit)
+
+    async def expired(self, now_ms: int, limit: int) -> list[str]:
+        _check_limit(limit)
+        return await self._run(self._expired, now_ms, limit)
+
+    async def count(self, now_ms: int) -> int:
+        return await self._run(self._count, now_ms)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(cache, *args)`` on the store thread; SQLite's failures become StoreError."""
+        thread, cache = self._thread, self._cache
+        if thread is None or cache is None:
+            raise StoreError(f"disk store {self.path} is not open")
+        try:
+            return await thread.run(fn, cache, *args)
+        except (sqlite3.Error, diskcache.Timeout, OSError) as exc:
+            raise StoreError(f"disk store {self.path}: {exc or type(exc).__name__}") from exc
+
+    # Everything below runs on the store thread.
+
+    def _open_on_thread(self) -> None:
+        lock = DirectoryLock(self.path)
+        try:
+            lock.acquire()
+        except OSError as exc:  # e.g. path is a file, or not writable
+            raise StoreError(f"cannot open disk store {self.path}: {exc}") from exc
+        try:
+            problem = _inspect(self.path / DBNAME)
+            if problem is not None:
+                lock = self._set_aside(lock, problem)
+            try:
+                cache = self._new_cache()
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise
+                # Damage past what _inspect reads (a settings or index page, say).
+                lock = self._set_aside(lock, f"corrupt SQLite database: {exc}")
+                cache = self._new_cache()
+        except (sqlite3.Error, OSError) as exc:
+            lock.release()
+            raise StoreError(f"cannot open disk store {self.path}: {exc}") from exc
+        except BaseException:
+            lock.release()
+            raise
+        self._cache, self._lock = cache, lock
+
+    def _new_cache(self) -> diskcache.Cache:
+        return diskcache.Cache(str(self.path), disk=SessionDisk, **self._settings)
+
+    def _set_aside(self, lock: DirectoryLock, problem: str) -> DirectoryLock:
+        """Apply ``on_corrupt`` to an unusable directory; return the lock of the fresh one."""
+        if self.on_corrupt == "fail":
+            raise StoreError(
+                f"disk store {self.path} cannot be used: {problem}; it was left as it is "
+                "(on_corrupt='fail'): move it aside or restore a backup"
+            )
+        # Renamed with its LOCK file, still locked by us, so no one can open it meanwhile.
+        moved = quarantine(self.path)
+        fresh = DirectoryLock(self.path)
+        try:
+            fresh.acquire()
+        finally:
+            lock.release()
+        logger.error(
+            "disk store %s cannot be used (%s): moved it aside to %s and started an empty store",
+            self.path,
+            problem,
+            moved,
+        )
+        return fresh
+
+    def _close_on_thread(self) -> None:
+        cache, self._cache = self._cache, None
+        lock, self._lock = self._lock, None
+        try:
+            if cache is not None:
+                cache.close()  # the last connection checkpoints the WAL into cache.db
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @staticmethod
+    def _load(cache: diskcache.Cache, ids: list[str]) -> dict[str, Session]:
+        found: dict[str, Session] = {}
+        for sid in ids:
+            data = cache.get(sid)
+            if data is not None:
+                found[sid] = _decode(sid, data)
+        return found
+
+    @staticmethod
+    def _commit(cache: diskcache.Cache, writes: list[Write]) -> list[bool]:
+        # Check and encode everything before the transaction: a bad batch changes nothing, and
+        # the write lock is held for SQLite work only.
+        prepared: list[tuple[Put, bytes] | Delete] = []
+        for write in writes:
+            if isinstance(write, Put):
+                prepared.append((write, encode_session(write.session)))
+            elif isinstance(write, Delete):
+                prepared.append(write)
+            else:
+                raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
+        if not prepared:
+            return []
+        with cache.transact():  # one transaction: all of the batch, or none of it on error
+            return [
+                _apply_delete(cache, item) if isinstance(item, Delete) else _apply_put(cache, *item)
+                for item in prepared
+            ]
+
+    @staticmethod
+    def _scan(
+        cache: diskcache.Cache, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        # The cursor is the last id read; ids are never empty, so "" reads from the first one.
+        rows = _select(cache, _PAGE, (cursor or "", limit))
+        disk = cache.disk
+        page: list[Session] = []
+        for key, raw, mode, filename, value in rows:
+            sid = disk.get(key, raw)
+            session = _decode(sid, disk.fetch(mode, filename, value, False))
+            if not session.expired_at(now_ms):
+                page.append(session)
+        # A short read is the end; a full one may be followed by more (or by nothing).
+        if len(rows) < limit:
+            return page, None
+        return page, disk.get(rows[-1][0], rows[-1][1])
+
+    @staticmethod
+    def _expired(cache: diskcache.Cache, now_ms: int, limit: int) -> list[str]:
+        disk = cache.disk
+        return [disk.get(key, raw) for key, raw in _select(cache, _EXPIRED_IDS, (now_ms, limit))]
+
+    @staticmethod
+    def _count(cache: diskcache.Cache, now_ms: int) -> int:
+        # len() is diskcache's trigger-maintained row count: O(1). The expired rows are counted
+        # on the tag index, so this costs O(expired), and sweeps keep that small.
+        ((expired,),) = _select(cache, _EXPIRED_COUNT, (now_ms,))
+        return len(cache) - expired
+
+
+def _apply_put(cache: diskcache.Cache, put: Put, record: bytes) -> bool:
+    session = put.session
+    if put.expected_version is None:
+        return cache.add(session.id, record, tag=session.expires_at)
+    current = cache.get(session.id)
+    if current is None or _decode(session.id, current).version != put.expected_version:
+        return False
+    return cache.set(session.id, record, tag=session.expires_at)
+
+
+def _apply_delete(cache: diskcache.Cache, delete: Delete) -> bool:
+    if delete.if_expired_at is not None:
+        current = cache.get(delete.id)
+        if current is None or not _decode(delete.id, current).expired_at(delete.if_expired_at):
+            return False
+    return cache.delete(delete.id)
+
+
+def _decode(sid: str, data: bytes) -> Session:
+    session = decode_session(data)
+    if session.id != sid:
+        raise StoreError(f"the record stored under {sid!r} is session {session.id!r}")
+    return session
+
+
+def _check_limit(limit: int) -> None:
+    # SQLite reads LIMIT -1 as "no limit", and a page of nothing would never advance a scan.
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit!r}")
+
+
+def _select(cache: diskcache.Cache, statement: str, params: tuple[Any, ...]) -> list[Any]:
+    """Run a read-only query on the cache's own SQLite connection (diskcache internals).
+
+    ``Cache._sql`` is the ``execute`` of the calling thread's connection: the store thread's,
+    so the query sees the store's own committed writes. Trade-off: a private attribute, which
+    a diskcache release could rename; the disk store tests would catch that at once.
+    """
+    return cache._sql(statement, params).fetchall()
+
+
+def _inspect(db_path: Path) -> str | None:
+    """Why the database at ``db_path`` is not one of ours, or None if it is (or is absent).
+
+    Reads it with plain :mod:`sqlite3` (diskcache internals: its file name and table names)
+    because opening a diskcache ``Cache`` writes its settings, and a database that is not ours
+    must be left untouched. Raises only for errors that are not about the database's content.
+    """
+    if not db_path.exists():
+        return None
+    try:
+        con = sqlite3.connect(db_path, isolation_level=None)
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            return f"unreadable SQLite database: {exc}"
+        raise
+    try:
+        tables = {
+            name
+            for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if not name.startswith("sqlite_")  # SQLite's own, e.g. sqlite_stat1 after ANALYZE
+        }
+        if not tables:
+            return None  # an empty database: nothing in it to lose or misread
+        if "Settings" not in tables or not tables <= {"Settings", "Cache"}:
+            return f"not a diskcache database (tables: {', '.join(sorted(tables))})"
+        marker = con.execute("SELECT value FROM Settings WHERE key = ?", (FORMAT_KEY,)).fetchone()
+        if marker is not None:
+            if marker[0] != FORMAT:
+                return f"session store format {marker[0]!r}; this release reads format {FORMAT}"
+            return None
+        if "Cache" in tables and con.execute("SELECT 1 FROM Cache LIMIT 1").fetchone():
+            return "a diskcache database that this store did not write (no format marker)"
+        return None  # diskcache's tables without a single row (say, a first open cut short)
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            return f"unreadable SQLite database: {exc}"
+        raise
+    finally:
+        con.close()
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    """True for damage to the database's content, False for I/O, locking, or permissions."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)

@@ -1,0 +1,471 @@
+"""The ``lmdb`` store (the seed's leveldb row): an LMDB environment in a directory, one owner.
+
+Layout
+------
+The store is a directory holding our ``LOCK`` file (:class:`~workers.stores.files.DirectoryLock`)
+and LMDB's own ``data.mdb`` and ``lock.mdb``. The environment has three named databases:
+
+``meta``
+    ``format`` -> :data:`FORMAT`, written when the store is created. An environment without it
+    (or with another value) is not ours, and is handled like a corrupt one.
+``sessions``
+    session id (UTF-8) -> the msgpack record of :func:`~workers.codec.encode_session`.
+``expiry``
+    ``expires_at`` (8 bytes, big-endian, offset by 2**63 so that the order of the bytes is the
+    order of the numbers) + session id -> empty. Only sessions that expire have an entry, and
+    every write keeps it in step with ``sessions`` in the same transaction.
+
+:meth:`LmdbStore.expired` reads ``expiry`` from its start up to ``now_ms``, and
+:meth:`LmdbStore.count` is ``sessions``' entry count (kept by LMDB, O(1)) minus the expired
+entries, so neither ever reads a live session: a sweep costs what it sweeps, however large the
+store. :meth:`LmdbStore.scan` walks ``sessions`` in id order; its cursor is the last id returned.
+
+Transactions and threads
+------------------------
+Every call runs on the store's :class:`~workers.stores.thread.StoreThread`, started by
+:meth:`~LmdbStore.open` and stopped by :meth:`~LmdbStore.close`: LMDB write transactions belong
+to the thread that began them, and one thread means LMDB never waits on a lock of ours.
+:meth:`~LmdbStore.commit` runs a batch of writes as one write transaction, so a batch is
+committed whole or not at all (group commit: one sync per batch under ``durability="power"``).
+
+The map size is LMDB's fixed upper bound on the file. It starts at ``map_size`` and doubles
+(``Environment.set_mapsize``, then the batch is run again) whenever a batch does not fit, up to
+``max_map_size``, past which :meth:`~LmdbStore.commit` raises :class:`StoreError` and writes
+nothing. On 64-bit systems a large map costs address space only: the file grows with its data.
+
+Durability
+----------
+``durability="process"`` (the default) opens the environment with ``sync=False,
+metasync=False`` and ``writemap=False``. LMDB then writes each committed transaction's pages
+into the file with ``write(2)`` before the commit returns, without ``fsync``: the data is in
+the operating system's page cache, which outlives the process, so a crash or SIGKILL of the
+owner loses nothing acknowledged (``tests/test_store_lmdb.py`` kills a child process to show
+it). A power loss or kernel crash may lose the last transactions; LMDB's documentation
+promises an intact database even then only on file systems that keep the order of writes, and
+a store that does not open afterwards is quarantined like any corrupt one.
+``durability="power"`` keeps LMDB's defaults (``sync=True``): every commit is on stable storage
+before it returns. :meth:`~LmdbStore.close` syncs in both modes.
+
+Corruption
+----------
+LMDB keeps no checksums: it detects a file that is not an LMDB file, or from another version,
+but a truncated file opens and then kills the process with SIGBUS when a page past the end is
+read. :meth:`~LmdbStore.open` therefore checks the file's size against the last page the
+environment claims to use before reading anything, and checks the format marker. A store that
+fails these checks is moved aside to ``<path>.corrupt-<UTC stamp>`` with an ERROR log naming
+both paths and the store starts empty, or, with ``on_corrupt="fail"``, ``open`` raises
+:class:`StoreError`. A directory that holds other files but no LMDB environment is refused
+with :class:`StoreError`, never moved: it is most likely another store's directory. Damage
+inside a page that these checks cannot see surfaces as :class:`StoreError` from the call that
+reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import lmdb
+import trio
+
+from ..codec import decode_session, encode_session
+from ..errors import StoreError
+from ..session import Session
+from .base import Delete, Put, Write
+from .files import DirectoryLock, quarantine
+from .thread import StoreThread
+
+log = logging.getLogger("workers.stores.lmdb")
+
+T = TypeVar("T")
+
+#: The value of the ``format`` key in the ``meta`` database: what this module reads and writes.
+FORMAT = b"trio-sessions lmdb 1"
+FORMAT_KEY = b"format"
+DATA_FILE = "data.mdb"
+_DATABASES = (b"meta", b"sessions", b"expiry")
+#: Files a fresh store directory may hold before LMDB's data file exists.
+_OWN_FILES = frozenset({"LOCK", "lock.mdb"})
+#: Errors by which LMDB says a file is damaged or not an environment it can read.
+_CORRUPT = (
+    lmdb.InvalidError,
+    lmdb.CorruptedError,
+    lmdb.VersionMismatchError,
+    lmdb.PageNotFoundError,
+    lmdb.IncompatibleError,
+    lmdb.PanicError,
+    lmdb.BadChecksumError,
+)
+_EXPIRY_OFFSET = 1 << 63
+_MIB = 1 << 20
+
+
+class _Corrupt(Exception):
+    """The store's files are damaged or not ours (internal: handled by ``on_corrupt``)."""
+
+
+class LmdbStore:
+    """Sessions in an LMDB environment in directory ``path``, owned by one store object.
+
+    :param durability: ``"process"``: survives a crash of the process (the default);
+        ``"power"``: survives a power loss, at the cost of a sync per committed batch.
+    :param on_corrupt: ``"quarantine"``: move a damaged store aside and start empty;
+        ``"fail"``: refuse to open it.
+    :param map_size: initial LMDB map size in bytes (the map doubles when full).
+    :param max_map_size: the map never grows past this; a batch that needs more fails.
+    """
+
+    backend = "lmdb"
+    shared = False
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Literal["process", "power"] = "process",
+        on_corrupt: Literal["quarantine", "fail"] = "quarantine",
+        map_size: int = 64 * _MIB,
+        max_map_size: int = 16 * 1024 * _MIB,
+    ) -> None:
+        if durability not in ("process", "power"):
+            raise ValueError(f"durability is 'process' or 'power', not {durability!r}")
+        if on_corrupt not in ("quarantine", "fail"):
+            raise ValueError(f"on_corrupt is 'quarantine' or 'fail', not {on_corrupt!r}")
+        if not 0 < map_size <= max_map_size:
+            raise ValueError(
+                f"need 0 < map_size <= max_map_size, got {map_size} and {max_map_size}"
+            )
+        self.path = Path(path)
+        self.durability = durability
+        self.on_corrupt = on_corrupt
+        self.map_size = map_size
+        self.max_map_size = max_map_size
+        self._thread: StoreThread | None = None
+        self._lock: DirectoryLock | None = None
+        self._env: lmdb.Environment | None = None
+        self._meta: Any = None
+        self._sessions: Any = None
+        self._expiry: Any = None
+
+    def __repr__(self) -> str:
+        return f"LmdbStore({str(self.path)!r}, durability={self.durability!r})"
+
+    # -- the Store protocol ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Lock the directory and open (or create) the environment on a fresh store thread.
+
+        Raises :class:`StoreError` when another owner holds the store, and for a damaged store
+        with ``on_corrupt="fail"``.
+        """
+        if self._thread is not None:
+            raise StoreError(f"{self!r} is already open")
+        self._thread = StoreThread(f"lmdb-store:{self.path}")
+        try:
+            await self._run(self._open)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Sync and close the environment, release the lock and stop the thread. Idempotent.
+
+        Runs to the end even when the caller is cancelled: a lock left behind would refuse the
+        next owner (a restarted manager in this very process).
+        """
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await thread.run(self._close)
+            except (lmdb.Error, OSError) as exc:
+                raise StoreError(f"lmdb store {self.path}: closing failed: {exc}") from exc
+            finally:
+                thread.stop()
+
+    async def load(self, ids: Iterable[str]) -> dict[str, Session]:
+        """The stored sessions among ``ids`` (expired ones included), in one read transaction."""
+        return await self._run(self._load, list(ids))
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        """Apply ``writes`` in order in one write transaction; per write, whether it took effect."""
+        _check_writes(writes)
+        if not writes:
+            return []
+        return await self._run(self._commit, list(writes))
+
+    async def scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        """Up to ``limit`` live sessions with ids after ``cursor``, in id order."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        return await self._run(self._scan, now_ms, cursor, limit)
+
+    async def expired(self, now_ms: int, limit: int) -> list[str]:
+        """Up to ``limit`` ids of sessions expired at ``now_ms``, soonest expired first."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        return await self._run(self._expired, now_ms, limit)
+
+    async def count(self, now_ms: int) -> int:
+        """The number of live sessions at ``now_ms`` (reads only the expired index entries)."""
+        return await self._run(self._count, now_ms)
+
+    # -- on the store thread -----------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            raise StoreError(f"{self!r} is not open")
+        try:
+            return await self._thread.run(fn, *args)
+        except (lmdb.Error, OSError) as exc:
+            raise StoreError(f"lmdb store {self.path}: {exc}") from exc
+
+    def _open(self) -> None:
+        self._lock = DirectoryLock(self.path)
+        self._lock.acquire()
+        try:
+            self._open_environment()
+        except _Corrupt as exc:
+            if self.on_corrupt == "fail":
+                raise StoreError(
+                    f"lmdb store {self.path} is unusable ({exc}); move it aside or open it with "
+                    "on_corrupt='quarantine'"
+                ) from None
+            self._quarantine(str(exc))
+            self._open_environment()
+
+    def _open_environment(self) -> None:
+        data = self.path / DATA_FILE
+        if not data.exists():
+            others = sorted(p.name for p in self.path.iterdir() if p.name not in _OWN_FILES)
+            if others:
+                raise StoreError(
+                    f"{self.path} is not an lmdb session store: it holds {', '.join(others[:5])} "
+                    "but no LMDB environment; use an empty or new directory"
+                )
+        power = self.durability == "power"
+        try:
+            env = lmdb.open(
+                str(self.path),
+                map_size=self.map_size,
+                max_dbs=len(_DATABASES),
+                sync=power,
+                metasync=power,
+                # writemap=False: commits go through write(2), hence into the page cache, which
+                # is what makes "process" durability hold without an fsync.
+                writemap=False,
+                # Sessions are read by id, at random: read-ahead would fill the page cache with
+                # neighbours nobody asked for once the store is larger than memory.
+                readahead=False,
+            )
+        except _CORRUPT as exc:
+            raise _Corrupt(str(exc)) from None
+        try:
+            self._check_size(env, data)
+            self._open_databases(env)
+        except BaseException:
+            env.close()
+            raise
+        self._env = env
+
+    def _check_size(self, env: lmdb.Environment, data: Path) -> None:
+        # Reading a page past the end of the mapped file is SIGBUS, not an exception: make sure
+        # every page the environment claims is in the file before any page is read.
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = data.stat().st_size
+        if size < needed:
+            raise _Corrupt(f"{DATA_FILE} is truncated: {size} bytes, its pages need {needed}")
+
+    def _open_databases(self, env: lmdb.Environment) -> None:
+        try:
+            with env.begin() as txn:
+                names = list(txn.cursor().iternext(values=False))
+            if not names:
+                with env.begin(write=True) as txn:
+                    handles = [env.open_db(name, txn=txn) for name in _DATABASES]
+                    txn.put(FORMAT_KEY, FORMAT, db=handles[0])
+            elif sorted(names) == sorted(_DATABASES):
+                # Not inside a read transaction: a handle opened there dies with it.
+                handles = [env.open_db(name, create=False) for name in _DATABASES]
+                with env.begin() as txn:
+                    marker = txn.get(FORMAT_KEY, db=handles[0])
+                if marker != FORMAT:
+                    raise _Corrupt(f"format marker is {marker!r}, expected {FORMAT!r}")
+            else:
+                raise _Corrupt(f"not a session store (its databases are {names[:5]!r})")
+        except _CORRUPT as exc:
+            raise _Corrupt(str(exc)) from None
+        self._meta, self._sessions, self._expiry = handles
+
+    def _quarantine(self, reason: str) -> None:
+        # The directory moves with our lock inside it, still held, so no other owner can slip
+        # into the damaged store; the fresh directory is locked before the old lock goes.
+        old_lock = self._lock
+        moved = quarantine(self.path)
+        log.error(
+            "lmdb store %s is unusable (%s): moved it to %s and starting empty",
+            self.path,
+            reason,
+            moved,
+        )
+        self._lock = DirectoryLock(self.path)
+        try:
+            self._lock.acquire()
+        finally:
+            if old_lock is not None:
+                old_lock.release()
+
+    def _close(self) -> None:
+        env, self._env = self._env, None
+        lock, self._lock = self._lock, None
+        try:
+            if env is not None:
+                try:
+                    env.sync(True)
+                finally:
+                    env.close()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _load(self, ids: list[str]) -> dict[str, Session]:
+        found = {}
+        with self._env.begin(db=self._sessions) as txn:
+            for sid in ids:
+                data = txn.get(sid.encode())
+                if data is not None:
+                    found[sid] = decode_session(data)
+        return found
+
+    def _commit(self, writes: list[Write]) -> list[bool]:
+        limit = self._env.max_key_size() - 8  # the expiry key is 8 bytes longer than the id
+        for write in writes:
+            sid = write.session.id if isinstance(write, Put) else write.id
+            if len(sid.encode()) > limit:
+                raise StoreError(f"session id {sid[:40]!r}... is above lmdb's {limit}-byte limit")
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    return self._apply(txn, writes)
+            except lmdb.MapFullError:
+                # The transaction was aborted: grow the map and run the whole batch again.
+                self._grow()
+
+    def _grow(self) -> None:
+        size = self._env.info()["map_size"]
+        if size >= self.max_map_size:
+            raise StoreError(
+                f"lmdb store {self.path} is full: its map reached max_map_size="
+                f"{self.max_map_size} bytes; open it with a larger max_map_size"
+            )
+        new_size = min(size * 2, self.max_map_size)
+        log.info("lmdb store %s: map size %d -> %d bytes", self.path, size, new_size)
+        self._env.set_mapsize(new_size)
+
+    def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
+        return [
+            self._put(txn, write) if isinstance(write, Put) else self._delete(txn, write)
+            for write in writes
+        ]
+
+    def _put(self, txn: lmdb.Transaction, write: Put) -> bool:
+        session = write.session
+        key = session.id.encode()
+        data = txn.get(key, db=self._sessions)
+        old_expiry = None
+        if write.expected_version is None:
+            if data is not None:
+                return False
+        else:
+            if data is None:
+                return False
+            old = decode_session(data)
+            if old.version != write.expected_version:
+                return False
+            old_expiry = old.expires_at
+        txn.put(key, encode_session(session), db=self._sessions)
+        if old_expiry != session.expires_at:
+            if old_expiry is not None:
+                txn.delete(_expiry_key(old_expiry, key), db=self._expiry)
+            if session.expires_at is not None:
+                txn.put(_expiry_key(session.expires_at, key), b"", db=self._expiry)
+        return True
+
+    def _delete(self, txn: lmdb.Transaction, write: Delete) -> bool:
+        key = write.id.encode()
+        data = txn.get(key, db=self._sessions)
+        if data is None:
+            return False
+        old = decode_session(data)
+        if write.if_expired_at is not None and not old.expired_at(write.if_expired_at):
+            return False
+        txn.delete(key, db=self._sessions)
+        if old.expires_at is not None:
+            txn.delete(_expiry_key(old.expires_at, key), db=self._expiry)
+        return True
+
+    def _scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        page: list[Session] = []
+        with self._env.begin(db=self._sessions) as txn:
+            cur = txn.cursor()
+            if cursor is None:
+                more = cur.first()
+            else:
+                start = cursor.encode()
+                more = cur.set_range(start)
+                if more and cur.key() == start:
+                    more = cur.next()
+            while more:
+                session = decode_session(cur.value())
+                if not session.expired_at(now_ms):
+                    page.append(session)
+                    if len(page) == limit:
+                        return page, (session.id if cur.next() else None)
+                more = cur.next()
+        return page, None
+
+    def _expired_keys(self, txn: lmdb.Transaction, now_ms: int) -> Iterable[bytes]:
+        # Expired means now_ms > expires_at, i.e. the 8-byte prefix sorts before now_ms's.
+        bound = _expiry_prefix(now_ms)
+        for key in txn.cursor(db=self._expiry).iternext(values=False):
+            if key[:8] >= bound:
+                return
+            yield key
+
+    def _expired(self, now_ms: int, limit: int) -> list[str]:
+        ids: list[str] = []
+        with self._env.begin() as txn:
+            for key in self._expired_keys(txn, now_ms):
+                ids.append(key[8:].decode())
+                if len(ids) == limit:
+                    break
+        return ids
+
+    def _count(self, now_ms: int) -> int:
+        with self._env.begin() as txn:
+            stored = txn.stat(self._sessions)["entries"]
+            expired = sum(1 for _ in self._expired_keys(txn, now_ms))
+        return stored - expired
+
+
+def _check_writes(writes: Sequence[Write]) -> None:
+    # Refused before anything is applied: a commit is all or nothing.
+    for write in writes:
+        if not isinstance(write, Put | Delete):
+            raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
+
+
+def _expiry_prefix(ms: int) -> bytes:
+    return (ms + _EXPIRY_OFFSET).to_bytes(8, "big")
+
+
+def _expiry_key(expires_at: int, key: bytes) -> bytes:
+    return _expiry_prefix(expires_at) + key
