@@ -273,7 +273,7 @@ class Connection:
                 break
             except (ValueError, msgpack.UnpackException) as exc:
                 # FormatError, StackError and limits violations are ValueError subclasses.
-                self._fail(f"the stream is not msgpack: {exc or type(exc).__name__}")
+                self._fail(f"the stream is not msgpack ({str(exc) or type(exc).__name__})")
                 return False
             end = self._unpacker.tell()
             size, self._message_start = end - self._message_start, end

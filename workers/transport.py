@@ -30,7 +30,7 @@ async def open_stream(address: Address) -> trio.SocketStream:
     return stream
 
 
-async def open_listener(address: Address) -> trio.SocketListener | list[trio.SocketListener]:
+async def open_listeners(address: Address) -> list[trio.SocketListener]:
     """Listen on ``address``: a TCP host and port, or a Unix socket created with mode 0600.
 
     A Unix socket file left behind by a daemon that died is replaced; one that a live daemon
@@ -53,7 +53,7 @@ async def open_listener(address: Address) -> trio.SocketListener | list[trio.Soc
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return [trio.SocketListener(sock)]
 
 
 async def _remove_stale_socket(path: str) -> None:

@@ -1,0 +1,134 @@
+"""The real daemon as a subprocess (``python run.py serve``), for tests that talk to it.
+
+A test starts one with :class:`DaemonProcess`, waits until it accepts connections (polling the
+port or socket, never sleeping a fixed time), and stops it with a signal. Its stderr goes to a
+file, shown by :meth:`DaemonProcess.log` when an assertion needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_PY = ROOT / "run.py"
+#: How long a daemon gets to start or stop before the test fails.
+PATIENCE = 30.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_verb(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python run.py ARGS...`` to completion, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), *args],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+class DaemonProcess:
+    """One ``run.py serve`` subprocess on a free loopback port and a Unix socket in ``workdir``."""
+
+    def __init__(self, workdir: Path, *args: str, backend: str = "disk") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.socket_path = workdir / "sessiond.sock"
+        self.store_path = workdir / "store"
+        self.args = [
+            "--backend", backend,
+            "--path", str(self.store_path),
+            "--port", str(self.port),
+            "--unix", str(self.socket_path),
+            *args,
+        ]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_path = workdir / "sessiond.log"
+
+    @property
+    def tcp(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def unix(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self, *, wait: bool = True) -> DaemonProcess:
+        """Start the daemon; with ``wait``, return once both addresses accept connections."""
+        with open(self._log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(RUN_PY), "serve", *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.workdir,
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while not (self._accepts(socket.AF_INET, ("127.0.0.1", self.port))
+                   and self._accepts(socket.AF_UNIX, str(self.socket_path))):  # fmt: skip
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the daemon exited ({self.process.returncode}):\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the daemon did not start:\n{self.log()}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def _accepts(family: int, address: object) -> bool:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(address)
+            except OSError:
+                return False
+            return True
+
+    def send_signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = PATIENCE) -> int:
+        """Wait for the daemon to exit and return its status."""
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the daemon and return its exit status."""
+        self.send_signal(signum)
+        return self.wait()
+
+    def wait_for_log(self, text: str) -> None:
+        """Wait until the daemon has logged ``text``."""
+        deadline = time.monotonic() + PATIENCE
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the daemon never logged {text!r}:\n{self.log()}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
+
+    def close(self) -> None:
+        """Kill the daemon if it still runs (test teardown)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -1,0 +1,428 @@
+"""The real daemon in a subprocess, through both clients, over TCP and a Unix socket.
+
+Time here is real (the daemon is another process), but nothing waits a fixed time: tests poll
+for the port, for a log line, or for the process to exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from tests.daemon_process import ROOT, DaemonProcess, run_verb
+from workers.client import SyncClient, connect
+from workers.errors import (
+    InvalidMetadata,
+    InvalidTTL,
+    ServiceUnavailable,
+    SessionNotFound,
+    VersionConflict,
+)
+from workers.protocol import AuthenticationFailed, InvalidRequest
+from workers.session import Session
+
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon (disk store, with a token) shared by the tests that do not stop it."""
+    d = DaemonProcess(
+        tmp_path_factory.mktemp("daemon"),
+        "--token", TOKEN,
+        "--max-message-size", "65536",
+        "--max-connections", "40",
+    )  # fmt: skip
+    d.start()
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemons of one test's own (killed at teardown if still running)."""
+    started: list[DaemonProcess] = []
+
+    def start(*args: str, wait: bool = True) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, *args).start(wait=wait)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+class Threaded:
+    """A SyncClient seen through async methods (each call on a worker thread), so one scenario
+    tests both clients."""
+
+    def __init__(self, client: SyncClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._client, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await trio.to_thread.run_sync(partial(method, *args, **kwargs))
+
+        return call
+
+
+async def whole_api(c: Any) -> None:
+    sid = await c.create({"user_id": "u1", "auth_method": "api_key"}, ttl=60)
+    assert len(sid) == 32
+    s = await c.retrieve(sid)
+    assert isinstance(s, Session)
+    assert (s.metadata, s.version, s.timeout_ms) == (
+        {"user_id": "u1", "auth_method": "api_key"},
+        1,
+        60_000,
+    )
+    assert (await c.peek(sid)).last_accessed == s.last_accessed  # peek does not refresh
+    s2 = await c.update(sid, set={"theme": "dark"}, unset=["auth_method"], expected_version=1)
+    assert (s2.metadata, s2.version) == ({"user_id": "u1", "theme": "dark"}, 2)
+    with pytest.raises(VersionConflict):
+        await c.update(sid, set={"theme": "light"}, expected_version=1)
+    assert (await c.patch(sid, {"n": 1})).version == 3
+    with pytest.raises(TypeError):
+        await c.update(sid, lambda m: m)
+    await c.touch(sid)
+    await c.set_ttl(sid, None)
+    assert (await c.peek(sid)).timeout_ms is None
+    with pytest.raises(InvalidTTL):
+        await c.set_ttl(sid, -1)
+    with pytest.raises(InvalidMetadata):
+        await c.create({1: "non-string key"})
+    new = await c.rotate(sid)
+    with pytest.raises(SessionNotFound):
+        await c.retrieve(sid)
+    assert (await c.peek(new)).metadata["user_id"] == "u1"
+    others = [await c.create({"user_id": "u2", "i": i}) for i in range(5)]
+    assert await c.delete_where("user_id", "u2") == 5
+    with pytest.raises(SessionNotFound):
+        await c.peek(others[0])
+    ids = {await c.create({"page": i}) for i in range(7)}
+    seen: set[str] = set()
+    cursor = None
+    while True:
+        page, cursor = await c.list_page(cursor, 3)
+        assert len(page) <= 3
+        seen |= {s.id for s in page}
+        if cursor is None:
+            break
+    assert ids | {new} <= seen
+    assert {s.id for s in await c.list_sessions()} == seen
+    assert await c.count() == len(seen)
+    assert await c.cleanup_expired() == 0
+    assert await c.get_backend() == "disk"
+    stats = await c.stats()
+    assert stats["backend"] == "disk"
+    assert stats["connections"] >= 1
+    assert await c.ping() == "pong"
+    assert await c.delete(new) is True
+    assert await c.delete(new) is False
+    copy = Session("f" * 32, 1, 2, None, {"restored": True}, 4)
+    assert await c.import_sessions([copy]) == 1
+    assert await c.import_sessions([copy]) == 0
+    assert await c.peek(copy.id) == copy
+    for i in ids | {copy.id}:
+        await c.delete(i)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_whole_api_through_the_async_client(daemon: DaemonProcess, transport: str) -> None:
+    async with connect(getattr(daemon, transport), token=TOKEN) as c:
+        await whole_api(c)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_whole_api_through_the_sync_client(daemon: DaemonProcess, transport: str) -> None:
+    with SyncClient(getattr(daemon, transport), token=TOKEN) as c:
+        await whole_api(Threaded(c))
+
+
+async def test_pipelined_calls_on_one_connection(daemon: DaemonProcess) -> None:
+    async with connect(daemon.tcp, token=TOKEN) as c:
+        ids: list[str] = []
+
+        async def create(i: int) -> None:
+            ids.append(await c.create({"i": i}))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(300):  # far more than max_in_flight: backpressure, not errors
+                nursery.start_soon(create, i)
+        sessions = [await c.peek(sid) for sid in ids]
+        assert sorted(s.metadata["i"] for s in sessions) == list(range(300))
+        stats = await c.stats()
+        assert stats["connections"] == 1
+        for sid in ids:
+            await c.delete(sid)
+
+
+def test_unix_socket_is_private(daemon: DaemonProcess) -> None:
+    assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == 0o600
+
+
+CLIENT_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from workers.client import SyncClient
+    address, token, role, *ids = sys.argv[1:]
+    with SyncClient(address, token=token) as c:
+        if role == "create":
+            print(" ".join(c.create({"owner": "A", "n": i}) for i in range(20)))
+        else:
+            for sid in ids:
+                c.update(sid, set={"seen_by": "B"}, expected_version=1)
+            print(c.count())
+    """
+)
+
+
+def test_two_client_processes_share_sessions(daemon: DaemonProcess) -> None:
+    def client(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", CLIENT_PROCESS, *args],
+            capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    ids = client(daemon.unix, TOKEN, "create").split()
+    assert len(ids) == 20
+    assert int(client(daemon.tcp, TOKEN, "update", *ids)) >= 20
+    with SyncClient(daemon.tcp, token=TOKEN) as c:
+        for sid in ids:
+            s = c.peek(sid)
+            assert s.metadata["owner"] == "A"
+            assert s.metadata["seen_by"] == "B"
+            assert s.version == 2
+            c.delete(sid)
+
+
+def test_wrong_or_missing_token_gets_nothing(daemon: DaemonProcess) -> None:
+    for token in (None, "wrong", TOKEN + "x", ""):
+        with pytest.raises(AuthenticationFailed):
+            SyncClient(daemon.tcp, token=token).__enter__()
+    # A raw connection that skips auth: one refusal, then the connection is closed.
+    with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+        s.sendall(msgpack.packb([0, 1, "count", []]) + msgpack.packb([0, 2, "list_page", []]))
+        reply = read_all(s)
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(reply)
+    assert list(unpacker) == [
+        [
+            1,
+            1,
+            ["AuthenticationFailed", "authenticate first: the first request is auth(token)"],
+            None,
+        ]
+    ]
+
+
+def read_all(s: socket.socket) -> bytes:
+    """Everything the daemon sends until it closes the connection."""
+    s.settimeout(20)
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def authenticated_socket(daemon: DaemonProcess) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", daemon.port))
+    s.sendall(msgpack.packb([0, 0, "auth", [TOKEN]]))
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(s.recv(1024))
+    assert next(unpacker) == [1, 0, None, True]
+    return s
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"\xc1garbage", "RemoteProtocolError"),
+        (msgpack.packb([0, 5, "create", [{"blob": "x" * 70_000}]]), "longer than 65536"),
+        (b"\x94\x00\x05\xdb\xff\xff\xff\xff", "RemoteProtocolError"),  # a 4 GiB method name
+        (msgpack.packb("not an array"), "RemoteProtocolError"),
+        (msgpack.packb([0, 5, "count", []])[:-1], "ended inside a message"),  # truncated
+    ],
+)
+async def test_bad_frames_close_only_their_connection(
+    daemon: DaemonProcess, payload: bytes, expected: str
+) -> None:
+    async with connect(daemon.tcp, token=TOKEN) as bystander:
+        before = await bystander.count()
+        with authenticated_socket(daemon) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            reply = read_all(s)
+        message = msgpack.unpackb(reply, raw=False)
+        assert message[:2] == [2, "error"]
+        assert expected in " ".join(message[2][0])
+        assert await bystander.count() == before  # the same connection still works
+
+
+def test_invalid_requests_get_an_error_and_the_connection_goes_on(daemon: DaemonProcess) -> None:
+    with authenticated_socket(daemon) as s:
+        s.sendall(
+            msgpack.packb([0, 1, "no_such_method", []])
+            + msgpack.packb([0, 2, 42, []])
+            + msgpack.packb([0, 3, "set_ttl", ["only-one-argument"]])
+            + msgpack.packb([0, 4, "list_page", [None, "ten"]])
+            + msgpack.packb([0, 5, "ping", []])
+        )
+        s.shutdown(socket.SHUT_WR)
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(read_all(s))
+        replies = {m[1]: m for m in unpacker}
+    for msgid in (1, 2, 3, 4):
+        assert replies[msgid][2][0] == "InvalidRequest", replies[msgid]
+    assert replies[5] == [1, 5, None, "pong"]
+
+
+async def test_oversized_request_is_refused_by_the_client_first(daemon: DaemonProcess) -> None:
+    async with connect(daemon.tcp, token=TOKEN, max_message_size=65536) as c:
+        with pytest.raises(InvalidRequest):
+            await c.create({"blob": "x" * 70_000})
+        assert await c.ping() == "pong"
+
+
+def test_connection_limit(daemon: DaemonProcess) -> None:
+    clients = [SyncClient(daemon.tcp, token=TOKEN, reconnect_timeout=0) for _ in range(45)]
+    try:
+        accepted = refused = 0
+        for c in clients:
+            try:
+                c.__enter__()
+                accepted += 1
+            except ServiceUnavailable as exc:
+                assert "too many connections" in str(exc)
+                refused += 1
+        assert 0 < accepted <= 40
+        assert refused >= 5
+    finally:
+        for c in clients:
+            c.close()
+    with SyncClient(daemon.tcp, token=TOKEN, reconnect_timeout=10) as c:
+        assert c.ping() == "pong"  # the slots came back
+
+
+def test_a_token_is_required_off_loopback(tmp_path: Path) -> None:
+    done = run_verb("serve", "--host", "0.0.0.0", "--path", str(tmp_path / "s"))
+    assert done.returncode == 2
+    assert "requires a token" in done.stderr
+
+
+def test_a_locked_store_is_refused_with_one_clear_line(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    done = run_verb("serve", "--path", str(daemon.store_path), "--no-tcp",
+                    "--unix", str(tmp_path / "other.sock"))  # fmt: skip
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "ERROR workers.daemon" in line]
+    assert len(errors) == 1
+    assert "locked by another owner" in errors[0]
+
+
+async def test_client_reconnects_after_a_restart(fresh: Callable[..., DaemonProcess]) -> None:
+    d = fresh()
+    async with connect(d.tcp, reconnect_timeout=30) as c:
+        sid = await c.create({"survives": True})
+        assert await trio.to_thread.run_sync(d.stop) == 0
+        d.start(wait=False)
+        assert (await c.peek(sid)).metadata == {"survives": True}  # reconnects with backoff
+
+
+async def burst(
+    address: str, acknowledged: list[str], stop_after: int, stopped: trio.Event
+) -> None:
+    """Create sessions from 20 tasks until the daemon goes away; record each acknowledged id."""
+
+    async def writer(c: Any) -> None:
+        while True:
+            try:
+                acknowledged.append(await c.create({"n": len(acknowledged)}))
+            except ServiceUnavailable:
+                return
+            if len(acknowledged) >= stop_after:
+                stopped.set()
+
+    async with connect(address, reconnect_timeout=0) as c:
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(writer, c)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+async def test_stopping_during_a_burst_loses_no_acknowledged_write(
+    fresh: Callable[..., DaemonProcess], signum: int
+) -> None:
+    d = fresh()
+    acknowledged: list[str] = []
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(burst, d.tcp, acknowledged, 300, stopped)
+        await stopped.wait()
+        status = await trio.to_thread.run_sync(d.stop, signum)
+    assert status == (0 if signum == signal.SIGTERM else -signal.SIGKILL), d.log()
+    if signum == signal.SIGTERM:
+        assert "store is closed" in d.log()
+    d.start()
+    with SyncClient(d.tcp) as c:
+        stored = {s.id for s in c.list_sessions()}
+    assert len(acknowledged) >= 300
+    assert set(acknowledged) <= stored
+
+
+async def test_second_signal_exits_at_once(fresh: Callable[..., DaemonProcess]) -> None:
+    d = fresh("--shutdown-grace", "60")
+    with SyncClient(d.tcp) as c:
+        big = {"blob": "x" * 30_000}
+        for _ in range(50):
+            c.create(big)
+    # Ask for far more than the socket buffers hold and never read: the requests stay in
+    # flight (unsent answers), so the graceful stop has to wait for them.
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.sendall(msgpack.packb([0, 0, "auth", [None]]))
+    s.sendall(b"".join(msgpack.packb([0, i, "list_page", [None, 50]]) for i in range(1, 200)))
+    received = b""
+    while len(received) < 1000:  # answers are coming: the daemon has read the requests
+        received += s.recv(1000)
+    d.send_signal(signal.SIGTERM)
+    d.wait_for_log("SIGTERM: stopping")
+    assert await trio.to_thread.run_sync(d.stop, signal.SIGINT) == 128 + signal.SIGINT
+    s.close()
+
+
+async def test_restart_budget_exhausted_exits_non_zero_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from workers import daemon, server
+    from workers.config import load_settings
+
+    async def crashing_run(
+        self: server.Server, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started([])
+        raise RuntimeError("listener bug")
+
+    monkeypatch.setattr(server.Server, "run", crashing_run)
+    settings = load_settings(env={}, overrides={"backend": "memory", "port": 0})
+    assert await daemon.serve(settings) == 1
+    lines = [r for r in caplog.records if r.name == "workers.daemon" and r.levelname == "ERROR"]
+    assert len(lines) == 1
+    assert "gave up after too many restarts" in lines[0].getMessage()

@@ -1,0 +1,86 @@
+"""The daemon's settings: defaults, TOML file, SESSIOND_* environment, flags, in that order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.config import ConfigError, Settings, load_settings
+from workers.protocol import DEFAULT_PORT, Address
+
+
+def test_defaults_need_no_configuration() -> None:
+    s = load_settings(env={})
+    assert (s.backend, s.path, s.host, s.port, s.unix, s.token) == (
+        "disk", "./data", "127.0.0.1", DEFAULT_PORT, None, None
+    )  # fmt: skip
+    assert s.addresses() == [Address("tcp", host="127.0.0.1", port=7878)]
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "sessiond.toml"
+    config.write_text('backend = "ets"\nport = 7000\nhost = "localhost"\ndefault_ttl = 5\n')
+    s = load_settings(config, env={})
+    assert (s.backend, s.port, s.host, s.default_ttl) == ("memory", 7000, "localhost", 5.0)
+    env = {"SESSIOND_PORT": "7100", "SESSIOND_DEFAULT_TTL": "none", "OTHER_PORT": "1"}
+    s = load_settings(config, env=env)
+    assert (s.port, s.default_ttl) == (7100, None)
+    s = load_settings(config, env=env, overrides={"port": 7200, "host": None})
+    assert (s.port, s.host) == (7200, "localhost")
+
+
+def test_environment_values_are_parsed_by_type(tmp_path: Path) -> None:
+    s = load_settings(
+        env={
+            "SESSIOND_TCP": "off",
+            "SESSIOND_UNIX": "relative.sock",
+            "SESSIOND_MAX_SESSIONS": "10",
+            "SESSIOND_TOKEN": "abc",
+            "SESSIOND_LOG_LEVEL": "debug",
+        }
+    )
+    assert s.tcp is False
+    assert s.unix is not None and s.unix.endswith("/relative.sock") and s.unix.startswith("/")
+    assert (s.max_sessions, s.token, s.log_level) == (10, "abc", "DEBUG")
+    assert "abc" not in repr(s)  # the token never reaches a log line through repr
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"SESSIOND_PORTT": "1"}, "unknown setting 'portt'"),
+        ({"SESSIOND_PORT": "seven"}, "port is int"),
+        ({"SESSIOND_TCP": "maybe"}, "tcp is bool"),
+        ({"SESSIOND_BACKEND": "floppy"}, "unknown backend"),
+        ({"SESSIOND_TCP": "0"}, "nothing to listen on"),
+        ({"SESSIOND_HOST": "0.0.0.0"}, "requires a token"),
+        ({"SESSIOND_LOG_FORMAT": "xml"}, "log_format"),
+        ({"SESSIOND_MAX_IN_FLIGHT": "0"}, "max_in_flight"),
+    ],
+)
+def test_bad_settings_name_the_setting(source: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=source)
+
+
+def test_bad_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("port = [\n")
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_settings(config, env={})
+    config.write_text('port = "7878"\n')
+    with pytest.raises(ConfigError, match=r"config file .*: port is int"):
+        load_settings(config, env={})
+
+
+def test_off_loopback_with_a_token_is_fine() -> None:
+    s = load_settings(env={"SESSIOND_HOST": "0.0.0.0", "SESSIOND_TOKEN": "t"})
+    assert not s.addresses()[0].is_local
+
+
+def test_service_options_pass_store_options_only_when_set() -> None:
+    assert "durability" not in Settings().service_options()
+    s = load_settings(env={}, overrides={"durability": "power", "path": "/tmp/x"})
+    assert s.service_options()["durability"] == "power"
+    assert s.service_options()["path"] == "/tmp/x"

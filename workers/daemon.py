@@ -1,0 +1,170 @@
+"""The ``serve`` verb: the session service tree plus a msgpack-RPC listener, as a daemon.
+
+::
+
+    python run.py serve                          # disk store in ./data, tcp://127.0.0.1:7878
+    python run.py serve --unix /run/sessiond.sock --no-tcp
+    SESSIOND_TOKEN=secret python run.py serve --host 0.0.0.0
+
+Settings come from :mod:`workers.config` (defaults, ``--config`` TOML file, ``SESSIOND_*``
+variables, flags). Logs go to stderr, as text or one JSON object a line (``--log-format json``).
+
+Lifecycle: the listener is the last child of the service's rest_for_one tree, so it starts
+once the store is open and is stopped first. SIGTERM or SIGINT drains the listener (no new
+connections or requests; requests in flight are answered within ``shutdown_grace`` seconds),
+then stops the tree in reverse order, which closes the store, and the process exits 0. A second
+signal during that exits at once with status 128 + signal number; acknowledged writes are
+already committed. A tree that exceeds its restart budget, a store that cannot be opened and an
+address that cannot be bound each end the process with status 1 and one ERROR line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import trio
+
+from supervisor import ChildSpec, StartError, SupervisorShutdown
+
+from .config import FIELDS, ConfigError, Settings, load_settings
+from .errors import StoreError
+from .server import Server
+from .service import SessionService, open_session_service
+
+log = logging.getLogger("workers.daemon")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and exception, when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send every log record at ``level`` or above to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _exit_at_once(signum: int, frame: FrameType | None) -> None:
+    log.warning("second %s: exiting at once", signal.Signals(signum).name)
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon until a signal stops it; returns the process exit status."""
+    servers: list[Server] = []
+
+    def listener(service: SessionService) -> Sequence[ChildSpec]:
+        server = Server(
+            service,
+            settings.addresses(),
+            token=settings.token,
+            limits=settings.server_limits(),
+        )
+        servers.append(server)
+        return [ChildSpec("listener", server.run)]
+
+    try:
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
+            options = settings.service_options()
+            async with open_session_service(**options, extra_children=listener) as sessions:
+                log.info(
+                    "sessiond ready: pid %d, %s store%s",
+                    os.getpid(),
+                    sessions.backend,
+                    f" at {settings.path}" if sessions.backend in ("disk", "lmdb") else "",
+                )
+                signum = await signals.__anext__()
+                for sig in _SIGNALS:
+                    signal.signal(sig, _exit_at_once)
+                log.info(
+                    "%s: stopping (requests in flight get %s s)",
+                    signal.Signals(signum).name,
+                    settings.shutdown_grace,
+                )
+                await servers[-1].drain(settings.shutdown_grace)
+    except SupervisorShutdown as exc:
+        log.error("the session service gave up after too many restarts: %s", exc)
+        return 1
+    except StoreError as exc:
+        log.error("cannot open the store: %s", exc)
+        return 1
+    except StartError as exc:
+        log.error("cannot start the %s: %s", exc.child_id, exc.cause)
+        return 1
+    log.info("sessiond stopped; the store is closed")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """The ``serve`` verb."""
+    overrides = {name: getattr(args, name, None) for name in FIELDS}
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return trio.run(serve, settings)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` verb."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the session daemon",
+        description=(
+            "Run the session service and listen for msgpack-RPC clients. Settings: defaults, "
+            "then --config FILE (TOML), then SESSIOND_* variables, then these flags."
+        ),
+    )
+    add = parser.add_argument
+    add("--config", default=os.environ.get("SESSIOND_CONFIG"), help="TOML settings file")
+    add("--backend", help="memory, disk, lmdb or redis (default disk)")
+    add("--path", help="store directory for disk and lmdb (default ./data)")
+    add("--url", help="redis URL for the redis backend")
+    add("--host", help="TCP host to listen on (default 127.0.0.1)")
+    add("--port", type=int, help="TCP port to listen on (default 7878)")
+    add("--no-tcp", dest="tcp", action="store_const", const=False, help="no TCP listener")
+    add("--unix", metavar="PATH", help="also listen on this Unix socket (mode 0600)")
+    add("--token", help="shared secret clients must send (required off loopback)")
+    add("--default-ttl", type=float, help="idle seconds of a session created without ttl")
+    add("--cleanup-interval", type=float, help="seconds between sweeps of expired sessions")
+    add("--max-sessions", type=int, help="refuse creates past this many live sessions")
+    add("--durability", choices=("process", "power"), help="disk and lmdb commit durability")
+    add("--on-corrupt", choices=("quarantine", "fail"), help="what to do with a corrupt store")
+    add("--max-connections", type=int, help="simultaneous connections (default 1024)")
+    add("--max-in-flight", type=int, help="requests in flight per connection (default 64)")
+    add("--max-message-size", type=int, help="largest request in bytes (default 4 MiB)")
+    add("--shutdown-grace", type=float, help="seconds in-flight requests get on stop (10)")
+    add("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    add("--log-format", choices=("text", "json"), help="stderr log format (default text)")
+    parser.set_defaults(func=run_serve)

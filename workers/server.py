@@ -1,0 +1,404 @@
+"""The daemon's listener: msgpack-RPC connections in front of one :class:`SessionService`.
+
+Rules
+-----
+1. The first request on a connection is ``auth(token)``. When the daemon has a token, a wrong
+   or missing one is answered with :class:`~workers.protocol.AuthenticationFailed` and the
+   connection is closed; nothing else was done. Tokens are compared in constant time. A
+   connection that does not authenticate within ``auth_timeout`` is closed. A daemon without a
+   token (allowed on loopback and Unix sockets only) accepts any first request.
+2. Requests are answered as they complete, not in arrival order: each runs in its own task.
+   At most ``max_in_flight`` run per connection; past that the handler stops reading, so a
+   client that pipelines harder only fills its socket buffer (backpressure, not errors). The
+   same happens when a client does not read its responses.
+3. A request that is well framed but wrong (unknown method, wrong arguments) gets an
+   :class:`~workers.protocol.InvalidRequest` answer and the connection goes on. A broken stream
+   (not msgpack, a message above ``max_message_size``, a message cut by end of file) gets an
+   ``error`` notification and the connection is closed. Either way only that connection is
+   affected.
+4. Past ``max_connections`` a new connection gets an ``error`` notification
+   (:class:`~workers.errors.ServiceUnavailable`) and is closed.
+
+Theory of operation
+-------------------
+:meth:`Server.run` is the listener child of the service's supervision tree: it binds the
+addresses, reports them to ``task_status``, and runs one handler task per connection in its
+own nursery. A handler has a reader (bytes to :class:`~workers.protocol.Connection` to
+events), one task per request, and an :class:`~workers.transport.Outbox` writer that coalesces
+the responses. :meth:`Server.drain` is the graceful stop: it closes the listeners, stops every
+reader, waits (at most ``grace`` seconds) for the requests in flight to be answered and sent,
+then cancels what is left. The daemon drains before it stops the tree, so the manager is still
+there to answer the last requests.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import ServiceUnavailable, SessionError
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    METHODS,
+    NEED_DATA,
+    Address,
+    AuthenticationFailed,
+    Connection,
+    InternalError,
+    InvalidMessage,
+    InvalidRequest,
+    Notification,
+    ProtocolError,
+    RemoteProtocolError,
+    Request,
+    Role,
+    session_from_wire,
+)
+from .transport import RECEIVE_SIZE, Outbox, open_listeners, remove_socket_file
+
+if TYPE_CHECKING:
+    from .service import SessionService
+
+log = logging.getLogger("workers.server")
+
+#: Queued response bytes past which a connection stops reading requests.
+OUTBOX_HIGH_WATER = 1024 * 1024
+#: Seconds a closing connection waits for its peer to close too (see ``_linger``).
+LINGER = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one daemon accepts. See the module docstring for what happens past each."""
+
+    max_connections: int = 1024
+    max_in_flight: int = 64
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    auth_timeout: float = 10.0
+
+
+class Server:
+    """msgpack-RPC on ``addresses`` for ``service``. Run :meth:`run`; stop with :meth:`drain`.
+
+    Raises ValueError at once when an address is reachable from other machines and there is
+    no ``token``.
+    """
+
+    def __init__(
+        self,
+        service: SessionService,
+        addresses: Sequence[Address],
+        *,
+        token: str | None = None,
+        limits: ServerLimits = ServerLimits(),
+    ) -> None:
+        exposed = [str(a) for a in addresses if not a.is_local]
+        if exposed and not token:
+            raise ValueError(
+                f"listening on {', '.join(exposed)} (not loopback) requires a token: "
+                "set --token or SESSIOND_TOKEN"
+            )
+        if not addresses:
+            raise ValueError("the server needs at least one address to listen on")
+        self.service = service
+        self.addresses = list(addresses)
+        self.limits = limits
+        self._token = token.encode() if token else None
+        self._connections: set[_ConnectionHandler] = set()
+        self._changed = trio.Event()
+        self._accepting: trio.CancelScope | None = None
+        self._draining = False
+        self.requests = 0
+        self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
+            "ping": self._ping,
+            "create": service.create,
+            "retrieve": service.retrieve,
+            "peek": service.peek,
+            "update": self._update,
+            "touch": service.touch,
+            "set_ttl": service.set_ttl,
+            "delete": service.delete,
+            "rotate": service.rotate,
+            "delete_where": service.delete_where,
+            "list_page": service.list_page,
+            "count": service.count,
+            "cleanup_expired": service.cleanup_expired,
+            "get_backend": service.get_backend,
+            "stats": self._stats,
+            "import_sessions": self._import_sessions,
+        }
+
+    # -- listening -------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled; ``task_status`` gets the bound addresses as text."""
+        listeners: list[trio.SocketListener] = []
+        try:
+            for address in self.addresses:
+                listeners += await open_listeners(address)
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            raise
+        bound = [_describe(listener) for listener in listeners]
+        try:
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as acceptors:
+                    self._accepting = acceptors.cancel_scope
+                    self._draining = False
+                    serve = partial(
+                        trio.serve_listeners, self._serve, listeners, handler_nursery=handlers
+                    )
+                    await acceptors.start(serve)
+                    log.info("listening on %s", ", ".join(bound))
+                    task_status.started(bound)
+                # Only drain() gets here: accepting stopped, connections finish in `handlers`.
+                await trio.sleep_forever()
+        finally:
+            for address in self.addresses:
+                remove_socket_file(address)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, let requests in flight finish within ``grace`` seconds, then close."""
+        self._draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for handler in list(self._connections):
+            handler.stop_reading()
+        with trio.move_on_after(grace) as waited:
+            while self._connections:
+                await self._changed.wait()
+        if waited.cancelled_caught:
+            log.warning(
+                "%d connections still busy after %s s of grace; closing them",
+                len(self._connections),
+                grace,
+            )
+        for handler in list(self._connections):
+            handler.abort()
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        if self._draining or len(self._connections) >= self.limits.max_connections:
+            reason = "shutting down" if self._draining else "too many connections"
+            log.warning("refusing a connection: %s", reason)
+            refusal = ServiceUnavailable(f"the daemon is {reason}; retry later")
+            with trio.move_on_after(LINGER):
+                await stream.send_all(Connection(Role.SERVER).send_error(refusal))
+            await _linger(stream)
+            return
+        handler = _ConnectionHandler(self, stream)
+        self._connections.add(handler)
+        try:
+            await handler.run()
+        except Exception:  # one connection's bug must not take the listener down
+            log.exception("connection handler failed")
+        finally:
+            self._connections.discard(handler)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    # -- methods ---------------------------------------------------------------------------
+
+    @property
+    def requires_token(self) -> bool:
+        """Whether connections must authenticate with the token before anything else."""
+        return self._token is not None
+
+    def authenticates(self, token: object) -> bool:
+        """Whether ``token`` opens a connection (always, when the daemon has no token)."""
+        if self._token is None:
+            return True
+        return isinstance(token, str) and hmac.compare_digest(token.encode(), self._token)
+
+    async def call(self, name: str, params: list[Any]) -> Any:
+        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
+        method = METHODS.get(name)
+        if method is None or name not in self._methods:
+            raise InvalidRequest(f"unknown method {name!r:.80}")
+        method.check_params(params)
+        self.requests += 1
+        try:
+            result = await self._methods[name](*params)
+        except SessionError:
+            raise
+        except (TypeError, ValueError) as exc:  # arguments the service refused
+            raise InvalidRequest(f"{name}: {exc}") from None
+        except Exception as exc:
+            log.exception("%s failed", name)
+            raise InternalError(f"{name} failed: {type(exc).__name__}") from None
+        return method.encode_result(result)
+
+    async def _ping(self) -> str:
+        return "pong"
+
+    async def _update(
+        self,
+        session_id: str,
+        set: dict[str, Any] | None = None,
+        unset: list[str] | None = None,
+        expected_version: int | None = None,
+    ) -> Any:
+        if unset is not None and not isinstance(unset, list):
+            raise InvalidRequest("update: unset is an array of metadata keys")
+        return await self.service.patch(
+            session_id, set, unset or (), expected_version=expected_version
+        )
+
+    async def _import_sessions(self, records: list[Any]) -> int:
+        if not isinstance(records, list):
+            raise InvalidRequest("import_sessions takes an array of session maps")
+        try:
+            sessions = [session_from_wire(record) for record in records]
+        except ProtocolError as exc:
+            raise InvalidRequest(f"import_sessions: {exc}") from None
+        return await self.service.import_sessions(sessions)
+
+    async def _stats(self) -> dict[str, Any]:
+        return {
+            **await self.service.stats(),
+            "connections": len(self._connections),
+            "requests": self.requests,
+            "pid": os.getpid(),
+        }
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then discard what the peer still sends until it closes (at most
+    ``LINGER`` seconds): closing with unread input would reset the connection and could
+    destroy the error message we just sent."""
+    with trio.move_on_after(LINGER):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _describe(listener: trio.SocketListener) -> str:
+    name = listener.socket.getsockname()
+    if isinstance(name, str):
+        return f"unix://{name}"
+    host, port = name[:2]
+    return str(Address("tcp", host=host, port=port))
+
+
+class _ConnectionHandler:
+    """One client connection: a reader, a task per request, and a writer."""
+
+    def __init__(self, server: Server, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.protocol = Connection(Role.SERVER, max_message_size=server.limits.max_message_size)
+        self.outbox = Outbox(stream)
+        self.authenticated = False
+        self._slots = trio.Semaphore(server.limits.max_in_flight)
+        self._reading = trio.CancelScope()
+        self._everything = trio.CancelScope()
+
+    def stop_reading(self) -> None:
+        """Read no more requests; those in flight are still answered."""
+        self._reading.cancel()
+
+    def abort(self) -> None:
+        """Stop at once, answered or not."""
+        self._everything.cancel()
+
+    async def run(self) -> None:
+        with self._everything:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.outbox.run)
+                async with trio.open_nursery() as requests:
+                    with self._reading:
+                        if self.server.requires_token:
+                            self._reading.deadline = (
+                                trio.current_time() + self.server.limits.auth_timeout
+                            )
+                        await self._read(requests)
+                self.outbox.close()
+            await _linger(self.stream)
+
+    async def _read(self, requests: trio.Nursery) -> None:
+        while True:
+            await self.outbox.wait_below(OUTBOX_HIGH_WATER)
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self.protocol.receive_data(data)
+            if not await self._dispatch(requests):
+                return
+
+    async def _dispatch(self, requests: trio.Nursery) -> bool:
+        """Act on every event received so far; False when the connection must stop reading."""
+        while True:
+            try:
+                event = self.protocol.next_event()
+            except RemoteProtocolError as exc:
+                log.warning("closing a connection that broke the protocol: %s", exc)
+                self.outbox.send(self.protocol.send_error(exc))
+                return False
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, Request):
+                if event.method == "auth" or not self.authenticated:
+                    if not self._authenticate(event):
+                        return False
+                    if event.method == "auth":
+                        continue
+                await self._slots.acquire()
+                requests.start_soon(self._answer, event)
+            elif isinstance(event, InvalidMessage):
+                if event.msgid is None or not self.authenticated:
+                    log.warning(
+                        "closing a connection that sent an invalid message: %s", event.reason
+                    )
+                    self.outbox.send(self.protocol.send_error(RemoteProtocolError(event.reason)))
+                    return False
+                self._reply(event.msgid, error=InvalidRequest(event.reason))
+            elif isinstance(event, Notification):
+                if not self.authenticated:
+                    return False
+            else:  # ConnectionClosed: answer what is in flight, then close
+                return False
+
+    def _authenticate(self, request: Request) -> bool:
+        """Handle an ``auth`` request, or the first request of a connection; False to close."""
+        failure = None
+        if request.method == "auth":
+            if len(request.params) != 1 or not self.server.authenticates(request.params[0]):
+                failure = AuthenticationFailed("wrong token")
+        elif self.server.requires_token:
+            failure = AuthenticationFailed("authenticate first: the first request is auth(token)")
+        if failure is not None:
+            log.warning("refusing a connection: %s", failure)
+            self._reply(request.msgid, error=failure)
+            return False
+        self.authenticated = True
+        self._reading.deadline = math.inf
+        if request.method == "auth":
+            self._reply(request.msgid, result=True)
+        return True
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            result = await self.server.call(request.method, request.params)
+        except SessionError as exc:
+            self._reply(request.msgid, error=exc)
+        else:
+            self._reply(request.msgid, result=result)
+        finally:
+            self._slots.release()
+
+    def _reply(self, msgid: int, *, result: Any = None, error: SessionError | None = None) -> None:
+        self.outbox.send(self.protocol.send_response(msgid, result=result, error=error))
