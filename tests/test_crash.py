@@ -34,7 +34,8 @@ class CrashingStore:
 
 @pytest.fixture
 def store_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k != "clock"}
+    """What make_store needs: the options less the service's own."""
+    return {k: v for k, v in options.items() if k not in ("clock", "cleanup_interval")}
 
 
 async def test_manager_crashes_under_load_lose_no_acknowledged_session(

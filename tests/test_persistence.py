@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import store_options
 
-from tests.conftest import store_options
 from workers import StoreError, open_session_service
 
-DURABLE = ["disk"]
+DURABLE = ["disk", "lmdb"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,7 +61,10 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path: Path) -> None:
         """
     )
     holder = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     )
     try:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import EPOCH
+from trio.testing import MockClock
 
-from tests.conftest import EPOCH
 from workers import (
     CapacityExceeded,
     InvalidMetadata,
@@ -30,7 +31,9 @@ def now_ms() -> int:
     return int((EPOCH + trio.current_time()) * 1000)
 
 
-async def test_create_then_retrieve_gives_the_seed_record(options: dict[str, Any]) -> None:
+async def test_create_then_retrieve_gives_the_seed_record(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(**options) as sessions:
         t0 = now_ms()
         sid = await sessions.create(USER, ttl=3600)
@@ -48,7 +51,7 @@ async def test_create_then_retrieve_gives_the_seed_record(options: dict[str, Any
         }
 
 
-async def test_default_ttl_and_no_ttl(options: dict[str, Any]) -> None:
+async def test_default_ttl_and_no_ttl(options: dict[str, Any], vclock: MockClock) -> None:
     async with open_session_service(default_ttl=60, **options) as sessions:
         assert (await sessions.peek(await sessions.create())).timeout_ms == 60_000
         forever = await sessions.create({}, ttl=None)
@@ -56,7 +59,9 @@ async def test_default_ttl_and_no_ttl(options: dict[str, Any]) -> None:
         assert (await sessions.retrieve(forever)).timeout_ms is None
 
 
-async def test_retrieve_refreshes_access_time_and_peek_does_not(options: dict[str, Any]) -> None:
+async def test_retrieve_refreshes_access_time_and_peek_does_not(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create(USER, ttl=100)
         created = now_ms()
@@ -66,8 +71,10 @@ async def test_retrieve_refreshes_access_time_and_peek_does_not(options: dict[st
         assert (await sessions.peek(sid)).last_accessed == created + 30_000
 
 
-async def test_idle_expiry_hides_a_session_before_any_sweep(options: dict[str, Any]) -> None:
-    async with open_session_service(cleanup_interval=10_000, **options) as sessions:
+async def test_idle_expiry_hides_a_session_before_any_sweep(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
+    async with open_session_service(**options) as sessions:
         sid = await sessions.create(USER, ttl=10)
         keep = await sessions.create(USER, ttl=100)
         await trio.sleep(10)  # now == last_accessed + timeout: still live
@@ -90,7 +97,9 @@ async def test_idle_expiry_hides_a_session_before_any_sweep(options: dict[str, A
         assert type(info.value) is SessionNotFound
 
 
-async def test_touch_and_update_keep_a_session_alive(options: dict[str, Any]) -> None:
+async def test_touch_and_update_keep_a_session_alive(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create(USER, ttl=10)
         await trio.sleep(8)
@@ -101,7 +110,9 @@ async def test_touch_and_update_keep_a_session_alive(options: dict[str, Any]) ->
         assert (await sessions.retrieve(sid)).metadata["n"] == 1
 
 
-async def test_set_ttl_changes_the_timeout_without_touching(options: dict[str, Any]) -> None:
+async def test_set_ttl_changes_the_timeout_without_touching(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create(USER, ttl=10)
         await trio.sleep(5)
@@ -115,7 +126,7 @@ async def test_set_ttl_changes_the_timeout_without_touching(options: dict[str, A
             await sessions.peek(sid)
 
 
-async def test_update_is_atomic_per_session(options: dict[str, Any]) -> None:
+async def test_update_is_atomic_per_session(options: dict[str, Any], vclock: MockClock) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create({"n": 0})
 
@@ -129,7 +140,7 @@ async def test_update_is_atomic_per_session(options: dict[str, Any]) -> None:
         assert (s.metadata["n"], s.version) == (10, 11)
 
 
-async def test_a_failing_update_changes_nothing(options: dict[str, Any]) -> None:
+async def test_a_failing_update_changes_nothing(options: dict[str, Any], vclock: MockClock) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create({"n": 0})
         before = await sessions.peek(sid)
@@ -147,7 +158,7 @@ async def test_a_failing_update_changes_nothing(options: dict[str, Any]) -> None
         assert await sessions.peek(sid) == before
 
 
-async def test_delete_is_idempotent(options: dict[str, Any]) -> None:
+async def test_delete_is_idempotent(options: dict[str, Any], vclock: MockClock) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create(USER)
         assert await sessions.delete(sid) is True
@@ -157,7 +168,9 @@ async def test_delete_is_idempotent(options: dict[str, Any]) -> None:
             await sessions.retrieve(sid)
 
 
-async def test_list_sessions_pages_through_every_live_session(options: dict[str, Any]) -> None:
+async def test_list_sessions_pages_through_every_live_session(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(page_size=3, **options) as sessions:
         ids = {await sessions.create({"i": i}) for i in range(10)}
         listed = await sessions.list_sessions()
@@ -173,7 +186,7 @@ async def test_list_sessions_pages_through_every_live_session(options: dict[str,
         assert await sessions.count() == 10
 
 
-async def test_backend_names_and_seed_aliases(options: dict[str, Any]) -> None:
+async def test_backend_names_and_seed_aliases(options: dict[str, Any], vclock: MockClock) -> None:
     seed = {"memory": "ets", "disk": "dets", "lmdb": "leveldb", "redis": "mnesia"}
     backend = options["backend"]
     async with open_session_service(**{**options, "backend": seed[backend]}) as sessions:
@@ -181,7 +194,7 @@ async def test_backend_names_and_seed_aliases(options: dict[str, Any]) -> None:
         assert await sessions.get_backend() == backend
 
 
-async def test_returned_sessions_are_copies(options: dict[str, Any]) -> None:
+async def test_returned_sessions_are_copies(options: dict[str, Any], vclock: MockClock) -> None:
     async with open_session_service(**options) as sessions:
         mine = {"prefs": {"theme": "dark"}}
         sid = await sessions.create(mine)
@@ -203,7 +216,7 @@ async def test_returned_sessions_are_copies(options: dict[str, Any]) -> None:
     ],
 )
 async def test_bad_metadata_is_refused_and_writes_nothing(
-    options: dict[str, Any], metadata: Any
+    options: dict[str, Any], vclock: MockClock, metadata: Any
 ) -> None:
     async with open_session_service(**options) as sessions:
         with pytest.raises(InvalidMetadata):
@@ -211,7 +224,9 @@ async def test_bad_metadata_is_refused_and_writes_nothing(
         assert await sessions.count() == 0
 
 
-async def test_metadata_above_the_limit_is_too_large(options: dict[str, Any]) -> None:
+async def test_metadata_above_the_limit_is_too_large(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(max_metadata_bytes=1024, **options) as sessions:
         with pytest.raises(SessionTooLarge):
             await sessions.create({"blob": "x" * 1024})
@@ -223,7 +238,7 @@ async def test_metadata_above_the_limit_is_too_large(options: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("ttl", [0, -1, math.nan, math.inf, "10", True, 10**12])
-async def test_bad_ttls_are_refused(options: dict[str, Any], ttl: Any) -> None:
+async def test_bad_ttls_are_refused(options: dict[str, Any], vclock: MockClock, ttl: Any) -> None:
     async with open_session_service(**options) as sessions:
         with pytest.raises(InvalidTTL):
             await sessions.create(USER, ttl=ttl)
@@ -235,14 +250,16 @@ async def test_bad_ttls_are_refused(options: dict[str, Any], ttl: Any) -> None:
 
 
 @pytest.mark.parametrize("bad_id", [None, 42, "", "x" * 300, "line\nbreak"])
-async def test_bad_ids_are_refused(options: dict[str, Any], bad_id: Any) -> None:
+async def test_bad_ids_are_refused(options: dict[str, Any], vclock: MockClock, bad_id: Any) -> None:
     async with open_session_service(**options) as sessions:
         with pytest.raises(InvalidSessionId):
             await sessions.retrieve(bad_id)
 
 
-async def test_capacity_is_refused_never_evicted(options: dict[str, Any]) -> None:
-    async with open_session_service(max_sessions=3, cleanup_interval=10_000, **options) as s:
+async def test_capacity_is_refused_never_evicted(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
+    async with open_session_service(max_sessions=3, **options) as s:
         short = await s.create(USER, ttl=5)
         kept = [await s.create(USER, ttl=100) for _ in range(2)]
         with pytest.raises(CapacityExceeded):
@@ -256,7 +273,7 @@ async def test_capacity_is_refused_never_evicted(options: dict[str, Any]) -> Non
         assert short not in kept
 
 
-async def test_patch_with_expected_version(options: dict[str, Any]) -> None:
+async def test_patch_with_expected_version(options: dict[str, Any], vclock: MockClock) -> None:
     async with open_session_service(**options) as sessions:
         sid = await sessions.create({"a": 1, "b": 2})
         s = await sessions.patch(sid, {"c": 3}, ["a"], expected_version=1)
@@ -266,7 +283,9 @@ async def test_patch_with_expected_version(options: dict[str, Any]) -> None:
         assert (await sessions.peek(sid)).metadata == {"b": 2, "c": 3}
 
 
-async def test_rotate_moves_the_session_to_a_new_id(options: dict[str, Any]) -> None:
+async def test_rotate_moves_the_session_to_a_new_id(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(**options) as sessions:
         old = await sessions.create(USER)
         new = await sessions.rotate(old)
@@ -277,7 +296,9 @@ async def test_rotate_moves_the_session_to_a_new_id(options: dict[str, Any]) -> 
         assert (s.metadata, s.version) == (USER, 1)
 
 
-async def test_delete_where_logs_a_user_out_everywhere(options: dict[str, Any]) -> None:
+async def test_delete_where_logs_a_user_out_everywhere(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
     async with open_session_service(page_size=2, **options) as sessions:
         mine = [await sessions.create({"user_id": "u1", "i": i}) for i in range(5)]
         other = await sessions.create({"user_id": "u2"})
@@ -286,8 +307,10 @@ async def test_delete_where_logs_a_user_out_everywhere(options: dict[str, Any]) 
         assert not set(mine) & {s.id for s in await sessions.list_sessions()}
 
 
-async def test_the_cleanup_actor_sweeps_on_its_interval(options: dict[str, Any]) -> None:
-    async with open_session_service(cleanup_interval=60, **options) as sessions:
+async def test_the_cleanup_actor_sweeps_on_its_interval(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
+    async with open_session_service(**{**options, "cleanup_interval": 60}) as sessions:
         sid = await sessions.create(USER, ttl=10)
         await trio.sleep(11)
         with pytest.raises(SessionExpired):
@@ -298,7 +321,7 @@ async def test_the_cleanup_actor_sweeps_on_its_interval(options: dict[str, Any])
         assert type(info.value) is SessionNotFound
 
 
-async def test_custom_id_factory(options: dict[str, Any]) -> None:
+async def test_custom_id_factory(options: dict[str, Any], vclock: MockClock) -> None:
     ids = iter(["user_1_a", "user_2_b", "user_2_b"])
     async with open_session_service(id_factory=lambda: next(ids), **options) as sessions:
         assert await sessions.create(USER) == "user_1_a"

@@ -23,15 +23,20 @@ from .errors import (
     UpdateFailed,
     VersionConflict,
 )
+from .protocol import AuthenticationFailed, InternalError, InvalidRequest, ProtocolError
 from .service import DEFAULT, SessionService, open_session_service, run_session_service
 from .session import Session
 
 __all__ = [
     "DEFAULT",
+    "AuthenticationFailed",
     "CapacityExceeded",
+    "InternalError",
     "InvalidMetadata",
+    "InvalidRequest",
     "InvalidSessionId",
     "InvalidTTL",
+    "ProtocolError",
     "ServiceUnavailable",
     "Session",
     "SessionError",

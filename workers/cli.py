@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-VERB_MODULES = ("workers.demo",)
+VERB_MODULES = ("workers.demo", "workers.daemon", "workers.admin", "workers.migrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

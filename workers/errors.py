@@ -3,7 +3,7 @@
 Every error a caller can see is a :class:`SessionError`, so ``except SessionError`` catches the
 service's own failures and nothing else. The same classes are raised by the embedded service and
 by the daemon's clients: an error crosses the wire as its class name and message (see
-:func:`error_from_wire`), never as a pickled object.
+:func:`workers.protocol.decode_error`), never as a pickled object.
 """
 
 from __future__ import annotations
@@ -82,8 +82,3 @@ ERRORS: dict[str, type[SessionError]] = {
 def error_to_wire(exc: SessionError) -> tuple[str, str]:
     """The (class name, message) pair that represents ``exc`` on the wire."""
     return type(exc).__name__, str(exc)
-
-
-def error_from_wire(name: str, message: str) -> SessionError:
-    """Rebuild an error sent by :func:`error_to_wire`; unknown names become SessionError."""
-    return ERRORS.get(name, SessionError)(message)

@@ -36,6 +36,7 @@ from supervisor import (
     Strategy,
     Supervisor,
     call,
+    unwrap,
 )
 
 from .cleanup import Cleanup
@@ -353,14 +354,7 @@ async def open_session_service(**options: Any) -> AsyncIterator[SessionService]:
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _only(group) from None
-
-
-def _only(group: BaseExceptionGroup) -> BaseException:
-    """The one exception inside nested single-member groups, or the group itself."""
-    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-        group = group.exceptions[0]
-    return group
+        raise unwrap(group) from None
 
 
 __all__ = ["DEFAULT", "SessionService", "open_session_service", "run_session_service"]
