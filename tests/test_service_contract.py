@@ -16,6 +16,7 @@ from workers import (
     InvalidMetadata,
     InvalidSessionId,
     InvalidTTL,
+    SessionError,
     SessionExpired,
     SessionNotFound,
     SessionTooLarge,
@@ -328,4 +329,6 @@ async def test_custom_id_factory(options: dict[str, Any], vclock: MockClock) -> 
         assert await sessions.create(USER) == "user_2_b"
         with pytest.raises(UpdateFailed, match="already in use"):
             await sessions.create(USER)
-        assert await sessions.count() == 2
+        with pytest.raises(SessionError, match="id_factory raised StopIteration"):
+            await sessions.create(USER)  # the factory is exhausted: an error, not a crash
+        assert await sessions.count() == 2 and sessions.restarts == 0

@@ -32,12 +32,13 @@ from typing import Any, ClassVar
 from .codec import canonical_metadata, copy_metadata
 from .errors import (
     CapacityExceeded,
+    SessionError,
     SessionExpired,
     SessionNotFound,
     UpdateFailed,
     VersionConflict,
 )
-from .session import Session
+from .session import Session, check_id
 from .stores.base import Delete, Put, Store, Write
 
 
@@ -130,6 +131,24 @@ class Operation:
 
 
 @dataclass(slots=True)
+class OnSession(Operation):
+    """An operation on the one session named by ``id``."""
+
+    id: str
+
+    def ids(self) -> Iterable[str]:
+        return (self.id,)
+
+
+def _refreshed(view: View, session: Session) -> Session:
+    """``session`` with its access time moved to now, written if it moved."""
+    refreshed = session.accessed(view.now_ms)
+    if refreshed is not session:
+        view.put(refreshed)
+    return refreshed
+
+
+@dataclass(slots=True)
 class Create(Operation):
     metadata: dict[str, Any]
     timeout_ms: int | None
@@ -137,7 +156,7 @@ class Create(Operation):
 
     async def read(self, view: View) -> None:
         # The id is drawn here so that a custom id_factory's repeats are loaded and seen.
-        self.id = view.limits.id_factory()
+        self.id = _draw_id(view)
         if view.limits.max_sessions is not None:
             await view.live_count()
 
@@ -154,6 +173,15 @@ class Create(Operation):
         return self.id
 
 
+def _draw_id(view: View) -> str:
+    """A new id from the id_factory; its failures are the caller's error, not a crash."""
+    try:
+        session_id = view.limits.id_factory()
+    except Exception as exc:
+        raise SessionError(f"id_factory raised {exc!r}") from exc
+    return check_id(session_id)
+
+
 def _check_free(view: View, session_id: str) -> None:
     existing = view.stored(session_id)
     if existing is not None and not existing.expired_at(view.now_ms):
@@ -161,46 +189,25 @@ def _check_free(view: View, session_id: str) -> None:
 
 
 @dataclass(slots=True)
-class Get(Operation):
+class Get(OnSession):
     """``retrieve`` (refresh=True) and ``peek``."""
 
-    id: str
     refresh: bool
-
-    def ids(self) -> Iterable[str]:
-        return (self.id,)
 
     def apply(self, view: View) -> Session:
         session = view.live(self.id)
-        if self.refresh:
-            refreshed = session.accessed(view.now_ms)
-            if refreshed is not session:
-                view.put(refreshed)
-            session = refreshed
-        return reply_copy(session)
+        return reply_copy(_refreshed(view, session) if self.refresh else session)
 
 
 @dataclass(slots=True)
-class Touch(Operation):
-    id: str
-
-    def ids(self) -> Iterable[str]:
-        return (self.id,)
-
+class Touch(OnSession):
     def apply(self, view: View) -> None:
-        session = view.live(self.id)
-        refreshed = session.accessed(view.now_ms)
-        if refreshed is not session:
-            view.put(refreshed)
+        _refreshed(view, view.live(self.id))
 
 
 @dataclass(slots=True)
-class SetTTL(Operation):
-    id: str
+class SetTTL(OnSession):
     timeout_ms: int | None
-
-    def ids(self) -> Iterable[str]:
-        return (self.id,)
 
     def apply(self, view: View) -> None:
         view.put(replace(view.live(self.id), timeout_ms=self.timeout_ms))
@@ -224,15 +231,11 @@ def _store_new_metadata(view: View, session: Session, metadata: object) -> Sessi
 
 
 @dataclass(slots=True)
-class Update(Operation):
+class Update(OnSession):
     """``update(id, fn)``: ``fn(metadata) -> dict`` runs here, so it is atomic per session."""
 
-    id: str
     fn: Callable[[dict[str, Any]], dict[str, Any]]
     expected_version: int | None = None
-
-    def ids(self) -> Iterable[str]:
-        return (self.id,)
 
     def apply(self, view: View) -> Session:
         session = view.live(self.id)
@@ -249,16 +252,12 @@ class Update(Operation):
 
 
 @dataclass(slots=True)
-class Patch(Operation):
+class Patch(OnSession):
     """The wire form of update: set some keys, remove others."""
 
-    id: str
     set: dict[str, Any]
     unset: tuple[str, ...]
     expected_version: int | None = None
-
-    def ids(self) -> Iterable[str]:
-        return (self.id,)
 
     def apply(self, view: View) -> Session:
         session = view.live(self.id)
@@ -270,13 +269,8 @@ class Patch(Operation):
 
 
 @dataclass(slots=True)
-class Remove(Operation):
+class Remove(OnSession):
     """``delete(id)``: idempotent; True if a live session was removed."""
-
-    id: str
-
-    def ids(self) -> Iterable[str]:
-        return (self.id,)
 
     def apply(self, view: View) -> bool:
         session = view.stored(self.id)
@@ -287,14 +281,13 @@ class Remove(Operation):
 
 
 @dataclass(slots=True)
-class Rotate(Operation):
+class Rotate(OnSession):
     """Give a session a new id and retire the old one, in one transaction."""
 
-    id: str
     new_id: str = ""
 
     async def read(self, view: View) -> None:
-        self.new_id = view.limits.id_factory()
+        self.new_id = _draw_id(view)
 
     def ids(self) -> Iterable[str]:
         return (self.id, self.new_id)
