@@ -262,16 +262,78 @@ async def test_a_batch_applies_in_order_and_sees_its_own_writes(store: Store) ->
     fresh = session("a", metadata={"step": "recreated"})
     batch: list[Write] = [
         Put(a1, None),
-        Put(a2, 1),
-        Put(a1, None),  # a exists now
+        Put(a2, 1),  # replaces the a1 of this very batch
         Delete("a"),
-        Put(a2, 1),  # a is gone again
-        Put(fresh, None),
-        Delete("b"),
+        Put(fresh, None),  # a is free again
+        Put(bumped(fresh), 1),
         Put(session("b"), None),
     ]
-    assert await store.commit(batch) == [True, True, False, True, False, True, False, True]
-    assert await store.load(["a", "b"]) == {"a": fresh, "b": session("b")}
+    assert await store.commit(batch) == [True] * len(batch)
+    assert await store.load(["a", "b"]) == {"a": bumped(fresh), "b": session("b")}
+    assert await store.count(T0) == 2
+
+
+# The failed-write rule: once a write to an id does not take effect, the later writes of the
+# batch to that id do not either. They were computed from the state the failed write expected,
+# and letting one through can lose another writer's update (see base.py).
+
+
+async def test_a_failed_write_fails_the_later_writes_to_its_id(store: Store) -> None:
+    mine = session("a", metadata={"by": "me"})
+    await put_all(store, [mine, session("b")])
+    # Another manager sharing the store moves a to version 2 meanwhile.
+    theirs = bumped(mine, metadata={"by": "them"}, timeout_ms=None)
+    assert await store.commit([Put(theirs, 1)]) == [True]
+    # This manager's batch was computed from version 1: two updates of a, each on the other.
+    my_v2 = bumped(mine, metadata={"n": 1})
+    my_v3 = bumped(my_v2, metadata={"n": 2}, timeout_ms=1)
+    batch: list[Write] = [Put(my_v2, 1), Put(my_v3, 2)]
+    # Without the rule, the second Put would succeed on *their* version 2, losing their write.
+    assert await store.commit(batch) == [False, False]
+    assert await store.load(["a"]) == {"a": theirs}
+    # The index follows the stored session, never a write that failed.
+    # my_v3 would expire a at T0 + 1: only b, which nobody touched, is expired later on.
+    assert await store.expired(T0 + 2 * MINUTE, 10) == ["b"]
+    assert await store.count(T0 + 2 * MINUTE) == 1
+
+
+async def test_a_failed_put_then_a_delete_leaves_the_session_alone(store: Store) -> None:
+    a = session("a")
+    await put_all(store, [a])
+    stale = bumped(session("a", version=5))
+    assert await store.commit([Put(stale, 5), Delete("a")]) == [False, False]
+    assert await store.load(["a"]) == {"a": a}
+    # The same after a failed create, and after a conditional delete that found a live session.
+    assert await store.commit([Put(session("a"), None), Delete("a")]) == [False, False]
+    assert await store.commit([Delete("a", if_expired_at=T0), Delete("a")]) == [False, False]
+    assert await store.load(["a"]) == {"a": a}
+    assert await store.count(T0) == 1
+
+
+async def test_a_failed_delete_fails_the_later_writes_to_its_id(store: Store) -> None:
+    batch: list[Write] = [Delete("a"), Put(session("a"), None), Delete("a")]
+    assert await store.commit(batch) == [False, False, False]
+    assert await store.load(["a"]) == {}
+    # The rule holds for the rest of the batch only: the next batch starts afresh.
+    assert await store.commit([Put(session("a"), None)]) == [True]
+
+
+async def test_a_failed_write_to_one_id_leaves_other_ids_alone(store: Store) -> None:
+    a, b = session("a"), session("b")
+    await put_all(store, [a, b])
+    b2 = bumped(b, metadata={"step": 2})
+    batch: list[Write] = [
+        Put(bumped(a), 7),  # fails: a is at version 1
+        Put(b2, 1),
+        Put(session("a", version=9), 8),  # fails by the rule
+        Put(session("c"), None),
+        Delete("a"),  # fails by the rule
+        Put(bumped(b2), 2),  # b's own chain goes on
+        Delete("c"),
+    ]
+    assert await store.commit(batch) == [False, True, False, True, False, True, True]
+    assert await store.load(["a", "b", "c"]) == {"a": a, "b": bumped(b2)}
+    assert await store.count(T0) == 2
 
 
 async def test_a_batch_with_a_malformed_write_changes_nothing(store: Store) -> None:
@@ -429,7 +491,15 @@ class Model:
         self.sessions: dict[str, Session] = {}
 
     def commit(self, writes: Sequence[Write]) -> list[bool]:
-        return [self._apply(w) for w in writes]
+        failed: set[str] = set()  # the failed-write rule
+        results = []
+        for write in writes:
+            sid = write.session.id if isinstance(write, Put) else write.id
+            ok = sid not in failed and self._apply(write)
+            if not ok:
+                failed.add(sid)
+            results.append(ok)
+        return results
 
     def _apply(self, write: Write) -> bool:
         if isinstance(write, Put):

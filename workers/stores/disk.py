@@ -383,11 +383,23 @@ class DiskStore:
                 raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
         if not prepared:
             return []
+        # Once a write to an id fails, the later writes of the batch to that id were computed
+        # from a state the store does not hold: they fail too (see base.py).
+        failed: set[str] = set()
+        results: list[bool] = []
         with cache.transact():  # one transaction: all of the batch, or none of it on error
-            return [
-                _apply_delete(cache, item) if isinstance(item, Delete) else _apply_put(cache, *item)
-                for item in prepared
-            ]
+            for item in prepared:
+                sid = item.id if isinstance(item, Delete) else item[0].session.id
+                if sid in failed:
+                    ok = False
+                elif isinstance(item, Delete):
+                    ok = _apply_delete(cache, item)
+                else:
+                    ok = _apply_put(cache, *item)
+                if not ok:
+                    failed.add(sid)
+                results.append(ok)
+        return results
 
     @staticmethod
     def _scan(

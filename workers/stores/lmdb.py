@@ -369,10 +369,20 @@ class LmdbStore:
         self._env.set_mapsize(new_size)
 
     def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
-        return [
-            self._put(txn, write) if isinstance(write, Put) else self._delete(txn, write)
-            for write in writes
-        ]
+        # Once a write to an id fails, the later writes of the batch to that id were computed
+        # from a state the store does not hold: they fail too (see base.py).
+        failed: set[str] = set()
+        results: list[bool] = []
+        for write in writes:
+            sid = write.session.id if isinstance(write, Put) else write.id
+            if sid in failed:
+                ok = False
+            else:
+                ok = self._put(txn, write) if isinstance(write, Put) else self._delete(txn, write)
+                if not ok:
+                    failed.add(sid)
+            results.append(ok)
+        return results
 
     def _put(self, txn: lmdb.Transaction, write: Put) -> bool:
         session = write.session

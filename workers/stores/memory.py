@@ -102,9 +102,20 @@ class MemoryStore:
         for write in writes:
             if not isinstance(write, Put | Delete):
                 raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
-        return [
-            self._put(write) if isinstance(write, Put) else self._delete(write) for write in writes
-        ]
+        # Once a write to an id fails, the later writes of the batch to that id were computed
+        # from a state the store does not hold: they fail too (see base.py).
+        failed: set[str] = set()
+        results: list[bool] = []
+        for write in writes:
+            sid = write.session.id if isinstance(write, Put) else write.id
+            if sid in failed:
+                ok = False
+            else:
+                ok = self._put(write) if isinstance(write, Put) else self._delete(write)
+                if not ok:
+                    failed.add(sid)
+            results.append(ok)
+        return results
 
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int

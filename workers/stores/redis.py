@@ -24,8 +24,11 @@ Redis runs a script without interleaving any other client's commands, so the che
 needs a free id, a put needs the version it names, a conditional delete needs an expired
 session) and the writes of a batch are atomic with respect to every other store object sharing
 the server: concurrent read-modify-write cycles from several processes lose nothing, the loser
-of a race sees ``False`` and its manager retries. The script does every check before its first
-write, so an error (an unreadable record) leaves the store untouched.
+of a race sees ``False`` and its manager retries. Once a write to an id fails, the later writes
+of the batch to that id fail too (the Store protocol's rule): a manager that queued
+``Put(v2, expected 1)`` then ``Put(v3, expected 2)`` must not see the second succeed on another
+process's version 2. The script does every check before its first write, so an error (an
+unreadable record) leaves the store untouched.
 
 Expiry
 ------
@@ -101,7 +104,8 @@ COMMIT_SCRIPT = r"""
 -- if_expired_at, '' for none), record, expires_at ('' never), ttl ms ('' none), version.
 -- Returns one 0/1 per write. Phase 1 checks every write against the stored state (as changed
 -- by the earlier writes of the batch) without writing; phase 2 writes. An error in phase 1
--- (a record it cannot read) therefore leaves the store untouched.
+-- (a record it cannot read) therefore leaves the store untouched. Once a write to an id fails,
+-- the later writes to that id fail too: they were computed from the state it expected.
 
 -- msgpack integer or nil at position p of s: value (false for nil), next position.
 local function mp_int(s, p)
@@ -153,7 +157,9 @@ for i = 1, #KEYS - 2 do
     state[id] = s
   end
   local ok = false
-  if op == 'P' then
+  if s.failed then
+    -- An earlier write of the batch to this id did not take effect: neither does this one.
+  elseif op == 'P' then
     if cond == '' then ok = not s.version else ok = s.version == tonumber(cond) end
     if ok then
       s.version = tonumber(ARGV[a + 7])
@@ -170,6 +176,7 @@ for i = 1, #KEYS - 2 do
     -- Nothing stored (Redis may have expired the key): drop index entries it left behind.
     plan[#plan + 1] = i
   end
+  if not ok then s.failed = true end
   results[i] = ok and 1 or 0
 end
 
