@@ -18,11 +18,20 @@ Failures, by kind:
 
 The store is opened in ``init`` and closed in ``terminate`` (which runs after a crash too), so
 each incarnation holds the store's single-owner lock exactly while it lives.
+
+Time: a batch's "now" is the wall clock, never earlier than any "now" the service has used
+before (:meth:`ManagerSettings.now_ms`; the mark lives in the settings, so it survives manager
+restarts). A wall clock that jumps backwards therefore changes nothing: no session expired at
+the latest time the service saw becomes live again, none is deleted, no ``last_accessed`` moves
+back; time simply stands still until the clock catches up. A forward jump is taken as real
+time passing: sessions whose idle timeout lies before the new time are expired, as they would
+be after that much idleness.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,12 +39,15 @@ from supervisor import Actor, ReplySlot
 
 from .errors import SessionError, StoreError
 from .operations import Limits, Operation, View
-from .stores.base import Put, Store
+from .stores.base import Put, Store, Write
 
 log = logging.getLogger("workers.manager")
 
-#: How often an operation whose conditional write lost a race is retried before giving up.
-MAX_ATTEMPTS = 8
+#: How often an operation whose conditional write lost a race is tried before giving up.
+MAX_ATTEMPTS = 16
+#: Backoff before the n-th retry: uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**n)] seconds.
+RETRY_BASE = 0.001
+RETRY_CAP = 0.05
 
 
 @dataclass(slots=True)
@@ -45,6 +57,13 @@ class ManagerSettings:
     clock: Callable[[], float]
     #: Most operations in one batch (one store transaction).
     max_batch: int = 256
+    #: The latest "now" handed out by :meth:`now_ms`.
+    high_water_ms: int = 0
+
+    def now_ms(self) -> int:
+        """The wall clock in ms, held back so that it never goes backwards."""
+        self.high_water_ms = max(self.high_water_ms, int(self.clock() * 1000))
+        return self.high_water_ms
 
 
 @dataclass(slots=True)
@@ -52,6 +71,13 @@ class _Queued:
     op: Operation
     slot: ReplySlot
     attempts: int = 0
+
+
+@dataclass(slots=True)
+class _Retry:
+    """A timer message: these operations lost a race and their backoff is over."""
+
+    items: list[_Queued]
 
 
 class SessionManager(Actor):
@@ -71,6 +97,9 @@ class SessionManager(Actor):
         if len(self.queue) >= self.settings.max_batch:
             await self._run_batch()
 
+    async def handle_cast(self, message: _Retry) -> None:
+        self.queue.extend(message.items)
+
     async def handle_drained(self) -> None:
         while self.queue:
             await self._run_batch()
@@ -78,7 +107,7 @@ class SessionManager(Actor):
     async def _run_batch(self) -> None:
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
-        view = View(self.store, int(self.settings.clock() * 1000), self.settings.limits)
+        view = View(self.store, self.settings.now_ms(), self.settings.limits)
 
         ready: list[_Queued] = []
         for item in batch:
@@ -110,17 +139,41 @@ class SessionManager(Actor):
             except SessionError as exc:
                 return _fail_all([item for item, *_ in applied], exc)
 
+        lost = _lost_races(view.writes, outcomes)
+        retry: list[_Queued] = []
         for item, result, start, end in applied:
             mine = outcomes[start:end]
-            writes = zip(view.writes[start:end], mine, strict=True)
-            lost_race = any(not ok and isinstance(w, Put) for w, ok in writes)
-            if not lost_race:
+            if not any(lost[start:end]):
                 item.slot.reply(item.op.finish(result, mine))
             elif item.attempts + 1 < MAX_ATTEMPTS:
                 item.attempts += 1
-                self.queue.append(item)
+                retry.append(item)
             else:
                 item.slot.fail(StoreError("the session kept changing under this write; retry"))
+        if retry:
+            # Jittered exponential backoff, one timer for the batch: managers that keep losing
+            # to each other stop colliding, and the retried operations stay one batch (one
+            # load, one commit). Other requests are served meanwhile.
+            n = max(item.attempts for item in retry)
+            self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
+
+
+def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:
+    """Per write, whether it failed because the store did not hold what the batch expected.
+
+    A failed Put lost a race to another writer of a shared store. A later write of the batch
+    to the same id then fails too (the failed-write rule of ``stores/base.py``), Delete
+    included: computed from the state the failed write expected, it is retried with its
+    operation, never answered as if there had been nothing to delete.
+    """
+    failed: set[str] = set()
+    lost: list[bool] = []
+    for write, ok in zip(writes, outcomes, strict=True):
+        sid = write.session.id if isinstance(write, Put) else write.id
+        lost.append(not ok and (isinstance(write, Put) or sid in failed))
+        if not ok:
+            failed.add(sid)
+    return lost
 
 
 def _fail_all(items: list[_Queued], exc: SessionError) -> None:
