@@ -1,58 +1,187 @@
 """Session service throughput next to its floor, measured in the same run.
 
 For each backend and each of create / retrieve / update, the service is driven by 1 and by 50
-concurrent callers, and the rate is printed next to the floor: raw diskcache doing the same work
-with the same msgpack records, in a plain loop, with no actor, no validation and no Trio. The
-ratio (service / floor) is what to read; the absolute figures depend on the machine.
+concurrent callers, and the rate is printed next to that backend's floor: its bare library
+doing the same work with the same msgpack records, one operation at a time, with no actor and
+no validation. The ratio (service / floor) is what to read; the absolute figures depend on the
+machine.
 
-    python bench/sessions.py [--ops N] [--backends memory,disk]
+=========  =========================================================================
+backend    floor
+=========  =========================================================================
+memory     raw diskcache: set / get / get+set (the seed compares ets against it too)
+disk       raw diskcache, as above
+lmdb       raw lmdb: one put per write transaction, get in a read transaction, get+put
+           in one write transaction; ``sync=False`` like the store's default durability
+redis      raw coredis under Trio: SET / GET / GET+SET, one command at a time
+=========  =========================================================================
+
+    python bench/sessions.py [--ops N] [--backends memory,disk,lmdb,redis] [--redis-url URL]
+
+The redis column needs a Redis at ``--redis-url``; its keys live under a prefix of their own,
+deleted at the end. Left out, with a note, when that Redis does not answer and ``--backends``
+was not given.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import coredis
 import diskcache
+import lmdb
 import trio
 
 from workers import open_session_service
 from workers.codec import decode_session, encode_session
 from workers.session import Session, new_id
+from workers.stores.redis import redact_url
 
 CONCURRENCY = (1, 50)
 OPERATIONS = ("create", "retrieve", "update")
 METADATA = {"user_id": "user123", "auth_method": "api_key", "theme": "dark", "language": "en"}
+BACKENDS = ("memory", "disk", "lmdb", "redis")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The access time every record gets (read once: a floor should not time the clock).
+NOW_MS = int(time.time() * 1000)
 
 
-def raw_diskcache_floor(workdir: Path, ops: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Setup:
+    """Where one run keeps its data: a scratch directory and a Redis key prefix of its own."""
+
+    workdir: Path
+    ops: int
+    redis_url: str
+    prefix: str
+
+
+# --- records, as the stores write them ---
+
+
+def new_record(sid: str) -> bytes:
+    return encode_session(Session(sid, NOW_MS, NOW_MS, 3_600_000, METADATA, 1))
+
+
+def updated_record(data: bytes) -> bytes:
+    """What an update writes: the record read, with new metadata, access time and version."""
+    s = decode_session(data)
+    changed = replace(s, last_accessed=NOW_MS, metadata={**s.metadata, "n": 1}, version=2)
+    return encode_session(changed)
+
+
+def timed(ids: list[str], step: Callable[[str], object]) -> float:
+    t0 = time.perf_counter()
+    for sid in ids:
+        step(sid)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+async def timed_async(ids: list[str], step: Callable[[str], Awaitable[object]]) -> float:
+    t0 = time.perf_counter()
+    for sid in ids:
+        await step(sid)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+# --- floors: each returns {"create": ops/s, "retrieve": ops/s, "update": ops/s} ---
+
+
+def raw_diskcache_floor(setup: Setup) -> dict[str, float]:
     """Sequential set / get / read-modify-write of msgpack records on a bare diskcache."""
-    cache = diskcache.Cache(str(workdir / "raw"), eviction_policy="none", size_limit=2**62)
-    now = int(time.time() * 1000)
-    ids = [new_id() for _ in range(ops)]
-    rates = {}
-    t0 = time.perf_counter()
-    for sid in ids:
-        cache.set(sid, encode_session(Session(sid, now, now, 3_600_000, METADATA, 1)))
-    rates["create"] = ops / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for sid in ids:
-        decode_session(cache.get(sid))
-    rates["retrieve"] = ops / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for sid in ids:
-        s = decode_session(cache.get(sid))
-        changed = replace(s, last_accessed=now, metadata={**s.metadata, "n": 1}, version=2)
-        cache.set(sid, encode_session(changed))
-    rates["update"] = ops / (time.perf_counter() - t0)
-    cache.close()
-    return rates
+    cache = diskcache.Cache(
+        str(setup.workdir / "raw-diskcache"), eviction_policy="none", size_limit=2**62
+    )
+    ids = [new_id() for _ in range(setup.ops)]
+    try:
+        return {
+            "create": timed(ids, lambda sid: cache.set(sid, new_record(sid))),
+            "retrieve": timed(ids, lambda sid: decode_session(cache.get(sid))),
+            "update": timed(ids, lambda sid: cache.set(sid, updated_record(cache.get(sid)))),
+        }
+    finally:
+        cache.close()
+
+
+def raw_lmdb_floor(setup: Setup) -> dict[str, float]:
+    """The same on a bare LMDB environment, synced as the store's default ("process")."""
+    env = lmdb.open(
+        str(setup.workdir / "raw-lmdb"),
+        map_size=1 << 30,
+        sync=False,
+        metasync=False,
+        writemap=False,
+        readahead=False,
+    )
+    ids = [new_id() for _ in range(setup.ops)]
+
+    def create(sid: str) -> None:
+        with env.begin(write=True) as txn:
+            txn.put(sid.encode(), new_record(sid))
+
+    def retrieve(sid: str) -> None:
+        with env.begin() as txn:
+            decode_session(txn.get(sid.encode()))
+
+    def update(sid: str) -> None:
+        with env.begin(write=True) as txn:
+            txn.put(sid.encode(), updated_record(txn.get(sid.encode())))
+
+    try:
+        return {
+            "create": timed(ids, create),
+            "retrieve": timed(ids, retrieve),
+            "update": timed(ids, update),
+        }
+    finally:
+        env.close()
+
+
+def raw_coredis_floor(setup: Setup) -> dict[str, float]:
+    """SET / GET / GET+SET of the same records with a bare coredis client under Trio."""
+
+    keys = [f"{setup.prefix}raw:{new_id()}" for _ in range(setup.ops)]
+
+    async def measure() -> dict[str, float]:
+        async with coredis.Redis.from_url(setup.redis_url) as client:
+
+            async def create(key: str) -> None:
+                await client.set(key, new_record(key))
+
+            async def retrieve(key: str) -> None:
+                decode_session(await client.get(key))
+
+            async def update(key: str) -> None:
+                await client.set(key, updated_record(await client.get(key)))
+
+            return {
+                "create": await timed_async(keys, create),
+                "retrieve": await timed_async(keys, retrieve),
+                "update": await timed_async(keys, update),
+            }
+
+    return trio.run(measure)
+
+
+#: The floor each backend is compared with: (its name in the table, the function measuring it).
+FLOORS: dict[str, tuple[str, Callable[[Setup], dict[str, float]]]] = {
+    "memory": ("raw diskcache", raw_diskcache_floor),
+    "disk": ("raw diskcache", raw_diskcache_floor),
+    "lmdb": ("raw lmdb", raw_lmdb_floor),
+    "redis": ("raw coredis", raw_coredis_floor),
+}
+
+
+# --- the service ---
 
 
 async def _rate(callers: int, ops: int, op: Callable[[int], Awaitable[Any]]) -> float:
@@ -88,31 +217,72 @@ async def _service_rates(sessions: Any, callers: int, ops: int) -> dict[str, flo
     }
 
 
-async def service_rates(backend: str, workdir: Path, ops: int) -> dict[tuple[str, int], float]:
+def store_options(backend: str, setup: Setup, callers: int) -> dict[str, Any]:
+    """A fresh, empty store for one concurrency level."""
+    if backend == "redis":
+        return {"url": setup.redis_url, "prefix": f"{setup.prefix}service-{callers}:"}
+    return {"path": str(setup.workdir / f"{backend}-{callers}")}
+
+
+async def service_rates(backend: str, setup: Setup) -> dict[tuple[str, int], float]:
     """Rates of the embedded service on ``backend``, a fresh store per concurrency level."""
     rates = {}
     for callers in CONCURRENCY:
-        path = workdir / f"{backend}-{callers}"
-        async with open_session_service(backend=backend, path=str(path)) as sessions:
-            for op, rate in (await _service_rates(sessions, callers, ops)).items():
+        options = store_options(backend, setup, callers)
+        async with open_session_service(backend=backend, **options) as sessions:
+            for op, rate in (await _service_rates(sessions, callers, setup.ops)).items():
                 rates[op, callers] = rate
     return rates
 
 
-def run(ops: int = 5000, backends: tuple[str, ...] = ("memory", "disk")) -> list[dict[str, Any]]:
-    """Measure and return one record per (backend, operation, callers)."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+# --- the run ---
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    async with coredis.Redis.from_url(url) as client:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        for i in range(0, len(keys), 1000):
+            await client.delete(keys[i : i + 1000])
+
+
+def redis_answers(url: str) -> bool:
+    async def ping() -> None:
+        with trio.fail_after(3):
+            async with coredis.Redis.from_url(url) as client:
+                await client.ping()
+
     try:
-        floor = raw_diskcache_floor(workdir, ops)
+        trio.run(ping)
+    except Exception:
+        return False
+    return True
+
+
+def run(
+    ops: int = 5000, backends: tuple[str, ...] = BACKENDS, redis_url: str = DEFAULT_REDIS_URL
+) -> list[dict[str, Any]]:
+    """Measure and return one record per (backend, operation, callers)."""
+    setup = Setup(
+        workdir=Path(tempfile.mkdtemp(prefix="bench-sessions-")),
+        ops=ops,
+        redis_url=redis_url,
+        prefix=f"bench-sessions:{uuid.uuid4().hex[:12]}:",
+    )
+    floors: dict[str, dict[str, float]] = {}  # by floor name: each is measured once
+    try:
         records = []
         for backend in backends:
-            rates = trio.run(service_rates, backend, workdir, ops)
+            floor_name, measure_floor = FLOORS[backend]
+            if floor_name not in floors:
+                floors[floor_name] = measure_floor(setup)
+            floor = floors[floor_name]
+            rates = trio.run(service_rates, backend, setup)
             for (op, callers), rate in rates.items():
                 records.append(
                     {
                         "name": f"{backend} {op} x{callers}",
                         "ops_per_s": rate,
-                        "floor_name": f"raw diskcache {op}",
+                        "floor_name": f"{floor_name} {op}",
                         "floor_ops_per_s": floor[op],
                         "ratio": rate / floor[op],
                         "target": None,
@@ -121,7 +291,9 @@ def run(ops: int = 5000, backends: tuple[str, ...] = ("memory", "disk")) -> list
                 )
         return records
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(setup.workdir, ignore_errors=True)
+        if "redis" in backends:
+            trio.run(delete_prefix, setup.redis_url, setup.prefix)
 
 
 def print_table(records: list[dict[str, Any]]) -> None:
@@ -136,9 +308,25 @@ def print_table(records: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=5000, help="operations per measurement")
-    parser.add_argument("--backends", default="memory,disk", help="comma-separated backends")
+    parser.add_argument(
+        "--backends", help=f"comma-separated backends (default: {','.join(BACKENDS)})"
+    )
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis for the redis column")
     args = parser.parse_args()
-    print_table(run(args.ops, tuple(args.backends.split(","))))
+    if args.backends:
+        backends = tuple(args.backends.split(","))
+        unknown = sorted(set(backends) - set(FLOORS))
+        if unknown:
+            parser.error(
+                f"unknown backends {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
+            )
+    else:
+        backends = BACKENDS
+        if not redis_answers(args.redis_url):
+            where = redact_url(args.redis_url)
+            print(f"note: no Redis answers at {where}; leaving out redis", file=sys.stderr)
+            backends = tuple(b for b in backends if b != "redis")
+    print_table(run(args.ops, backends, args.redis_url))
 
 
 if __name__ == "__main__":
