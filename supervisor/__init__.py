@@ -7,6 +7,7 @@ It knows nothing about what it supervises. Start here:
 * :class:`Actor` is gen_server: a task with a mailbox, ``call`` and ``cast``, a name registry,
   deferred replies, timers.
 * :func:`cleanup_scope` gives any child the shielded cleanup window its shutdown grace allows.
+* :mod:`supervisor.testing` crashes actors on demand or on a schedule, for your tests.
 """
 
 from .actor import Actor, ActorRef, TimerHandle, call, cast

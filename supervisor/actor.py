@@ -22,6 +22,10 @@ Exceptions: an ``Exception`` from ``init`` is a start failure; from any handler,
 or ``terminate`` it is a crash (the exit reason), and it propagates out of the actor's task for
 its supervisor to see. Cancellation is a shutdown. Nothing is caught and forgotten.
 
+Fault injection (:mod:`supervisor.testing`) uses one hook, :meth:`_Process.inject_crash`: it
+cancels the serving loop wherever it is waiting and raises the injected exception in its
+place, so the incarnation dies exactly as if a handler had raised it.
+
 The mailbox is drained without a schedule point per message (``receive_nowait``), yielding
 once every ``_BATCH`` messages, so a busy actor answers a burst of callers in one pass.
 """
@@ -253,6 +257,8 @@ class _Process:
         "alive",
         "current",
         "deadlines",
+        "died",
+        "injected",
         "name",
         "now",
         "nursery",
@@ -260,6 +266,7 @@ class _Process:
         "ref",
         "send",
         "send_nowait",
+        "serving",
         "stopping",
         "task",
     )
@@ -273,6 +280,9 @@ class _Process:
         self.stopping = False
         self.current: ReplySlot | None = None  # the call handle_call is answering
         self.task: trio.lowlevel.Task | None = None
+        self.serving = trio.CancelScope()  # around serve(); cancelled by inject_crash
+        self.injected: Exception | None = None
+        self.died = trio.Event()
         self.nursery: trio.Nursery  # set by Actor.start before anything runs
         self.deadlines = Deadlines(self.ref.__repr__)
         mailbox, self._recv = trio.open_memory_channel[tuple[Any, ReplySlot | None]](mailbox_size)
@@ -312,7 +322,10 @@ class _Process:
         task_status.started(self.ref)
         reason: ExitReason = "normal"
         try:
-            await self.serve()
+            with self.serving:
+                await self.serve()
+            if self.injected is not None:
+                raise self.injected
         except BaseException as exc:
             reason = exit_reason(exc)
             raise
@@ -358,6 +371,17 @@ class _Process:
         if undrained and drained is not None:
             await drained()
 
+    def inject_crash(self, exc: Exception) -> None:
+        """Test hook: end this incarnation with ``exc`` as if a handler had raised it.
+
+        The serving loop is cancelled wherever it waits (in a handler, or for mail) and ``exc``
+        is raised in its place: callers get ServerDown, ``terminate(exc)`` runs, the supervisor
+        sees a crash. Before ``init`` has finished the crash happens as soon as it has.
+        """
+        if self.injected is None:
+            self.injected = exc
+            self.serving.cancel()
+
     def die(self, reason: ExitReason) -> None:
         """Free the name, stop the timers, settle every waiting caller with ServerDown."""
         self.alive = False
@@ -369,6 +393,7 @@ class _Process:
         self.nursery.cancel_scope.cancel()
         self._recv.close()  # callers blocked on a full mailbox wake up and see their slot
         self.deadlines.fail_all(lambda: ServerDown(self.ref, reason))
+        self.died.set()
 
 
 async def _await_name(name: Hashable, until: float) -> ActorRef:

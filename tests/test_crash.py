@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import trio
 
 from supervisor import SupervisorShutdown
+from supervisor.testing import InjectedFault, crash
 from workers import ServiceUnavailable, open_session_service
-from workers.stores import Store, Write, make_store
-
-
-class CrashingStore:
-    """Delegates to a real store; the commits numbered in ``crash_on`` raise a non-store error,
-    which is a bug as far as the manager knows, so the manager crashes."""
-
-    def __init__(self, inner: Store, crash_on: Sequence[int] | None = None) -> None:
-        self.inner = inner
-        self.crash_on = crash_on
-        self.commits = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        self.commits += 1
-        if self.crash_on is None or self.commits in self.crash_on:
-            raise RuntimeError(f"injected fault in commit {self.commits}")
-        return await self.inner.commit(writes)
+from workers.faults import FaultyStore
+from workers.stores import make_store
 
 
 @pytest.fixture
@@ -41,7 +23,8 @@ def store_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 async def test_manager_crashes_under_load_lose_no_acknowledged_session(
     options: dict[str, Any], store_kwargs: dict[str, Any]
 ) -> None:
-    store = CrashingStore(make_store(**store_kwargs), crash_on=[5, 9, 14])
+    store = FaultyStore(make_store(**store_kwargs))
+    store.fail("commit", InjectedFault("bug in commit"), calls=[5, 9, 14])
     acknowledged: dict[str, int] = {}
     unavailable = 0
 
@@ -69,7 +52,8 @@ async def test_manager_crashes_under_load_lose_no_acknowledged_session(
 async def test_a_crash_loop_stops_the_tree_with_supervisor_shutdown(
     options: dict[str, Any], store_kwargs: dict[str, Any]
 ) -> None:
-    store = CrashingStore(make_store(**store_kwargs))  # every commit crashes
+    store = FaultyStore(make_store(**store_kwargs))
+    store.fail("commit", InjectedFault("bug in every commit"))
     with pytest.raises(SupervisorShutdown):
         async with open_session_service(store=store, clock=options["clock"]) as sessions:
             while True:
@@ -77,3 +61,29 @@ async def test_a_crash_loop_stops_the_tree_with_supervisor_shutdown(
                     await sessions.create({})
                 except ServiceUnavailable:
                     pass
+
+
+async def test_crashing_the_manager_from_outside_loses_nothing(
+    options: dict[str, Any], store_kwargs: dict[str, Any]
+) -> None:
+    store = FaultyStore(make_store(**store_kwargs))
+    store.hang("commit", calls=[3])  # the crash lands while a batch is being committed
+    async with open_session_service(store=store, clock=options["clock"]) as sessions:
+        ids = [await sessions.create({"i": i}) for i in range(2)]
+        async with trio.open_nursery() as nursery:
+            failed = trio.Event()
+
+            async def doomed() -> None:
+                with pytest.raises(ServiceUnavailable):
+                    await sessions.create({"i": 2})
+                failed.set()
+
+            nursery.start_soon(doomed)
+            while store.calls["commit"] < 3:
+                await trio.sleep(0.01)
+            reason = await crash(sessions.actors["manager"])
+            assert isinstance(reason, InjectedFault)
+            await failed.wait()
+        assert [(await sessions.peek(i)).metadata["i"] for i in ids] == [0, 1]
+        assert await sessions.count() == 2
+        assert sessions.restarts >= 1

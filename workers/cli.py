@@ -12,7 +12,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-VERB_MODULES = ("workers.demo", "workers.daemon", "workers.admin", "workers.migrate")
+VERB_MODULES = (
+    "workers.demo",
+    "workers.daemon",
+    "workers.admin",
+    "workers.migrate",
+    "workers.chaos",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,7 +87,7 @@ class SessionService:
         self,
         *,
         backend: str,
-        manager_name: str,
+        name: str,
         default_ttl: float | None,
         max_metadata_bytes: int,
         call_timeout: float,
@@ -96,13 +96,16 @@ class SessionService:
     ) -> None:
         #: The canonical backend name: "memory", "disk", "lmdb" or "redis".
         self.backend = backend
-        self._manager = manager_name
+        self._manager = f"{name}.manager"
         self._default_timeout_ms = ttl_to_ms(default_ttl)
         self._max_metadata_bytes = max_metadata_bytes
         self._call_timeout = call_timeout
         self._sweep_batch = sweep_batch
         self._page_size = page_size
         self._started = time.monotonic()
+        #: The registered names of the service's actors by child id ("manager", "cleanup"), for
+        #: fault injection (:mod:`supervisor.testing`) and diagnostics.
+        self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
 
@@ -284,7 +287,7 @@ async def run_session_service(
     n = next(_instances)
     service = SessionService(
         backend=backend,
-        manager_name=f"sessions-{n}.manager",
+        name=f"sessions-{n}",
         default_ttl=default_ttl,
         max_metadata_bytes=max_metadata_bytes,
         call_timeout=call_timeout,
@@ -299,7 +302,7 @@ async def run_session_service(
     children = [
         SessionManager.child_spec("manager", store, settings, name=service._manager),
         Cleanup.child_spec(
-            "cleanup", service.cleanup_expired, cleanup_interval, name=f"sessions-{n}.cleanup"
+            "cleanup", service.cleanup_expired, cleanup_interval, name=service.actors["cleanup"]
         ),
         *(extra_children(service) if extra_children else ()),
     ]
