@@ -84,3 +84,10 @@ def test_service_options_pass_store_options_only_when_set() -> None:
     s = load_settings(env={}, overrides={"durability": "power", "path": "/tmp/x"})
     assert s.service_options()["durability"] == "power"
     assert s.service_options()["path"] == "/tmp/x"
+
+
+def test_the_redis_key_prefix_reaches_the_store() -> None:
+    assert "prefix" not in Settings(backend="redis").service_options()
+    s = load_settings(env={"SESSIOND_BACKEND": "redis", "SESSIOND_PREFIX": "{app1}:"})
+    assert s.service_options()["prefix"] == "{app1}:"
+    assert "prefix" not in load_settings(env={"SESSIOND_PREFIX": "x:"}).service_options()

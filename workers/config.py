@@ -50,6 +50,8 @@ class Settings:
     backend: str = "disk"
     path: str | None = "./data"
     url: str | None = None
+    #: Key prefix of the redis backend (daemons that share sessions use the same one).
+    prefix: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     tcp: bool = True
@@ -123,6 +125,8 @@ class Settings:
             for name in ("durability", "on_corrupt"):
                 if getattr(self, name) is not None:
                     options[name] = getattr(self, name)
+        if self.backend == "redis" and self.prefix is not None:
+            options["prefix"] = self.prefix
         return options
 
     def server_limits(self) -> ServerLimits:

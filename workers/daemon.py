@@ -151,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--backend", help="memory, disk, lmdb or redis (default disk)")
     add("--path", help="store directory for disk and lmdb (default ./data)")
     add("--url", help="redis URL for the redis backend")
+    add("--prefix", help="key prefix of the redis backend (default sessions:)")
     add("--host", help="TCP host to listen on (default 127.0.0.1)")
     add("--port", type=int, help="TCP port to listen on (default 7878)")
     add("--no-tcp", dest="tcp", action="store_const", const=False, help="no TCP listener")
