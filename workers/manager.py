@@ -39,7 +39,7 @@ from supervisor import Actor, ReplySlot
 
 from .errors import SessionError, StoreError
 from .operations import Limits, Operation, View
-from .stores.base import Put, Store, Write
+from .stores.base import Put, Store, Write, write_id
 
 log = logging.getLogger("workers.manager")
 
@@ -169,7 +169,7 @@ def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:
     failed: set[str] = set()
     lost: list[bool] = []
     for write, ok in zip(writes, outcomes, strict=True):
-        sid = write.session.id if isinstance(write, Put) else write.id
+        sid = write_id(write)
         lost.append(not ok and (isinstance(write, Put) or sid in failed))
         if not ok:
             failed.add(sid)

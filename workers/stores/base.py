@@ -25,9 +25,9 @@ naming the cause, when the store is locked by another owner or is unusable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..session import Session
 
@@ -57,6 +57,33 @@ class Delete:
 
 
 Write = Put | Delete
+
+T = TypeVar("T")
+
+
+def write_id(write: Write) -> str:
+    """The id of the session ``write`` is about."""
+    return write.session.id if isinstance(write, Put) else write.id
+
+
+def apply_in_order(
+    items: Iterable[T], session_id: Callable[[T], str], apply: Callable[[T], bool]
+) -> list[bool]:
+    """``apply`` each item in order under the failed-write rule; per item, whether it took effect.
+
+    Once a write to an id fails, the later writes of the batch to that id were computed from a
+    state the store does not hold: they are not applied and report ``False``. Stores call this
+    inside their transaction, with ``items`` in whatever form they prepared the writes.
+    """
+    failed: set[str] = set()
+    results: list[bool] = []
+    for item in items:
+        sid = session_id(item)
+        ok = sid not in failed and apply(item)
+        if not ok:
+            failed.add(sid)
+        results.append(ok)
+    return results
 
 
 @runtime_checkable

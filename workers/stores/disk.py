@@ -132,7 +132,7 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..codec import decode_session, encode_session
 from ..errors import StoreError
 from ..session import Session
-from .base import Delete, Put, Write
+from .base import Delete, Put, Write, apply_in_order
 from .files import DirectoryLock, quarantine
 from .thread import StoreThread
 
@@ -383,23 +383,16 @@ class DiskStore:
                 raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
         if not prepared:
             return []
-        # Once a write to an id fails, the later writes of the batch to that id were computed
-        # from a state the store does not hold: they fail too (see base.py).
-        failed: set[str] = set()
-        results: list[bool] = []
         with cache.transact():  # one transaction: all of the batch, or none of it on error
-            for item in prepared:
-                sid = item.id if isinstance(item, Delete) else item[0].session.id
-                if sid in failed:
-                    ok = False
-                elif isinstance(item, Delete):
-                    ok = _apply_delete(cache, item)
-                else:
-                    ok = _apply_put(cache, *item)
-                if not ok:
-                    failed.add(sid)
-                results.append(ok)
-        return results
+            return apply_in_order(
+                prepared,
+                lambda item: item.id if isinstance(item, Delete) else item[0].session.id,
+                lambda item: (
+                    _apply_delete(cache, item)
+                    if isinstance(item, Delete)
+                    else _apply_put(cache, *item)
+                ),
+            )
 
     @staticmethod
     def _scan(

@@ -74,7 +74,7 @@ import trio
 from ..codec import decode_session, encode_session
 from ..errors import StoreError
 from ..session import Session
-from .base import Delete, Put, Write
+from .base import Delete, Put, Write, apply_in_order, write_id
 from .files import DirectoryLock, quarantine
 from .thread import StoreThread
 
@@ -369,20 +369,11 @@ class LmdbStore:
         self._env.set_mapsize(new_size)
 
     def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
-        # Once a write to an id fails, the later writes of the batch to that id were computed
-        # from a state the store does not hold: they fail too (see base.py).
-        failed: set[str] = set()
-        results: list[bool] = []
-        for write in writes:
-            sid = write.session.id if isinstance(write, Put) else write.id
-            if sid in failed:
-                ok = False
-            else:
-                ok = self._put(txn, write) if isinstance(write, Put) else self._delete(txn, write)
-                if not ok:
-                    failed.add(sid)
-            results.append(ok)
-        return results
+        return apply_in_order(
+            writes,
+            write_id,
+            lambda w: self._put(txn, w) if isinstance(w, Put) else self._delete(txn, w),
+        )
 
     def _put(self, txn: lmdb.Transaction, write: Put) -> bool:
         session = write.session

@@ -53,7 +53,7 @@ from itertools import islice
 
 from ..errors import StoreError
 from ..session import Session
-from .base import Delete, Put, Write
+from .base import Delete, Put, Write, apply_in_order, write_id
 
 #: Number of dicts the sessions are spread over: the granularity of a scan's resume sort.
 _BUCKETS = 1024
@@ -102,20 +102,9 @@ class MemoryStore:
         for write in writes:
             if not isinstance(write, Put | Delete):
                 raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
-        # Once a write to an id fails, the later writes of the batch to that id were computed
-        # from a state the store does not hold: they fail too (see base.py).
-        failed: set[str] = set()
-        results: list[bool] = []
-        for write in writes:
-            sid = write.session.id if isinstance(write, Put) else write.id
-            if sid in failed:
-                ok = False
-            else:
-                ok = self._put(write) if isinstance(write, Put) else self._delete(write)
-                if not ok:
-                    failed.add(sid)
-            results.append(ok)
-        return results
+        return apply_in_order(
+            writes, write_id, lambda w: self._put(w) if isinstance(w, Put) else self._delete(w)
+        )
 
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int
