@@ -16,6 +16,15 @@ Failures, by kind:
   ``ServerDown`` at once (the service turns it into ``ServiceUnavailable``), the supervisor
   starts a new manager, which re-opens the store. Committed writes survive it.
 
+Reads and access times: a manager that owns its store alone keeps a bounded cache of the
+sessions it read and committed (``cache_size``), and with ``access_write_delay`` it writes the
+access-time refreshes of ``retrieve`` and ``touch`` at most that often instead of with their
+batch, so a read is not a disk write. Refreshes not yet written are kept in memory, seen by
+every request, written before any request that reads the store as a whole (a scan, a count, a
+sweep) and in ``terminate``; a process killed outright loses at most ``access_write_delay``
+seconds of them, which can make a session expire up to that much earlier. Metadata writes are
+never deferred.
+
 The store is opened in ``init`` and closed in ``terminate`` (which runs after a crash too), so
 each incarnation holds the store's single-owner lock exactly while it lives.
 
@@ -35,10 +44,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from supervisor import Actor, ReplySlot
+from supervisor import Actor, ReplySlot, TimerHandle
 
+from .cache import ReadCache
 from .errors import SessionError, StoreError
 from .operations import Limits, Operation, View
+from .session import Session
 from .stores.base import Put, Store, Write, write_id
 
 log = logging.getLogger("workers.manager")
@@ -57,6 +68,10 @@ class ManagerSettings:
     clock: Callable[[], float]
     #: Most operations in one batch (one store transaction).
     max_batch: int = 256
+    #: Sessions kept in the read cache (0: none; only for a store owned alone).
+    cache_size: int = 0
+    #: Seconds an access-time refresh may wait before it is written (0: with its batch).
+    access_write_delay: float = 0.0
     #: The latest "now" handed out by :meth:`now_ms`.
     high_water_ms: int = 0
 
@@ -80,6 +95,10 @@ class _Retry:
     items: list[_Queued]
 
 
+#: A timer message: the deferred access-time refreshes are due to be written.
+_WRITE_ACCESS = "write access times"
+
+
 class SessionManager(Actor):
     """Owns one store; see the module docstring. Requests are Operation instances."""
 
@@ -87,27 +106,96 @@ class SessionManager(Actor):
         self.store = store
         self.settings = settings
         self.queue: list[_Queued] = []
+        self.cache = ReadCache(settings.cache_size)
+        #: Refreshed sessions whose new access time is not written yet, by id.
+        self.unwritten: dict[str, Session] = {}
+        self.access_due = False
+        self.access_timer: TimerHandle | None = None
         await store.open()
 
     async def terminate(self, reason: object) -> None:
-        await self.store.close()
+        try:
+            if self.unwritten:
+                await self._write_access_times()
+        except SessionError as exc:
+            log.error("%d access-time refreshes not written: %s", len(self.unwritten), exc)
+        finally:
+            await self.store.close()
 
     async def handle_call(self, request: Operation) -> None:
         self.queue.append(_Queued(request, self.defer_reply()))
         if len(self.queue) >= self.settings.max_batch:
             await self._run_batch()
 
-    async def handle_cast(self, message: _Retry) -> None:
-        self.queue.extend(message.items)
+    async def handle_cast(self, message: _Retry | str) -> None:
+        if isinstance(message, _Retry):
+            self.queue.extend(message.items)
+        elif message == _WRITE_ACCESS:
+            self.access_timer = None
+            self.access_due = True
+        else:
+            raise ValueError(f"the session manager got an unknown message {message!r}")
 
     async def handle_drained(self) -> None:
-        while self.queue:
+        while self.queue or self.access_due:
             await self._run_batch()
+
+    async def _write_access_times(self) -> None:
+        """Commit every deferred access-time refresh (each a Put of an unchanged version)."""
+        self.access_due = False
+        sessions = list(self.unwritten.values())
+        await self.store.commit([Put(s, s.version) for s in sessions])
+        for s in sessions:
+            if self.unwritten.get(s.id) is s:
+                del self.unwritten[s.id]
+
+    async def _load(self, view: View, ids: set[str]) -> None:
+        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store."""
+        missing = []
+        for session_id in ids:
+            session = self.unwritten.get(session_id) or self.cache.get(session_id)
+            if session is None:
+                missing.append(session_id)
+            else:
+                view.sessions[session_id] = session
+        if missing:
+            loaded = await self.store.load(missing)
+            for session in loaded.values():
+                self.cache.put(session)
+            view.sessions.update(loaded)
+
+    def _remember(self, view: View, outcomes: list[bool]) -> None:
+        """Keep the cache and the unwritten refreshes in step with a committed batch."""
+        written: dict[str, Session] = {}
+        for write, ok in zip(view.writes, outcomes, strict=True):
+            if ok:
+                self.unwritten.pop(write_id(write), None)
+                if isinstance(write, Put):
+                    self.cache.put(write.session)
+                    written[write.session.id] = write.session
+                else:
+                    self.cache.drop(write.id)
+        for session_id in view.touched:
+            session = view.sessions.get(session_id)
+            if session is not None and written.get(session_id) is not session:
+                self.unwritten[session_id] = session
+                self.cache.put(session)
+        if self.unwritten and not self.access_due and not self.access_timer:
+            self.access_timer = self.send_after(self.settings.access_write_delay, _WRITE_ACCESS)
 
     async def _run_batch(self) -> None:
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
-        view = View(self.store, self.settings.now_ms(), self.settings.limits)
+        limits = self.settings.limits
+        view = View(
+            self.store, self.settings.now_ms(), limits, self.settings.access_write_delay > 0
+        )
+        if self.unwritten and (self.access_due or any(q.op.reads_store(limits) for q in batch)):
+            try:
+                await self._write_access_times()
+            except SessionError as exc:
+                return _fail_all(batch, exc)
+        self.access_due = False
 
         ready: list[_Queued] = []
         for item in batch:
@@ -118,7 +206,7 @@ class SessionManager(Actor):
             else:
                 ready.append(item)
         try:
-            view.sessions.update(await self.store.load({i for q in ready for i in q.op.ids()}))
+            await self._load(view, {i for q in ready for i in q.op.ids()})
         except SessionError as exc:
             return _fail_all(ready, exc)
 
@@ -139,6 +227,7 @@ class SessionManager(Actor):
             except SessionError as exc:
                 return _fail_all([item for item, *_ in applied], exc)
 
+        self._remember(view, outcomes)
         lost = _lost_races(view.writes, outcomes)
         retry: list[_Queued] = []
         for item, result, start, end in applied:

@@ -38,7 +38,7 @@ from .errors import (
     UpdateFailed,
     VersionConflict,
 )
-from .session import Session, check_id
+from .session import Session, check_id, new_id
 from .stores.base import Delete, Put, Store, Write
 
 
@@ -54,12 +54,18 @@ class Limits:
 class View:
     """The sessions of one batch: loaded ones plus the batch's own writes, in order."""
 
-    def __init__(self, store: Store, now_ms: int, limits: Limits) -> None:
+    def __init__(
+        self, store: Store, now_ms: int, limits: Limits, defer_access: bool = False
+    ) -> None:
         self.store = store
         self.now_ms = now_ms
         self.limits = limits
         self.sessions: dict[str, Session | None] = {}
         self.writes: list[Write] = []
+        #: Whether access-time refreshes are left to the manager to write later (``touched``)
+        #: instead of being written by this batch.
+        self.defer_access = defer_access
+        self.touched: set[str] = set()
         #: Live sessions as of this batch's writes so far; known once live_count() was awaited.
         self.live_total: int | None = None
 
@@ -81,6 +87,17 @@ class View:
         if session.expired_at(self.now_ms):
             raise SessionExpired(f"session {session_id!r} has expired")
         return session
+
+    def refresh(self, session: Session) -> Session:
+        """``session`` with its access time moved to now, written now or left for later."""
+        refreshed = session.accessed(self.now_ms)
+        if refreshed is not session:
+            if self.defer_access:
+                self.sessions[session.id] = refreshed
+                self.touched.add(session.id)
+            else:
+                self.put(refreshed)
+        return refreshed
 
     def put(self, session: Session) -> int:
         """Write ``session`` over what the view holds for its id; returns the write's index."""
@@ -118,6 +135,10 @@ class Operation:
         """The session ids to load before ``apply``."""
         return ()
 
+    def reads_store(self, limits: Limits) -> bool:
+        """Whether ``read`` queries the store as a whole (a scan, a count, expiry order)."""
+        return False
+
     async def read(self, view: View) -> None:
         """Store queries this operation needs before the batch's sessions are loaded."""
 
@@ -140,28 +161,26 @@ class OnSession(Operation):
         return (self.id,)
 
 
-def _refreshed(view: View, session: Session) -> Session:
-    """``session`` with its access time moved to now, written if it moved."""
-    refreshed = session.accessed(view.now_ms)
-    if refreshed is not session:
-        view.put(refreshed)
-    return refreshed
-
-
 @dataclass(slots=True)
 class Create(Operation):
     metadata: dict[str, Any]
     timeout_ms: int | None
     id: str = ""
+    #: Only a custom id_factory's ids need looking up: 128 random bits never repeat.
+    custom_id: bool = False
 
     async def read(self, view: View) -> None:
         # The id is drawn here so that a custom id_factory's repeats are loaded and seen.
         self.id = _draw_id(view)
+        self.custom_id = view.limits.id_factory is not new_id
         if view.limits.max_sessions is not None:
             await view.live_count()
 
     def ids(self) -> Iterable[str]:
-        return (self.id,)
+        return (self.id,) if self.custom_id else ()
+
+    def reads_store(self, limits: Limits) -> bool:
+        return limits.max_sessions is not None
 
     def apply(self, view: View) -> str:
         limit = view.limits.max_sessions
@@ -196,13 +215,13 @@ class Get(OnSession):
 
     def apply(self, view: View) -> Session:
         session = view.live(self.id)
-        return reply_copy(_refreshed(view, session) if self.refresh else session)
+        return reply_copy(view.refresh(session) if self.refresh else session)
 
 
 @dataclass(slots=True)
 class Touch(OnSession):
     def apply(self, view: View) -> None:
-        _refreshed(view, view.live(self.id))
+        view.refresh(view.live(self.id))
 
 
 @dataclass(slots=True)
@@ -308,6 +327,9 @@ class Sweep(Operation):
     candidates: list[str] = field(default_factory=list)
     first_write: int = 0
 
+    def reads_store(self, limits: Limits) -> bool:
+        return True
+
     async def read(self, view: View) -> None:
         self.candidates = await view.store.expired(view.now_ms, self.limit)
 
@@ -336,6 +358,9 @@ class Page(Operation):
     page: list[Session] = field(default_factory=list)
     next_cursor: str | None = None
 
+    def reads_store(self, limits: Limits) -> bool:
+        return True
+
     async def read(self, view: View) -> None:
         self.page, self.next_cursor = await view.store.scan(view.now_ms, self.cursor, self.limit)
 
@@ -357,6 +382,9 @@ class DeleteWhere(Operation):
     matches: list[str] = field(default_factory=list)
     next_cursor: str | None = None
 
+    def reads_store(self, limits: Limits) -> bool:
+        return True
+
     async def read(self, view: View) -> None:
         page, self.next_cursor = await view.store.scan(view.now_ms, self.cursor, self.limit)
         self.matches = [s.id for s in page if s.metadata.get(self.key, _MISSING) == self.value]
@@ -377,6 +405,9 @@ class DeleteWhere(Operation):
 @dataclass(slots=True)
 class Count(Operation):
     writes: ClassVar[bool] = False
+
+    def reads_store(self, limits: Limits) -> bool:
+        return True
 
     async def read(self, view: View) -> None:
         await view.live_count()

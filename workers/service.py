@@ -264,6 +264,8 @@ async def run_session_service(
     sweep_batch: int = 500,
     page_size: int = 500,
     max_batch: int = 256,
+    cache_size: int | None = None,
+    access_write_delay: float | None = None,
     intensity: int = 5,
     period: float = 10.0,
     extra_children: Callable[[SessionService], Sequence[ChildSpec]] | None = None,
@@ -275,6 +277,11 @@ async def run_session_service(
 
     For ``await nursery.start(run_session_service, ...)`` in an application's own nursery. Any
     option not named here goes to the store (``durability``, ``on_corrupt``, ``prefix``...).
+    ``cache_size`` (sessions the manager keeps in memory) and ``access_write_delay`` (seconds an
+    access-time refresh may wait to be written, so that a read is not a disk write) default to
+    16384 and 1.0 for the disk and lmdb stores and to 0 for the others: the memory store needs
+    neither and a redis store is shared, so nothing may be cached or deferred above it.
+
     ``store`` runs the service on a store object of your own (a wrapper, say) instead of
     building one from ``backend``. A store that cannot be opened raises its ``StoreError`` here,
     bare. If the tree
@@ -294,10 +301,20 @@ async def run_session_service(
         sweep_batch=sweep_batch,
         page_size=page_size,
     )
+    if store.shared and (cache_size or access_write_delay):
+        raise ValueError(
+            f"the {backend} store is shared with other processes: nothing may be cached "
+            "or deferred above it (leave cache_size and access_write_delay unset)"
+        )
+    owned_on_disk = backend in ("disk", "lmdb") and not store.shared
     settings = ManagerSettings(
         Limits(max_metadata_bytes, max_sessions, id_factory),
         clock or time.time,
         max_batch,
+        cache_size=(16_384 if owned_on_disk else 0) if cache_size is None else cache_size,
+        access_write_delay=(
+            (1.0 if owned_on_disk else 0.0) if access_write_delay is None else access_write_delay
+        ),
     )
     children = [
         SessionManager.child_spec("manager", store, settings, name=service._manager),

@@ -1,0 +1,82 @@
+"""The manager's read cache and deferred access-time writes (disk and lmdb stores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from supervisor.testing import crash
+from workers import ServiceUnavailable, open_session_service
+from workers.faults import FaultyStore
+from workers.stores import make_store
+
+
+@pytest.fixture(params=["disk", "lmdb"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "store")
+
+
+async def test_reads_are_not_disk_writes_until_the_delay(
+    backend: str, path: str, wall: Any, vclock: MockClock
+) -> None:
+    store = FaultyStore(make_store(backend, path=path))
+    async with open_session_service(store=store, clock=wall, cleanup_interval=1e9) as sessions:
+        sid = await sessions.create({"user_id": "u"}, ttl=600)
+        commits, loads = store.calls["commit"], store.calls["load"]
+        await trio.sleep(5)
+        for _ in range(100):
+            s = await sessions.retrieve(sid)
+        assert store.calls["commit"] == commits and store.calls["load"] == loads
+        assert (await sessions.peek(sid)).last_accessed == s.last_accessed
+        await trio.sleep(2)  # past access_write_delay: one commit carries the refresh
+        assert store.calls["commit"] == commits + 1
+    async with open_session_service(backend=backend, path=path, clock=wall) as sessions:
+        assert (await sessions.peek(sid)).last_accessed == s.last_accessed
+
+
+async def test_unwritten_refreshes_count_for_listing_and_expiry(
+    backend: str, path: str, wall: Any, vclock: MockClock
+) -> None:
+    options = {"backend": backend, "path": path, "clock": wall, "cleanup_interval": 1e9}
+    async with open_session_service(access_write_delay=3600, **options) as sessions:
+        sid = await sessions.create({"user_id": "u"}, ttl=10)
+        await trio.sleep(9)
+        await sessions.touch(sid)
+        await trio.sleep(6)  # expired by the stored access time, live by the refreshed one
+        assert await sessions.count() == 1
+        assert [s.id for s in await sessions.list_sessions()] == [sid]
+        assert await sessions.cleanup_expired() == 0
+        assert (await sessions.retrieve(sid)).id == sid
+
+
+async def test_a_crashed_manager_writes_its_refreshes_before_it_goes(
+    backend: str, path: str, wall: Any, vclock: MockClock
+) -> None:
+    options = {"backend": backend, "path": path, "clock": wall, "cleanup_interval": 1e9}
+    async with open_session_service(access_write_delay=3600, **options) as sessions:
+        sid = await sessions.create({"user_id": "u"}, ttl=600)
+        await trio.sleep(30)
+        refreshed = (await sessions.retrieve(sid)).last_accessed
+        await crash(sessions.actors["manager"])
+        with trio.fail_after(10):
+            while True:  # the tree restarts the manager; a new one reads the store afresh
+                try:
+                    assert (await sessions.peek(sid)).last_accessed == refreshed
+                    break
+                except ServiceUnavailable:
+                    await trio.sleep(0.01)
+
+
+async def test_nothing_is_cached_above_a_shared_store() -> None:
+    with pytest.raises(ValueError, match="shared"):
+        async with open_session_service(backend="redis", cache_size=100):
+            pass  # pragma: no cover
