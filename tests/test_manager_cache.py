@@ -25,6 +25,18 @@ def path(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
+@pytest.fixture
+def options(backend: str, path: str, wall: Any) -> dict[str, Any]:
+    """A service that never sweeps by itself and defers refreshes for an hour."""
+    return {
+        "backend": backend,
+        "path": path,
+        "clock": wall,
+        "cleanup_interval": 1e9,
+        "access_write_delay": 3600,
+    }
+
+
 async def test_reads_are_not_disk_writes_until_the_delay(
     backend: str, path: str, wall: Any, vclock: MockClock
 ) -> None:
@@ -44,10 +56,9 @@ async def test_reads_are_not_disk_writes_until_the_delay(
 
 
 async def test_unwritten_refreshes_count_for_listing_and_expiry(
-    backend: str, path: str, wall: Any, vclock: MockClock
+    options: dict[str, Any], vclock: MockClock
 ) -> None:
-    options = {"backend": backend, "path": path, "clock": wall, "cleanup_interval": 1e9}
-    async with open_session_service(access_write_delay=3600, **options) as sessions:
+    async with open_session_service(**options) as sessions:
         sid = await sessions.create({"user_id": "u"}, ttl=10)
         await trio.sleep(9)
         await sessions.touch(sid)
@@ -59,10 +70,9 @@ async def test_unwritten_refreshes_count_for_listing_and_expiry(
 
 
 async def test_a_crashed_manager_writes_its_refreshes_before_it_goes(
-    backend: str, path: str, wall: Any, vclock: MockClock
+    options: dict[str, Any], vclock: MockClock
 ) -> None:
-    options = {"backend": backend, "path": path, "clock": wall, "cleanup_interval": 1e9}
-    async with open_session_service(access_write_delay=3600, **options) as sessions:
+    async with open_session_service(**options) as sessions:
         sid = await sessions.create({"user_id": "u"}, ttl=600)
         await trio.sleep(30)
         refreshed = (await sessions.retrieve(sid)).last_accessed

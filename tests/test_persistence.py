@@ -125,16 +125,22 @@ def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, backend: str)
     trio.run(check)
 
 
-@pytest.mark.parametrize("backend", DURABLE)
-async def test_a_corrupt_store_is_quarantined_and_the_service_starts_empty(
-    tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def _a_corrupt_store(tmp_path: Path, backend: str) -> Path:
+    """A store directory that held a session, its data files overwritten with garbage."""
     path = tmp_path / "store"
     async with open_session_service(backend=backend, path=str(path)) as sessions:
         await sessions.create({"user_id": "u"})
     for f in path.iterdir():
         if f.is_file() and f.name != "LOCK":
             f.write_bytes(b"this is not a database" * 100)
+    return path
+
+
+@pytest.mark.parametrize("backend", DURABLE)
+async def test_a_corrupt_store_is_quarantined_and_the_service_starts_empty(
+    tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = await _a_corrupt_store(tmp_path, backend)
     with caplog.at_level(logging.ERROR):
         async with open_session_service(backend=backend, path=str(path)) as sessions:
             assert await sessions.count() == 0
@@ -146,12 +152,7 @@ async def test_a_corrupt_store_is_quarantined_and_the_service_starts_empty(
 
 @pytest.mark.parametrize("backend", DURABLE)
 async def test_on_corrupt_fail_refuses_to_start(tmp_path: Path, backend: str) -> None:
-    path = tmp_path / "store"
-    async with open_session_service(backend=backend, path=str(path)) as sessions:
-        await sessions.create({"user_id": "u"})
-    for f in path.iterdir():
-        if f.is_file() and f.name != "LOCK":
-            f.write_bytes(b"garbage" * 100)
+    path = await _a_corrupt_store(tmp_path, backend)
     with pytest.raises(StoreError):
         async with open_session_service(backend=backend, path=str(path), on_corrupt="fail"):
             pass  # pragma: no cover
