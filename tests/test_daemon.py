@@ -22,7 +22,7 @@ import msgpack
 import pytest
 import trio
 
-from tests.daemon_process import ROOT, DaemonProcess, run_verb
+from tests.daemon_process import PATIENCE, ROOT, DaemonProcess, run_verb
 from workers.client import SyncClient, connect
 from workers.errors import (
     InvalidMetadata,
@@ -292,6 +292,49 @@ def test_invalid_requests_get_an_error_and_the_connection_goes_on(daemon: Daemon
     for msgid in (1, 2, 3, 4):
         assert replies[msgid][2][0] == "InvalidRequest", replies[msgid]
     assert replies[5] == [1, 5, None, "pong"]
+
+
+async def until_answered(fn: Callable[[], Any]) -> Any:
+    """``await fn()``, again while the daemon is unavailable (polling, at most PATIENCE s)."""
+    with trio.fail_after(PATIENCE):
+        while True:
+            try:
+                return await fn()
+            except ServiceUnavailable:
+                await trio.sleep(0.02)
+
+
+async def test_crash_actor_is_refused_without_the_flag(daemon: DaemonProcess) -> None:
+    async with connect(daemon.tcp, token=TOKEN) as c:
+        before = await c.stats()
+        for name in ("manager", "cleanup", "nonsense"):
+            with pytest.raises(InvalidRequest, match="unknown method"):
+                await c.crash_actor(name)
+        after = await c.stats()
+    assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
+
+
+async def test_crash_actor_crashes_a_service_actor_with_the_flag(
+    fresh: Callable[..., DaemonProcess],
+) -> None:
+    d = fresh("--allow-fault-injection")
+    d.wait_for_log("fault injection is on")
+    async with connect(d.tcp) as c:
+        sid = await c.create({"kept": True})
+        with pytest.raises(InvalidRequest, match="no actor"):
+            await c.crash_actor("listener")
+        restarts = 0
+        for name in ("cleanup", "manager"):
+            try:
+                assert await c.crash_actor(name) is True
+            except ServiceUnavailable:
+                pass  # the listener restarted with the actor before the answer went out
+            stats = await until_answered(c.stats)  # the connection drops with the listener
+            assert stats["restarts"] > restarts
+            restarts = stats["restarts"]
+        assert (await c.peek(sid)).metadata == {"kept": True}
+    assert "injected crash" in d.log()
+    assert await trio.to_thread.run_sync(d.stop) == 0, d.log()
 
 
 async def test_oversized_request_is_refused_by_the_client_first(daemon: DaemonProcess) -> None:

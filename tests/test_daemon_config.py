@@ -91,3 +91,19 @@ def test_the_redis_key_prefix_reaches_the_store() -> None:
     s = load_settings(env={"SESSIOND_BACKEND": "redis", "SESSIOND_PREFIX": "{app1}:"})
     assert s.service_options()["prefix"] == "{app1}:"
     assert "prefix" not in load_settings(env={"SESSIOND_PREFIX": "x:"}).service_options()
+
+
+def test_fault_injection_is_off_unless_asked_for() -> None:
+    assert Settings().allow_fault_injection is False
+    assert load_settings(env={}).allow_fault_injection is False
+    s = load_settings(env={"SESSIOND_ALLOW_FAULT_INJECTION": "yes"})
+    assert s.allow_fault_injection is True
+
+
+def test_the_restart_budget_reaches_the_service() -> None:
+    options = Settings().service_options()
+    assert (options["intensity"], options["period"]) == (5, 10.0)
+    s = load_settings(env={}, overrides={"restart_intensity": 50, "restart_period": 2.0})
+    assert (s.service_options()["intensity"], s.service_options()["period"]) == (50, 2.0)
+    with pytest.raises(ConfigError, match="restart_period"):
+        load_settings(env={}, overrides={"restart_period": 0.0})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,3 +142,24 @@ async def test_a_forward_jump_expires_exactly_the_sessions_idle_past_their_timeo
         assert await sessions.cleanup_expired() == 1
         assert (await sessions.retrieve(long)).metadata == {"keep": True}
         assert {s.id for s in await sessions.list_sessions()} == {long, forever}
+
+
+@pytest.mark.parametrize("backend", ["disk", "lmdb"])
+async def test_a_clock_set_back_across_a_restart_revives_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    wall = [1_700_000_000.0]
+    path = str(tmp_path / "store")
+    async with open_session_service(backend=backend, path=path, clock=lambda: wall[0]) as s:
+        sid = await s.create({"u": 1}, ttl=60)
+        wall[0] += 120  # past its expiry
+        with pytest.raises(SessionExpired):
+            await s.touch(sid)
+    wall[0] -= 100  # back before the expiry, and a new process
+    async with open_session_service(backend=backend, path=path, clock=lambda: wall[0]) as s:
+        with pytest.raises(SessionExpired):
+            await s.touch(sid)
+        with pytest.raises(SessionExpired):
+            await s.peek(sid)
+        assert await s.list_sessions() == []
+        assert await s.count() == 0

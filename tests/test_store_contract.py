@@ -19,7 +19,7 @@ from store_factories import STORE_FACTORIES, StoreFactory
 from workers.errors import StoreError
 from workers.session import Session
 from workers.stores import BACKENDS
-from workers.stores.base import Delete, Put, Store, Write
+from workers.stores.base import Delete, Mark, Put, Store, Write
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
@@ -566,3 +566,30 @@ async def test_calls_from_concurrent_tasks_are_each_atomic(store: Store) -> None
         for prefix in "abcd":
             nursery.start_soon(creator, prefix)
     assert await store.count(T0) == 4 * 20 * 3
+
+
+# --- the clock high-water mark ---
+
+
+async def test_the_clock_mark_only_rises_and_survives_a_reopen(
+    harness: Harness, store: Store
+) -> None:
+    assert await store.load_mark() == 0
+    assert await store.commit([Mark(T0), Put(session("a"), None), Mark(T0 + 5)]) == [True] * 3
+    assert await store.commit([Mark(T0 + 1)]) == [True]  # takes effect, lowers nothing
+    assert await store.load_mark() == T0 + 5
+    store = await harness.reopen(store)
+    assert await store.load_mark() == T0 + 5
+
+
+async def test_the_clock_mark_is_never_a_session(store: Store) -> None:
+    await store.commit([Mark(T0 + MINUTE), Put(session("a"), None)])
+    assert ids_of(await scan_all(store, T0, 10)) == ["a"]
+    assert await store.count(T0) == 1
+    assert await store.expired(T0 + 10 * MINUTE, 10) == ["a"]
+    assert await store.load(["<mark>", "mark", "sessions_mark"]) == {}
+
+
+async def test_a_failed_put_does_not_stop_the_mark(store: Store) -> None:
+    assert await store.commit([Put(session("a"), 7), Mark(T0)]) == [False, True]
+    assert await store.load_mark() == T0

@@ -5,11 +5,12 @@
     python run.py chaos --duration 10 --backend disk            # embedded; crash the actors
     python run.py chaos --duration 30 --backend lmdb --daemon   # SIGKILL and restart a daemon
 
-Clients create, retrieve, update and delete sessions while, embedded, the manager and cleanup
-actors are crashed at random (:mod:`supervisor.testing`) or, with ``--daemon``, the daemon
-process is SIGKILLed and restarted. Every outcome goes into a :class:`Ledger`; at the end every
-session in it is read back and checked. Exit status 0 only when no acknowledged write was lost
-and no call waited past its timeout.
+Clients create, retrieve, update and delete sessions while the manager and cleanup actors are
+crashed at random (:mod:`supervisor.testing`) and, with ``--daemon``, the daemon process is
+also SIGKILLed and restarted. The daemon is started with ``--allow-fault-injection`` and its
+actors are crashed over the wire (the ``crash_actor`` RPC). Every outcome goes into a
+:class:`Ledger`; at the end every session in it is read back and checked. Exit status 0 only
+when no acknowledged write was lost and no call waited past its timeout.
 
 Theory of operation
 -------------------
@@ -401,12 +402,16 @@ class _Daemon:
             "--port", str(self.port),
             "--cleanup-interval", str(config.cleanup_interval),
             "--log-level", "WARNING",
+            "--allow-fault-injection",
+            "--restart-intensity", "1000000",  # crashes on purpose; the budget is tested elsewhere
+            "--restart-period", "1",
         ]  # fmt: skip
         if config.url:
             self.argv += ["--url", config.url]
         self.process: trio.Process | None = None
         self.stopping = trio.Event()
         self.stopped = trio.Event()
+        self.crashers: list[trio.Event] = []
 
     async def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -445,10 +450,50 @@ class _Daemon:
         finally:
             self.stopped.set()
 
+    async def crash_at_random(self, name: str, seed: int | None) -> None:
+        """Crash the daemon's actor ``name`` at random intervals (``crash_every``), over the wire.
+
+        The crash takes the listener down with it, so its answer is often lost; a crash counts
+        when it was answered, or when the same daemon process shows more restarts after it (a
+        SIGKILL in between makes it uncountable, and it is not counted).
+        """
+        done = trio.Event()
+        self.crashers.append(done)
+        try:
+            await self._crash_at_random(name, seed)
+        finally:
+            done.set()
+
+    async def _crash_at_random(self, name: str, seed: int | None) -> None:
+        from .client import connect
+
+        schedule = random_intervals(*self.config.crash_every, seed=seed)
+        async with connect(self.address, reconnect_timeout=self.config.call_timeout) as client:
+            for delay in schedule:
+                with trio.move_on_after(delay):
+                    await self.stopping.wait()
+                if self.stopping.is_set():
+                    return
+                try:
+                    before = await client.stats()
+                    try:
+                        crashed = await client.crash_actor(name)
+                    except ServiceUnavailable:
+                        after = await client.stats()
+                        crashed = (
+                            after["pid"] == before["pid"] and after["restarts"] > before["restarts"]
+                        )
+                except SessionError:
+                    continue  # the daemon was killed meanwhile, or is restarting
+                if crashed:
+                    self.report.crashes += 1
+
     async def stop_killing(self) -> None:
         """Stop the kills; returns once the daemon runs again."""
         self.stopping.set()
         await self.stopped.wait()
+        for done in self.crashers:
+            await done.wait()
 
     async def stop(self) -> None:
         """SIGTERM the daemon and wait; a non-zero exit is a problem of the run."""
@@ -465,7 +510,8 @@ class _Daemon:
 
 @asynccontextmanager
 async def _daemon_service(config: ChaosConfig, report: ChaosReport) -> AsyncIterator[_Target]:
-    """A client of a daemon subprocess that is SIGKILLed and restarted at random."""
+    """A client of a daemon subprocess that is SIGKILLed and restarted at random, and whose
+    actors are crashed at random."""
     from .client import connect
 
     with _store_dir(config) as path, tempfile.TemporaryDirectory(prefix="chaos-") as workdir:
@@ -474,6 +520,9 @@ async def _daemon_service(config: ChaosConfig, report: ChaosReport) -> AsyncIter
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(daemon.kill_at_random)
+                for i, name in enumerate(("manager", "cleanup")):
+                    seed = None if config.seed is None else config.seed + i
+                    nursery.start_soon(daemon.crash_at_random, name, seed)
                 try:
                     async with connect(
                         daemon.address, reconnect_timeout=config.call_timeout

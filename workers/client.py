@@ -372,6 +372,17 @@ class Client:
         """Store sessions from a backup as they are; ids in use are skipped. Returns how many."""
         return await self._call("import_sessions", _records(sessions))
 
+    async def crash_actor(self, name: str) -> bool:
+        """Fault injection: crash the daemon's ``"manager"`` or ``"cleanup"`` actor.
+
+        Only a daemon started with ``--allow-fault-injection`` answers; any other raises
+        :class:`~workers.protocol.InvalidRequest`. The crash restarts the daemon's listener
+        with the actor (rest_for_one), so every connection drops, this one included: the
+        answer (True) may be lost, and this raises ``ServiceUnavailable`` instead. Compare
+        ``stats()["restarts"]`` before and after to know for sure.
+        """
+        return await self._call("crash_actor", name)
+
 
 @asynccontextmanager
 async def connect(
@@ -584,6 +595,9 @@ class SyncClient:
 
     def import_sessions(self, sessions: Iterable[Session]) -> int:
         return self._call("import_sessions", _records(sessions))
+
+    def crash_actor(self, name: str) -> bool:
+        return self._call("crash_actor", name)
 
 
 __all__ = ["Client", "SyncClient", "connect"]

@@ -68,8 +68,13 @@ class Settings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     auth_timeout: float = _LIMITS.auth_timeout
     shutdown_grace: float = 10.0
+    #: The service tree's restart budget: at most this many restarts within the period.
+    restart_intensity: int = 5
+    restart_period: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
+    #: Answer the ``crash_actor`` RPC (chaos testing only; never on a production daemon).
+    allow_fault_injection: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError for values of the right type that make no sense together."""
@@ -90,6 +95,8 @@ class Settings:
                 f"log_level is DEBUG, INFO, WARNING, ERROR or CRITICAL: {self.log_level!r}"
             )
         self.log_level = self.log_level.upper()
+        if self.restart_intensity < 0 or not self.restart_period > 0:
+            raise ConfigError("restart_intensity is >= 0 and restart_period is > 0 seconds")
         for name in ("max_connections", "max_in_flight", "max_message_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is a positive integer")
@@ -120,6 +127,8 @@ class Settings:
             "cleanup_interval": self.cleanup_interval,
             "max_sessions": self.max_sessions,
             "max_metadata_bytes": self.max_metadata_bytes,
+            "intensity": self.restart_intensity,
+            "period": self.restart_period,
         }
         if self.backend in ("disk", "lmdb"):
             for name in ("durability", "on_corrupt"):

@@ -88,6 +88,7 @@ async def serve(settings: Settings) -> int:
             settings.addresses(),
             token=settings.token,
             limits=settings.server_limits(),
+            allow_fault_injection=settings.allow_fault_injection,
         )
         servers.append(server)
         return [ChildSpec("listener", server.run)]
@@ -102,6 +103,8 @@ async def serve(settings: Settings) -> int:
                     sessions.backend,
                     f" at {settings.path}" if sessions.backend in ("disk", "lmdb") else "",
                 )
+                if settings.allow_fault_injection:
+                    log.warning("fault injection is on: crash_actor can crash service actors")
                 signum = await signals.__anext__()
                 for sig in _SIGNALS:
                     signal.signal(sig, _exit_at_once)
@@ -166,6 +169,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--max-in-flight", type=int, help="requests in flight per connection (default 64)")
     add("--max-message-size", type=int, help="largest request in bytes (default 4 MiB)")
     add("--shutdown-grace", type=float, help="seconds in-flight requests get on stop (10)")
+    add("--restart-intensity", type=int, help="restarts allowed per period (default 5)")
+    add("--restart-period", type=float, help="seconds of the restart budget (default 10)")
     add("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     add("--log-format", choices=("text", "json"), help="stderr log format (default text)")
+    add(
+        "--allow-fault-injection",
+        action="store_const",
+        const=True,
+        help="answer the crash_actor RPC, which crashes a service actor (chaos tests only)",
+    )
     parser.set_defaults(func=run_serve)

@@ -253,6 +253,9 @@ class FaultyStore:
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
         return await self._run("commit", writes)
 
+    async def load_mark(self) -> int:
+        return await self._run("load_mark")
+
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:

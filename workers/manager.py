@@ -35,6 +35,13 @@ the latest time the service saw becomes live again, none is deleted, no ``last_a
 back; time simply stands still until the clock catches up. A forward jump is taken as real
 time passing: sessions whose idle timeout lies before the new time are expired, as they would
 be after that much idleness.
+
+The mark also survives process restarts: a batch whose "now" is at least ``MARK_EVERY_MS``
+past the mark last persisted commits a :class:`~workers.stores.base.Mark` with it (in the
+same transaction when the batch writes; alone, so at most once a second, when it only reads),
+and ``init`` starts from the stored mark. So after a restart with a wall clock set back, no
+session the service had seen expired (more than ``MARK_EVERY_MS`` before the last mark) is
+live again.
 """
 
 from __future__ import annotations
@@ -50,10 +57,12 @@ from .cache import ReadCache
 from .errors import SessionError, StoreError
 from .operations import Limits, Operation, View
 from .session import Session
-from .stores.base import Put, Store, Write, write_id
+from .stores.base import Mark, Put, Store, Write, write_id
 
 log = logging.getLogger("workers.manager")
 
+#: The clock high-water mark is persisted when it moved on by this much (ms) since the last time.
+MARK_EVERY_MS = 1000
 #: How often an operation whose conditional write lost a race is tried before giving up.
 MAX_ATTEMPTS = 16
 #: Backoff before the n-th retry: uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**n)] seconds.
@@ -74,11 +83,20 @@ class ManagerSettings:
     access_write_delay: float = 0.0
     #: The latest "now" handed out by :meth:`now_ms`.
     high_water_ms: int = 0
+    #: The high water last committed to the store (a Mark write), or read from it.
+    persisted_ms: int = 0
 
     def now_ms(self) -> int:
         """The wall clock in ms, held back so that it never goes backwards."""
         self.high_water_ms = max(self.high_water_ms, int(self.clock() * 1000))
         return self.high_water_ms
+
+    def mark(self) -> Mark | None:
+        """A Mark write for the batch when the high water moved on by MARK_EVERY_MS since the
+        last one (it rides on the batch's single commit: no transaction of its own)."""
+        if self.high_water_ms - self.persisted_ms < MARK_EVERY_MS:
+            return None
+        return Mark(self.high_water_ms)
 
 
 @dataclass(slots=True)
@@ -112,6 +130,10 @@ class SessionManager(Actor):
         self.access_due = False
         self.access_timer: TimerHandle | None = None
         await store.open()
+        # After a process restart, "now" starts no earlier than the latest time persisted.
+        mark = await store.load_mark()
+        settings.high_water_ms = max(settings.high_water_ms, mark)
+        settings.persisted_ms = max(settings.persisted_ms, mark)
 
     async def terminate(self, reason: object) -> None:
         try:
@@ -221,11 +243,24 @@ class SessionManager(Actor):
                 applied.append((item, result, start, len(view.writes)))
 
         outcomes: list[bool] = []
-        if view.writes:
+        if not view.writes and (mark := self.settings.mark()) is not None:
+            # A batch of reads only: the mark gets a commit of its own, at most one a second.
             try:
-                outcomes = await self.store.commit(view.writes)
+                await self.store.commit([mark])
+            except SessionError as exc:
+                log.warning("could not persist the clock mark: %s", exc)
+            else:
+                self.settings.persisted_ms = mark.ms
+        if view.writes:
+            mark = self.settings.mark()
+            writes = view.writes if mark is None else [*view.writes, mark]
+            try:
+                outcomes = await self.store.commit(writes)
             except SessionError as exc:
                 return _fail_all([item for item, *_ in applied], exc)
+            if mark is not None:
+                self.settings.persisted_ms = mark.ms
+                outcomes = outcomes[: len(view.writes)]
 
         self._remember(view, outcomes)
         lost = _lost_races(view.writes, outcomes)

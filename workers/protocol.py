@@ -493,6 +493,8 @@ METHODS: Final[dict[str, Method]] = {
         Method("get_backend"),
         Method("stats"),
         Method("import_sessions", ("records",), 1),
+        # Fault injection: answered only by a daemon started with --allow-fault-injection.
+        Method("crash_actor", ("name",), 1),
     )
 }
 

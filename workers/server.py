@@ -18,6 +18,12 @@ Rules
    affected.
 4. Past ``max_connections`` a new connection gets an ``error`` notification
    (:class:`~workers.errors.ServiceUnavailable`) and is closed.
+5. ``crash_actor(name)`` (fault injection, for chaos tests) exists only on a daemon started
+   with ``allow_fault_injection``; any other daemon refuses it exactly as an unknown method.
+   It crashes the service's ``manager`` or ``cleanup`` actor through
+   :func:`supervisor.testing.crash`. The tree is rest_for_one and the listener is its last
+   child, so the crash restarts the listener too and every connection drops, the caller's
+   included: the answer may be lost (the client then raises ``ServiceUnavailable``).
 
 Theory of operation
 -------------------
@@ -43,6 +49,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from supervisor import NoProc
+from supervisor.testing import crash
 
 from .errors import ServiceUnavailable, SessionError
 from .protocol import (
@@ -73,6 +82,8 @@ log = logging.getLogger("workers.server")
 OUTBOX_HIGH_WATER = 1024 * 1024
 #: Seconds a closing connection waits for its peer to close too (see ``_linger``).
 LINGER = 1.0
+#: Seconds ``crash_actor`` waits for an actor that is being restarted to be running again.
+CRASH_NAME_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,7 @@ class Server:
         *,
         token: str | None = None,
         limits: ServerLimits = ServerLimits(),
+        allow_fault_injection: bool = False,
     ) -> None:
         exposed = [str(a) for a in addresses if not a.is_local]
         if exposed and not token:
@@ -135,6 +147,8 @@ class Server:
             "stats": self._stats,
             "import_sessions": self._import_sessions,
         }
+        if allow_fault_injection:
+            self._methods["crash_actor"] = self._crash_actor
 
     # -- listening -------------------------------------------------------------------------
 
@@ -262,6 +276,18 @@ class Server:
         except ProtocolError as exc:
             raise InvalidRequest(f"import_sessions: {exc}") from None
         return await self.service.import_sessions(sessions)
+
+    async def _crash_actor(self, name: str) -> bool:
+        actor = self.service.actors.get(name) if isinstance(name, str) else None
+        if actor is None:
+            known = ", ".join(self.service.actors)
+            raise InvalidRequest(f"crash_actor: no actor {name!r:.80} (known: {known})")
+        log.warning("fault injection: crashing the %s actor", name)
+        try:
+            await crash(actor, name_wait=CRASH_NAME_WAIT)
+        except NoProc:
+            raise ServiceUnavailable(f"the {name} actor is not running; retry") from None
+        return True
 
     async def _stats(self) -> dict[str, Any]:
         return {

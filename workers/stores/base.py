@@ -56,14 +56,31 @@ class Delete:
     if_expired_at: int | None = None
 
 
-Write = Put | Delete
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Raise the stored clock high-water mark to ``ms`` (it never goes down); always takes effect.
+
+    The manager's "now" never goes backwards (``ManagerSettings.now_ms``); this write, riding
+    on a batch's commit, keeps that true across process restarts. The mark lives under a
+    reserved key of the store's own: it is never loaded, listed, counted or swept as a session.
+    :meth:`Store.load_mark` reads it back.
+    """
+
+    ms: int
+
+
+Write = Put | Delete | Mark
+#: What :func:`write_id` gives for a :class:`Mark`: no session has it (ids are 32 hex digits).
+MARK_ID = "<mark>"
 
 T = TypeVar("T")
 
 
 def write_id(write: Write) -> str:
     """The id of the session ``write`` is about."""
-    return write.session.id if isinstance(write, Put) else write.id
+    if isinstance(write, Put):
+        return write.session.id
+    return MARK_ID if isinstance(write, Mark) else write.id
 
 
 def apply_in_order(
@@ -106,6 +123,9 @@ class Store(Protocol):
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
         """Apply ``writes`` in order as one transaction; per write, whether it took effect."""
+
+    async def load_mark(self) -> int:
+        """The stored clock high-water mark in ms (the highest :class:`Mark`), 0 if none."""
 
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int

@@ -132,7 +132,7 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..codec import decode_session, encode_session
 from ..errors import StoreError
 from ..session import Session
-from .base import Delete, Put, Write, apply_in_order
+from .base import Delete, Mark, Put, Write, apply_in_order, write_id
 from .files import DirectoryLock, quarantine
 from .thread import StoreThread
 
@@ -145,6 +145,8 @@ OnCorrupt = Literal["quarantine", "fail"]
 
 #: Settings key of the format marker, and the format this module writes.
 FORMAT_KEY = "sessions_format"
+#: The clock high-water mark (:class:`~workers.stores.base.Mark`), in the Settings table.
+MARK_KEY = "sessions_mark"
 FORMAT = 1
 
 _SQLITE_MAX_INT = 2**63 - 1
@@ -274,6 +276,9 @@ class DiskStore:
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
         return await self._run(self._commit, list(writes))
 
+    async def load_mark(self) -> int:
+        return await self._run(self._load_mark)
+
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:
@@ -373,26 +378,33 @@ class DiskStore:
     def _commit(cache: diskcache.Cache, writes: list[Write]) -> list[bool]:
         # Check and encode everything before the transaction: a bad batch changes nothing, and
         # the write lock is held for SQLite work only.
-        prepared: list[tuple[Put, bytes] | Delete] = []
+        prepared: list[tuple[Put, bytes] | Delete | Mark] = []
         for write in writes:
             if isinstance(write, Put):
                 prepared.append((write, encode_session(write.session)))
-            elif isinstance(write, Delete):
+            elif isinstance(write, Delete | Mark):
                 prepared.append(write)
             else:
-                raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
+                raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
         if not prepared:
             return []
         with cache.transact():  # one transaction: all of the batch, or none of it on error
             return apply_in_order(
                 prepared,
-                lambda item: item.id if isinstance(item, Delete) else item[0].session.id,
+                lambda item: item[0].session.id if isinstance(item, tuple) else write_id(item),
                 lambda item: (
-                    _apply_delete(cache, item)
+                    _apply_put(cache, *item)
+                    if isinstance(item, tuple)
+                    else _apply_delete(cache, item)
                     if isinstance(item, Delete)
-                    else _apply_put(cache, *item)
+                    else _apply_mark(cache, item)
                 ),
             )
+
+    @staticmethod
+    def _load_mark(cache: diskcache.Cache) -> int:
+        rows = _select(cache, "SELECT value FROM Settings WHERE key = ?", (MARK_KEY,))
+        return int(rows[0][0]) if rows else 0
 
     @staticmethod
     def _scan(
@@ -433,6 +445,17 @@ def _apply_put(cache: diskcache.Cache, put: Put, record: bytes) -> bool:
     if current is None or _decode(session.id, current).version != put.expected_version:
         return False
     return cache.set(session.id, record, tag=session.expires_at)
+
+
+def _apply_mark(cache: diskcache.Cache, mark: Mark) -> bool:
+    # In diskcache's Settings table, not the Cache table: never a session, never counted. Not
+    # passed to diskcache.Cache() as a setting, which would reset it on every open.
+    cache._sql(
+        "INSERT INTO Settings (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+        (MARK_KEY, mark.ms),
+    )
+    return True
 
 
 def _apply_delete(cache: diskcache.Cache, delete: Delete) -> bool:

@@ -74,7 +74,7 @@ import trio
 from ..codec import decode_session, encode_session
 from ..errors import StoreError
 from ..session import Session
-from .base import Delete, Put, Write, apply_in_order, write_id
+from .base import Delete, Mark, Put, Write, apply_in_order, write_id
 from .files import DirectoryLock, quarantine
 from .thread import StoreThread
 
@@ -85,6 +85,9 @@ T = TypeVar("T")
 #: The value of the ``format`` key in the ``meta`` database: what this module reads and writes.
 FORMAT = b"trio-sessions lmdb 1"
 FORMAT_KEY = b"format"
+#: The clock high-water mark (:class:`~workers.stores.base.Mark`) in the ``meta`` database:
+#: 8 bytes, big-endian.
+MARK_KEY = b"mark"
 DATA_FILE = "data.mdb"
 _DATABASES = (b"meta", b"sessions", b"expiry")
 #: Files a fresh store directory may hold before LMDB's data file exists.
@@ -197,6 +200,10 @@ class LmdbStore:
         if not writes:
             return []
         return await self._run(self._commit, list(writes))
+
+    async def load_mark(self) -> int:
+        """The clock high-water mark (the highest Mark committed), 0 if none."""
+        return await self._run(self._load_mark)
 
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int
@@ -346,6 +353,8 @@ class LmdbStore:
     def _commit(self, writes: list[Write]) -> list[bool]:
         limit = self._env.max_key_size() - 8  # the expiry key is 8 bytes longer than the id
         for write in writes:
+            if isinstance(write, Mark):
+                continue
             sid = write.session.id if isinstance(write, Put) else write.id
             if len(sid.encode()) > limit:
                 raise StoreError(f"session id {sid[:40]!r}... is above lmdb's {limit}-byte limit")
@@ -372,8 +381,25 @@ class LmdbStore:
         return apply_in_order(
             writes,
             write_id,
-            lambda w: self._put(txn, w) if isinstance(w, Put) else self._delete(txn, w),
+            lambda w: (
+                self._put(txn, w)
+                if isinstance(w, Put)
+                else self._delete(txn, w)
+                if isinstance(w, Delete)
+                else self._mark(txn, w)
+            ),
         )
+
+    def _mark(self, txn: lmdb.Transaction, write: Mark) -> bool:
+        stored = txn.get(MARK_KEY, db=self._meta)
+        if stored is None or write.ms > int.from_bytes(stored, "big", signed=True):
+            txn.put(MARK_KEY, write.ms.to_bytes(8, "big", signed=True), db=self._meta)
+        return True
+
+    def _load_mark(self) -> int:
+        with self._env.begin(db=self._meta) as txn:
+            stored = txn.get(MARK_KEY)
+        return 0 if stored is None else int.from_bytes(stored, "big", signed=True)
 
     def _put(self, txn: lmdb.Transaction, write: Put) -> bool:
         session = write.session
@@ -460,8 +486,8 @@ class LmdbStore:
 def _check_writes(writes: Sequence[Write]) -> None:
     # Refused before anything is applied: a commit is all or nothing.
     for write in writes:
-        if not isinstance(write, Put | Delete):
-            raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
+        if not isinstance(write, Put | Delete | Mark):
+            raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
 
 
 def _expiry_prefix(ms: int) -> bytes:

@@ -53,7 +53,7 @@ from itertools import islice
 
 from ..errors import StoreError
 from ..session import Session
-from .base import Delete, Put, Write, apply_in_order, write_id
+from .base import Delete, Mark, Put, Write, apply_in_order, write_id
 
 #: Number of dicts the sessions are spread over: the granularity of a scan's resume sort.
 _BUCKETS = 1024
@@ -76,6 +76,7 @@ class MemoryStore:
         self._heap: list[tuple[int, str]] = []
         self._expired: OrderedDict[str, int] = OrderedDict()
         self._watermark = _NO_WATERMARK
+        self._mark = 0
         self._open = False
 
     async def open(self) -> None:
@@ -100,11 +101,21 @@ class MemoryStore:
         self._check_open()
         # Refuse a malformed batch before applying any of it: a commit is all or nothing.
         for write in writes:
-            if not isinstance(write, Put | Delete):
-                raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
-        return apply_in_order(
-            writes, write_id, lambda w: self._put(w) if isinstance(w, Put) else self._delete(w)
-        )
+            if not isinstance(write, Put | Delete | Mark):
+                raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
+        return apply_in_order(writes, write_id, self._apply)
+
+    async def load_mark(self) -> int:
+        self._check_open()
+        return self._mark
+
+    def _apply(self, write: Write) -> bool:
+        if isinstance(write, Put):
+            return self._put(write)
+        if isinstance(write, Delete):
+            return self._delete(write)
+        self._mark = max(self._mark, write.ms)
+        return True
 
     async def scan(
         self, now_ms: int, cursor: str | None, limit: int

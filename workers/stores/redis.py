@@ -16,6 +16,9 @@ Under a key prefix (``prefix``, default ``"sessions:"``), a store keeps:
     a sorted set of the ids of the sessions that expire, scored by ``expires_at``:
     :meth:`~RedisStore.expired` is one ``ZRANGE ... BYSCORE`` and :meth:`~RedisStore.count` is
     ``ZCARD ids - ZCOUNT expiry -inf (now``, so neither reads a live session.
+``<prefix>mark``
+    the clock high-water mark in ms (:class:`~workers.stores.base.Mark`); raised, never
+    lowered, inside the commit script. Not a session key: never listed or counted.
 
 Writes
 ------
@@ -91,7 +94,7 @@ from coredis.retry import NoRetryPolicy
 from ..codec import decode_session, encode_session
 from ..errors import ServiceUnavailable, StoreError
 from ..session import Session
-from .base import Delete, Put, Write
+from .base import Delete, Mark, Put, Write
 
 log = logging.getLogger("workers.stores.redis")
 
@@ -100,7 +103,8 @@ T = TypeVar("T")
 #: The batch of conditional writes, atomically. See the comments in the script.
 COMMIT_SCRIPT = r"""
 -- KEYS[1]: the id index; KEYS[2]: the expiry index; KEYS[2 + i]: the key of write i.
--- ARGV, 7 per write: op ('P' put, 'D' delete), id, condition (expected version or
+-- ARGV, 7 per write: op ('P' put, 'D' delete, 'M' mark: raise the number at its key to the
+-- 7th value, never lower it; always takes effect), id, condition (expected version or
 -- if_expired_at, '' for none), record, expires_at ('' never), ttl ms ('' none), version.
 -- Returns one 0/1 per write. Phase 1 checks every write against the stored state (as changed
 -- by the earlier writes of the batch) without writing; phase 2 writes. An error in phase 1
@@ -150,14 +154,19 @@ for i = 1, #KEYS - 2 do
   local a = (i - 1) * 7
   local op, id, cond = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local s = state[id]
-  if s == nil then
+  if op == 'M' then
+    s = {}
+  elseif s == nil then
     local record = redis.call('GET', KEYS[2 + i])
     s = {version = false, expires = false}
     if record then s.version, s.expires = header(record) end
     state[id] = s
   end
   local ok = false
-  if s.failed then
+  if op == 'M' then
+    ok = true
+    plan[#plan + 1] = i
+  elseif s.failed then
     -- An earlier write of the batch to this id did not take effect: neither does this one.
   elseif op == 'P' then
     if cond == '' then ok = not s.version else ok = s.version == tonumber(cond) end
@@ -183,7 +192,10 @@ end
 for _, i in ipairs(plan) do
   local a = (i - 1) * 7
   local key, id = KEYS[2 + i], ARGV[a + 2]
-  if ARGV[a + 1] == 'P' then
+  if ARGV[a + 1] == 'M' then
+    local ms = tonumber(ARGV[a + 7])
+    if ms > (tonumber(redis.call('GET', key)) or 0) then redis.call('SET', key, ARGV[a + 7]) end
+  elseif ARGV[a + 1] == 'P' then
     if ARGV[a + 6] == '' then
       redis.call('SET', key, ARGV[a + 4])
     else
@@ -249,6 +261,8 @@ class RedisStore:
         self._where = redact_url(url)
         self._ids_key = f"{prefix}ids"
         self._expiry_key = f"{prefix}expiry"
+        #: The clock high-water mark (:class:`~workers.stores.base.Mark`): a number, in ms.
+        self._mark_key = f"{prefix}mark"
         self._session_prefix = f"{prefix}s:"
         self._grace_ms = round(expiry_grace * 1000)
         # Whatever coredis does inside, one call never takes longer than this.
@@ -331,8 +345,8 @@ class RedisStore:
         took effect. Never retried: on :class:`ServiceUnavailable` the batch may or may not have
         been applied."""
         for write in writes:
-            if not isinstance(write, Put | Delete):
-                raise TypeError(f"a store write is a Put or a Delete, not {type(write).__name__}")
+            if not isinstance(write, Put | Delete | Mark):
+                raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
         if not writes:
             return []
         keys: list[str] = [self._ids_key, self._expiry_key]
@@ -350,6 +364,9 @@ class RedisStore:
                     "" if session.timeout_ms is None else session.timeout_ms + self._grace_ms,
                     session.version,
                 ]
+            elif isinstance(write, Mark):
+                keys.append(self._mark_key)
+                args += ["M", "", "", "", "", "", write.ms]
             else:
                 keys.append(self._key(write.id))
                 args += ["D", write.id, _or_empty(write.if_expired_at), "", "", "", ""]
@@ -405,6 +422,11 @@ class RedisStore:
             retry=True,
         )
         return [member.decode() for member in members]
+
+    async def load_mark(self) -> int:
+        """The clock high-water mark (the highest Mark any store committed here), 0 if none."""
+        value = await self._call("GET", lambda c: c.get(self._mark_key), retry=True)
+        return 0 if value is None else int(value)
 
     async def count(self, now_ms: int) -> int:
         """The number of live sessions at ``now_ms``, from the two indexes."""
