@@ -8,6 +8,7 @@ virtual clock would jump while Trio waits on Redis's socket, so every time here 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import coredis
@@ -154,14 +155,21 @@ async def test_an_unreadable_record_fails_the_batch_and_changes_nothing(
 # --- sharing ---
 
 
-async def test_two_stores_share_sessions(redis_url: str, redis_prefix: str) -> None:
-    one, two = (
-        RedisStore(redis_url, prefix=redis_prefix),
-        RedisStore(redis_url, prefix=redis_prefix),
-    )
+@asynccontextmanager
+async def two_stores(url: str, prefix: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two open stores on the same keys, as two processes sharing one Redis would have."""
+    one, two = RedisStore(url, prefix=prefix), RedisStore(url, prefix=prefix)
     await one.open()
     await two.open()
     try:
+        yield one, two
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_two_stores_share_sessions(redis_url: str, redis_prefix: str) -> None:
+    async with two_stores(redis_url, redis_prefix) as (one, two):
         a = session("a")
         assert await one.commit([Put(a, None)]) == [True]
         assert await two.load(["a"]) == {"a": a}
@@ -171,28 +179,16 @@ async def test_two_stores_share_sessions(redis_url: str, redis_prefix: str) -> N
         assert await two.commit([Delete("a")]) == [True]
         assert await one.load(["a"]) == {}
         assert await one.count(T0) == 0
-    finally:
-        await one.close()
-        await two.close()
 
 
 async def test_a_stale_version_loses_the_race(redis_url: str, redis_prefix: str) -> None:
-    one, two = (
-        RedisStore(redis_url, prefix=redis_prefix),
-        RedisStore(redis_url, prefix=redis_prefix),
-    )
-    await one.open()
-    await two.open()
-    try:
+    async with two_stores(redis_url, redis_prefix) as (one, two):
         await one.commit([Put(session("a"), None)])
         seen_by_one, seen_by_two = (await one.load(["a"]))["a"], (await two.load(["a"]))["a"]
         assert await one.commit([Put(bumped(seen_by_one, metadata={"by": 1}), 1)]) == [True]
         assert await two.commit([Put(bumped(seen_by_two, metadata={"by": 2}), 1)]) == [False]
         assert (await two.load(["a"]))["a"].metadata == {"by": 1}
         assert await two.commit([Put(session("a"), None)]) == [False]  # no double create
-    finally:
-        await one.close()
-        await two.close()
 
 
 async def test_concurrent_increments_from_two_stores_lose_nothing(
