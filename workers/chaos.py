@@ -58,7 +58,7 @@ import trio
 from supervisor.testing import InjectedFault, crash_repeatedly, random_intervals
 
 from .errors import ServiceUnavailable, SessionError, SessionNotFound
-from .service import open_session_service
+from .service import DEFAULT_ACCESS_WRITE_DELAY, DEFERS_ACCESS, open_session_service
 from .stores import BACKENDS, Store, canonical_backend
 
 #: Seconds a call may take beyond its timeout before it counts as overdue (scheduling noise).
@@ -183,15 +183,18 @@ class ChaosReport:
 class Ledger:
     """Every session the run created, with the values its outcomes allow (module docstring)."""
 
-    def __init__(self, report: ChaosReport) -> None:
+    def __init__(self, report: ChaosReport, expiry_slack: float = 0.0) -> None:
         self.entries: dict[str, _Entry] = {}
         self.report = report
+        #: How much earlier than its last acknowledged access a session may expire: a SIGKILL
+        #: loses the access-time refreshes the daemon had not written yet (access_write_delay).
+        self.expiry_slack = expiry_slack
 
     def missing(self, sid: str, entry: _Entry, now: float, context: str) -> None:
         """``sid`` was found missing at ``now``: fine if deleted or expired on time."""
         if entry.accepts(None):
             entry.settle(None)
-        elif entry.ttl is not None and now + _MS >= entry.touched + entry.ttl:
+        elif entry.ttl is not None and now + _MS + self.expiry_slack >= entry.touched + entry.ttl:
             self.report.expired_on_time += 1
             del self.entries[sid]
         else:
@@ -320,7 +323,8 @@ async def _progress(config: ChaosConfig, report: ChaosReport, start: float) -> N
 async def run_chaos(config: ChaosConfig) -> ChaosReport:
     """Run one chaos session as ``config`` says and return its report."""
     report = ChaosReport(duration=config.duration)
-    ledger = Ledger(report)
+    killed_refreshes = config.daemon and canonical_backend(config.backend) in DEFERS_ACCESS
+    ledger = Ledger(report, DEFAULT_ACCESS_WRITE_DELAY if killed_refreshes else 0.0)
     start = trio.current_time()
     end = start + config.duration
     target = _daemon_service(config, report) if config.daemon else _embedded_service(config, report)

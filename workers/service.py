@@ -76,6 +76,12 @@ DEFAULT: Final = _Default()
 
 _instances = itertools.count(1)
 
+#: Stores owned alone on disk, where the manager caches reads and defers access-time writes.
+DEFERS_ACCESS = ("disk", "lmdb")
+#: Their defaults: sessions cached, and seconds an access-time refresh may wait.
+DEFAULT_CACHE_SIZE = 16_384
+DEFAULT_ACCESS_WRITE_DELAY = 1.0
+
 
 class SessionService:
     """The handle applications use. Every method is async and safe to call from many tasks.
@@ -306,15 +312,17 @@ async def run_session_service(
             f"the {backend} store is shared with other processes: nothing may be cached "
             "or deferred above it (leave cache_size and access_write_delay unset)"
         )
-    owned_on_disk = backend in ("disk", "lmdb") and not store.shared
+    owned_on_disk = backend in DEFERS_ACCESS and not store.shared
     settings = ManagerSettings(
         Limits(max_metadata_bytes, max_sessions, id_factory),
         clock or time.time,
         max_batch,
-        cache_size=(16_384 if owned_on_disk else 0) if cache_size is None else cache_size,
-        access_write_delay=(
-            (1.0 if owned_on_disk else 0.0) if access_write_delay is None else access_write_delay
-        ),
+        cache_size=(DEFAULT_CACHE_SIZE if owned_on_disk else 0)
+        if cache_size is None
+        else cache_size,
+        access_write_delay=(DEFAULT_ACCESS_WRITE_DELAY if owned_on_disk else 0.0)
+        if access_write_delay is None
+        else access_write_delay,
     )
     children = [
         SessionManager.child_spec("manager", store, settings, name=service._manager),
