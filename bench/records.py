@@ -1,0 +1,74 @@
+"""The one shape every benchmark reports in, so that ``run.py bench`` can print and save them all.
+
+A record is a plain dict (it goes to JSON as is) with these keys, always present:
+
+=================  ===========================================================================
+name               what was measured, e.g. ``"disk retrieve x50"``
+ops_per_s          the product's rate, or None for a measurement that is not a rate
+floor_name         what it is compared with, e.g. ``"raw diskcache get"``
+floor_ops_per_s    the floor's rate in the same run, or None
+ratio              product / floor (for a rate), or value / floor_value (for a measurement)
+target             the ratio the issue asks for, or None when the record is only reported
+holds              whether ``ratio`` meets ``target`` in the record's direction; None without one
+=================  ===========================================================================
+
+A measurement that is not a rate (seconds to open, megabytes resident, milliseconds of p99
+latency) also has ``value``, ``floor_value`` (None when it is judged against a fixed limit
+instead of a floor), ``unit`` and ``better`` (``"lower"``); a limit such as "opens in under a
+second" is written as a floor of 1 s with a target ratio of 1.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def throughput(
+    name: str,
+    ops_per_s: float,
+    floor_name: str,
+    floor_ops_per_s: float,
+    target: float | None = None,
+) -> Record:
+    """A rate next to its floor's rate; higher is better, so it holds when ratio >= target."""
+    ratio = ops_per_s / floor_ops_per_s
+    return {
+        "name": name,
+        "ops_per_s": ops_per_s,
+        "floor_name": floor_name,
+        "floor_ops_per_s": floor_ops_per_s,
+        "ratio": ratio,
+        "target": target,
+        "holds": None if target is None else ratio >= target,
+    }
+
+
+def measurement(
+    name: str,
+    value: float,
+    unit: str,
+    floor_name: str,
+    floor_value: float,
+    target: float | None = None,
+) -> Record:
+    """A cost (time, memory, latency) next to its floor or limit; lower is better.
+
+    It holds when ``value / floor_value <= target``: "at most twice a plain dict" is
+    ``floor_value=dict_mb, target=2.0``; "under 150 MB" is ``floor_value=150, target=1.0``.
+    """
+    ratio = value / floor_value
+    return {
+        "name": name,
+        "ops_per_s": None,
+        "floor_name": floor_name,
+        "floor_ops_per_s": None,
+        "ratio": ratio,
+        "target": target,
+        "holds": None if target is None else ratio <= target,
+        "value": value,
+        "floor_value": floor_value,
+        "unit": unit,
+        "better": "lower",
+    }
