@@ -10,7 +10,7 @@ It knows nothing about what it supervises. Start here:
 * :mod:`supervisor.testing` crashes actors on demand or on a schedule, for your tests.
 """
 
-from .actor import Actor, ActorRef, TimerHandle, call, cast
+from .actor import Actor, ActorRef, TimerHandle, call, cast, send_request
 from .child import ChildCounts, ChildInfo, ChildSpec, Restart, Shutdown
 from .cleanup import cleanup_scope
 from .errors import (
@@ -61,6 +61,7 @@ __all__ = [
     "call",
     "cast",
     "cleanup_scope",
+    "send_request",
     "unwrap",
     "whereis",
 ]

@@ -33,7 +33,7 @@ once every ``_BATCH`` messages, so a busy actor answers a burst of callers in on
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 import trio
@@ -43,7 +43,7 @@ from .child import ChildSpec
 from .cleanup import cleanup_scope
 from .errors import CallTimeout, ExitReason, NoProc, ServerDown, exit_reason
 from .registry import lookup, register, unregister, wait_for
-from .reply import Deadlines, ReplySlot
+from .reply import CallbackSlot, Deadlines, ReplySlot
 
 DEFAULT_TIMEOUT = 5.0
 _BATCH = 64  # messages handled back to back before the loop lets other tasks run
@@ -227,6 +227,32 @@ class ActorRef:
             return await slot._wait()
         # Nothing ran since the send, so the slot is still unsettled.
         return await slot._park()
+
+    def send_request(
+        self,
+        request: Any,
+        on_reply: Callable[[Any, Exception | None], object],
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Send ``request`` to ``handle_call`` without waiting; ``on_reply`` gets the answer.
+
+        OTP's ``gen_server:send_request/2``, with the answer delivered to a function rather than
+        to the mailbox: for a task that multiplexes many calls (a connection with pipelined
+        requests) and should not park once per call. ``on_reply(value, error)`` is called
+        exactly once: with what ``handle_call`` answered, or with the error (what the actor
+        failed the call with, :class:`CallTimeout`, :class:`ServerDown`); see
+        :class:`~supervisor.reply.CallbackSlot` for its contract.
+
+        Raises :class:`NoProc` if the actor is not running and :class:`trio.WouldBlock` if its
+        mailbox is full; either way nothing was sent and ``on_reply`` will not be called (use
+        :meth:`call`, which waits for room, or try again later).
+        """
+        process = self._process
+        if not process.alive:
+            raise NoProc(f"{self!r} is not running")
+        slot = CallbackSlot(on_reply)
+        process.send_nowait((request, slot))
+        process.deadlines.watch(slot, process.now() + timeout)
 
     async def cast(self, message: Any) -> None:
         """Send ``message`` to ``handle_cast``; waits only if the mailbox is full.
@@ -425,6 +451,25 @@ async def call(
         ref = await _await_name(target, start + wait)
         timeout -= trio.current_time() - start
     return await ref.call(request, timeout)
+
+
+def send_request(
+    target: ActorRef | Hashable,
+    request: Any,
+    on_reply: Callable[[Any, Exception | None], object],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """:meth:`ActorRef.send_request` by ref or by registered name, resolved now.
+
+    It cannot wait, so a name that nobody holds right now raises :class:`NoProc` at once (a
+    caller that should ride out a restart falls back to :func:`call`, which waits for it).
+    """
+    ref = lookup(target)
+    if ref is None:
+        if not isinstance(target, ActorRef):
+            raise NoProc(f"no actor is registered under {target!r}")
+        ref = target
+    ref.send_request(request, on_reply, timeout)
 
 
 async def cast(

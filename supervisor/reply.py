@@ -33,6 +33,7 @@ from trio.lowlevel import Abort, enable_ki_protection, reschedule, wait_task_res
 from .errors import CallTimeout
 
 _GAVE_UP: Any = object()  # the settled state of a slot whose caller stopped waiting
+_ANSWERED: Any = object()  # the settled state of a CallbackSlot
 
 
 class ReplySlot:
@@ -98,6 +99,40 @@ class ReplySlot:
 
     def __repr__(self) -> str:
         return f"<ReplySlot {'done' if self.done else 'pending'}>"
+
+
+class CallbackSlot(ReplySlot):
+    """A slot whose answer goes to a function, not to a parked task (``ActorRef.send_request``).
+
+    ``on_reply(value, error)`` is called exactly once: with the value the actor answered and
+    None, or with None and the failure (what the actor passed to :meth:`fail`,
+    :class:`~supervisor.CallTimeout` or :class:`~supervisor.ServerDown`). It runs in the task
+    that settles the slot (the actor, its deadline watcher, or the code that ends it), so it
+    must be quick and must not raise: an exception from it propagates into that task,
+    crashing the actor that answered.
+    """
+
+    __slots__ = ("_on_reply",)
+
+    def __init__(self, on_reply: Callable[[Any, Exception | None], object]) -> None:
+        # No task: nobody parks on this slot, so _park and _abort are never used.
+        self._result = None
+        self._on_reply = on_reply
+
+    # No Outcome is built: settling is on the hot path of every pipelined request.
+    @enable_ki_protection
+    def reply(self, value: Any = None) -> None:
+        if self._result is None:
+            self._result = _ANSWERED
+            self._on_reply(value, None)
+
+    @enable_ki_protection
+    def fail(self, error: Exception) -> None:
+        if not isinstance(error, Exception):
+            raise TypeError(f"fail() takes an Exception instance, got {error!r}")
+        if self._result is None:
+            self._result = _ANSWERED
+            self._on_reply(None, error)
 
 
 class Deadlines:

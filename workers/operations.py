@@ -8,6 +8,9 @@ Rules
    backwards); ``peek``, ``set_ttl`` and listing do not. ``version`` counts metadata changes.
 3. A failing operation writes nothing and raises a :class:`SessionError` for its caller alone;
    the other operations of the batch are unaffected.
+4. A session in a result may be the stored object itself, shared with the store and the read
+   cache: read-only. Whoever hands it to code that could change it copies it first
+   (:meth:`SessionService` does; the daemon only encodes it).
 
 Theory of operation
 -------------------
@@ -119,11 +122,6 @@ class View:
         return len(self.writes) - 1
 
 
-def reply_copy(session: Session) -> Session:
-    """The copy of ``session`` a caller gets, so that no caller can reach stored metadata."""
-    return replace(session, metadata=copy_metadata(session.metadata))
-
-
 @dataclass(slots=True)
 class Operation:
     """One request to the manager. Subclasses define ``ids``, ``read`` and ``apply``."""
@@ -215,7 +213,7 @@ class Get(OnSession):
 
     def apply(self, view: View) -> Session:
         session = view.live(self.id)
-        return reply_copy(view.refresh(session) if self.refresh else session)
+        return view.refresh(session) if self.refresh else session
 
 
 @dataclass(slots=True)
@@ -246,7 +244,7 @@ def _store_new_metadata(view: View, session: Session, metadata: object) -> Sessi
         version=session.version + 1,
     )
     view.put(new)
-    return reply_copy(new)
+    return new
 
 
 @dataclass(slots=True)
@@ -367,7 +365,7 @@ class Page(Operation):
     def apply(self, view: View) -> tuple[list[Session], str | None]:
         # The page was read before this batch's writes: show what the batch left of it.
         current = [view.sessions.get(s.id, s) for s in self.page]
-        live = [reply_copy(s) for s in current if s is not None and not s.expired_at(view.now_ms)]
+        live = [s for s in current if s is not None and not s.expired_at(view.now_ms)]
         return live, self.next_cursor
 
 

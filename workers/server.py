@@ -64,6 +64,7 @@ from .protocol import (
     InternalError,
     InvalidMessage,
     InvalidRequest,
+    Method,
     Notification,
     ProtocolError,
     RemoteProtocolError,
@@ -71,7 +72,14 @@ from .protocol import (
     Role,
     session_from_wire,
 )
-from .transport import RECEIVE_SIZE, Outbox, open_listeners, remove_socket_file
+from .transport import (
+    RECEIVE_SIZE,
+    Outbox,
+    SocketStream,
+    open_listeners,
+    raw_stream,
+    remove_socket_file,
+)
 
 if TYPE_CHECKING:
     from .service import SessionService
@@ -210,13 +218,14 @@ class Server:
                 await stream.send_all(Connection(Role.SERVER).send_error(refusal))
             await _linger(stream)
             return
-        handler = _ConnectionHandler(self, stream)
+        handler = _ConnectionHandler(self, raw_stream(stream))
         self._connections.add(handler)
         try:
             await handler.run()
         except Exception:  # one connection's bug must not take the listener down
             log.exception("connection handler failed")
         finally:
+            await handler.stream.aclose()
             self._connections.discard(handler)
             self._changed.set()
             self._changed = trio.Event()
@@ -234,38 +243,67 @@ class Server:
             return True
         return isinstance(token, str) and hmac.compare_digest(token.encode(), self._token)
 
-    async def call(self, name: str, params: list[Any]) -> Any:
-        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
+    def method(self, name: str, params: list[Any]) -> Method:
+        """The RPC method ``name``, with ``params`` checked; raises InvalidRequest otherwise."""
         method = METHODS.get(name)
         if method is None or name not in self._methods:
             raise InvalidRequest(f"unknown method {name!r:.80}")
         method.check_params(params)
         self.requests += 1
+        return method
+
+    async def call(self, name: str, params: list[Any]) -> Any:
+        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
+        method = self.method(name, params)
         try:
             result = await self._methods[name](*params)
-        except SessionError:
-            raise
-        except (TypeError, ValueError) as exc:  # arguments the service refused
-            raise InvalidRequest(f"{name}: {exc}") from None
         except Exception as exc:
-            log.exception("%s failed", name)
-            raise InternalError(f"{name} failed: {type(exc).__name__}") from None
+            raise _wire_error(name, exc) from None
         return method.encode_result(result)
+
+    def submit(
+        self, name: str, params: list[Any], on_reply: Callable[[Any, SessionError | None], None]
+    ) -> bool:
+        """Start RPC method ``name`` without a task, if it is one manager operation.
+
+        ``on_reply(result, error)`` gets the wire result or the error, once, possibly before
+        this returns (bad arguments). False when the method needs :meth:`call` instead: it is
+        not a single operation, or the manager cannot take it right now (restarting, or its
+        mailbox is full), which :meth:`call` waits out.
+        """
+        single = _SINGLE_OPERATIONS.get(name)
+        if single is None:
+            return False
+        op_name, adapt = single
+        try:
+            method = self.method(name, params)
+            op = self.service.operation(op_name, *adapt(*params))
+        except Exception as exc:
+            on_reply(None, _wire_error(name, exc))
+            return True
+
+        def settle(value: Any, error: Exception | None) -> None:
+            if error is None:
+                try:
+                    value = method.encode_result(value)
+                except Exception as exc:
+                    error = exc
+            on_reply(value, None if error is None else _wire_error(name, error))
+
+        try:
+            self.service.submit(op, settle)
+        except (NoProc, trio.WouldBlock):
+            self.requests -= 1  # call() counts it again
+            return False
+        return True
 
     async def _ping(self) -> str:
         return "pong"
 
-    async def _update(
-        self,
-        session_id: str,
-        set: dict[str, Any] | None = None,
-        unset: list[str] | None = None,
-        expected_version: int | None = None,
-    ) -> Any:
-        if unset is not None and not isinstance(unset, list):
-            raise InvalidRequest("update: unset is an array of metadata keys")
+    async def _update(self, *params: Any) -> Any:
+        session_id, changes, unset, expected_version = _patch_params(*params)
         return await self.service.patch(
-            session_id, set, unset or (), expected_version=expected_version
+            session_id, changes, unset, expected_version=expected_version
         )
 
     async def _import_sessions(self, records: list[Any]) -> int:
@@ -298,7 +336,40 @@ class Server:
         }
 
 
-async def _linger(stream: trio.SocketStream) -> None:
+def _patch_params(
+    session_id: str,
+    set: dict[str, Any] | None = None,
+    unset: list[str] | None = None,
+    expected_version: int | None = None,
+) -> tuple[Any, ...]:
+    """The wire ``update``'s parameters as the service's ``patch`` takes them."""
+    if unset is not None and not isinstance(unset, list):
+        raise InvalidRequest("update: unset is an array of metadata keys")
+    return session_id, set, unset or (), expected_version
+
+
+def _same_params(*params: Any) -> tuple[Any, ...]:
+    return params
+
+
+#: Methods that are one manager operation: the service's name for it, and how params map.
+_SINGLE_OPERATIONS: dict[str, tuple[str, Callable[..., tuple[Any, ...]]]] = {
+    name: ("patch", _patch_params) if name == "update" else (name, _same_params)
+    for name in ("create", "retrieve", "peek", "update", "touch", "set_ttl", "delete", "rotate")
+}
+
+
+def _wire_error(name: str, exc: Exception) -> SessionError:
+    """What a client is told about ``exc``, raised by method ``name``."""
+    if isinstance(exc, SessionError):
+        return exc
+    if isinstance(exc, (TypeError, ValueError)):  # arguments the service refused
+        return InvalidRequest(f"{name}: {exc}")
+    log.error("%s failed", name, exc_info=exc)
+    return InternalError(f"{name} failed: {type(exc).__name__}")
+
+
+async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
     """Close our side, then discard what the peer still sends until it closes (at most
     ``LINGER`` seconds): closing with unread input would reset the connection and could
     destroy the error message we just sent."""
@@ -322,13 +393,16 @@ def _describe(listener: trio.SocketListener) -> str:
 class _ConnectionHandler:
     """One client connection: a reader, a task per request, and a writer."""
 
-    def __init__(self, server: Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: Server, stream: SocketStream) -> None:
         self.server = server
         self.stream = stream
         self.protocol = Connection(Role.SERVER, max_message_size=server.limits.max_message_size)
         self.outbox = Outbox(stream)
         self.authenticated = False
-        self._slots = trio.Semaphore(server.limits.max_in_flight)
+        self._in_flight = 0  # requests read and not answered yet
+        self._answered = trio.Event()  # set when one is answered while the reader waits
+        self._waiting = False
+        self._done = False  # after run(): late answers are dropped with the connection
         self._reading = trio.CancelScope()
         self._everything = trio.CancelScope()
 
@@ -341,6 +415,12 @@ class _ConnectionHandler:
         self._everything.cancel()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._done = True
+
+    async def _run(self) -> None:
         with self._everything:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.outbox.run)
@@ -351,8 +431,16 @@ class _ConnectionHandler:
                                 trio.current_time() + self.server.limits.auth_timeout
                             )
                         await self._read(requests)
+                    await self._wait_in_flight(0)
                 self.outbox.close()
             await _linger(self.stream)
+
+    async def _wait_in_flight(self, below: int) -> None:
+        """Wait until at most ``below`` requests are unanswered."""
+        while self._in_flight > below:
+            self._waiting = True
+            await self._answered.wait()
+            self._answered = trio.Event()
 
     async def _read(self, requests: trio.Nursery) -> None:
         while True:
@@ -382,8 +470,11 @@ class _ConnectionHandler:
                         return False
                     if event.method == "auth":
                         continue
-                await self._slots.acquire()
-                requests.start_soon(self._answer, event)
+                await self._wait_in_flight(self.server.limits.max_in_flight - 1)
+                self._in_flight += 1
+                reply = partial(self._settle, event.msgid)
+                if not self.server.submit(event.method, event.params, reply):
+                    requests.start_soon(self._answer, event, reply)
             elif isinstance(event, InvalidMessage):
                 if event.msgid is None or not self.authenticated:
                     log.warning(
@@ -416,15 +507,23 @@ class _ConnectionHandler:
             self._reply(request.msgid, result=True)
         return True
 
-    async def _answer(self, request: Request) -> None:
+    async def _answer(self, request: Request, reply: Callable[[Any, Any], None]) -> None:
         try:
             result = await self.server.call(request.method, request.params)
         except SessionError as exc:
-            self._reply(request.msgid, error=exc)
+            reply(None, exc)
         else:
-            self._reply(request.msgid, result=result)
-        finally:
-            self._slots.release()
+            reply(result, None)
+
+    def _settle(self, msgid: int, result: Any, error: SessionError | None) -> None:
+        """Answer request ``msgid`` and free its in-flight place."""
+        if self._done:
+            return
+        self._in_flight -= 1
+        if self._waiting:
+            self._waiting = False
+            self._answered.set()
+        self._reply(msgid, result=result, error=error)
 
     def _reply(self, msgid: int, *, result: Any = None, error: SessionError | None = None) -> None:
         self.outbox.send(self.protocol.send_response(msgid, result=result, error=error))

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
@@ -36,11 +37,12 @@ from supervisor import (
     Strategy,
     Supervisor,
     call,
+    send_request,
     unwrap,
 )
 
 from .cleanup import Cleanup
-from .codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata
+from .codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
 from .errors import InvalidMetadata, ServiceUnavailable, SessionError
 from .manager import ManagerSettings, SessionManager
 from .operations import (
@@ -83,6 +85,13 @@ DEFAULT_CACHE_SIZE = 16_384
 DEFAULT_ACCESS_WRITE_DELAY = 1.0
 
 
+#: The methods that are one manager operation each: what :meth:`SessionService.operation`
+#: builds (the daemon's ``update`` is ``patch``).
+SINGLE_OPERATIONS: Final = frozenset(
+    ("create", "retrieve", "peek", "patch", "touch", "set_ttl", "delete", "rotate")
+)
+
+
 class SessionService:
     """The handle applications use. Every method is async and safe to call from many tasks.
 
@@ -118,30 +127,98 @@ class SessionService:
     async def _call(self, op: Operation) -> Any:
         try:
             return await call(self._manager, op, timeout=self._call_timeout)
-        except (NoProc, ServerDown) as exc:
-            raise ServiceUnavailable(f"the session manager is not running ({exc}); retry") from exc
-        except CallTimeout as exc:
-            raise ServiceUnavailable(
-                f"the session manager did not answer within {self._call_timeout} s"
-            ) from exc
+        except (NoProc, ServerDown, CallTimeout) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> ServiceUnavailable:
+        if isinstance(exc, CallTimeout):
+            why = f"the session manager did not answer within {self._call_timeout} s"
+        else:
+            why = f"the session manager is not running ({exc}); retry"
+        return ServiceUnavailable(why)
 
     def _ttl(self, ttl: object) -> int | None:
         return self._default_timeout_ms if ttl is DEFAULT else ttl_to_ms(ttl)
 
+    # -- one method, one operation: validated here, in the caller's task ---------------------
+
+    def _create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> Operation:
+        timeout_ms = self._ttl(ttl)
+        return Create(canonical_metadata(metadata, self._max_metadata_bytes), timeout_ms)
+
+    def _retrieve(self, session_id: str) -> Operation:
+        return Get(check_id(session_id), refresh=True)
+
+    def _peek(self, session_id: str) -> Operation:
+        return Get(check_id(session_id), refresh=False)
+
+    def _patch(
+        self,
+        session_id: str,
+        set: dict[str, Any] | None = None,
+        unset: Iterable[str] = (),
+        expected_version: int | None = None,
+    ) -> Operation:
+        changes = canonical_metadata(set, self._max_metadata_bytes)
+        keys = tuple(unset)
+        if not all(isinstance(k, str) for k in keys):
+            raise InvalidMetadata("unset takes metadata keys, which are strings")
+        return Patch(check_id(session_id), changes, keys, expected_version)
+
+    def _touch(self, session_id: str) -> Operation:
+        return Touch(check_id(session_id))
+
+    def _set_ttl(self, session_id: str, ttl: float | None) -> Operation:
+        return SetTTL(check_id(session_id), ttl_to_ms(ttl))
+
+    def _delete(self, session_id: str) -> Operation:
+        return Remove(check_id(session_id))
+
+    def _rotate(self, session_id: str) -> Operation:
+        return Rotate(check_id(session_id))
+
+    def operation(self, method: str, *args: Any) -> Operation:
+        """The operation behind the single-call method ``method``, for :meth:`submit`.
+
+        ``method`` is one of :data:`SINGLE_OPERATIONS`; ``patch`` takes ``expected_version``
+        positionally. ``args`` are checked exactly as the method checks them, raising the same
+        errors (nothing has been sent when it raises).
+        """
+        if method not in SINGLE_OPERATIONS:
+            raise ValueError(f"{method!r} is not one of {sorted(SINGLE_OPERATIONS)}")
+        build: Callable[..., Operation] = getattr(self, "_" + method)
+        return build(*args)
+
+    def submit(self, op: Operation, on_reply: Callable[[Any, Exception | None], object]) -> None:
+        """Send ``op`` to the manager without waiting; ``on_reply(value, error)`` gets the answer.
+
+        What a connection with pipelined requests uses instead of a task per request. It gets
+        what the method would return, or the error it would raise (:class:`ServiceUnavailable`
+        for a manager that died or did not answer within ``call_timeout``), once; a session in
+        the value is shared with the store and must not be changed. Raises
+        :class:`~supervisor.NoProc` when no manager is running right now and
+        :class:`trio.WouldBlock` when its mailbox is full: nothing was sent, and the caller
+        falls back to the method itself, which waits for both.
+        """
+
+        def settle(value: Any, error: Exception | None) -> object:
+            if isinstance(error, (ServerDown, CallTimeout)):
+                error = self._unavailable(error)
+            return on_reply(value, error)
+
+        send_request(self._manager, op, settle, self._call_timeout)
+
     async def create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> str:
         """Store a new session and return its id. ``ttl`` is idle seconds, None for never."""
-        timeout_ms = self._ttl(ttl)
-        return await self._call(
-            Create(canonical_metadata(metadata, self._max_metadata_bytes), timeout_ms)
-        )
+        return await self._call(self._create(metadata, ttl))
 
     async def retrieve(self, session_id: str) -> Session:
         """The live session ``session_id``; refreshes its access time."""
-        return await self._call(Get(check_id(session_id), refresh=True))
+        return _copy(await self._call(self._retrieve(session_id)))
 
     async def peek(self, session_id: str) -> Session:
         """The live session ``session_id``, leaving its access time alone."""
-        return await self._call(Get(check_id(session_id), refresh=False))
+        return _copy(await self._call(self._peek(session_id)))
 
     async def update(
         self,
@@ -157,7 +234,7 @@ class SessionService:
         """
         if not callable(fn):
             raise TypeError(f"update takes a function metadata -> dict, not {fn!r}")
-        return await self._call(Update(check_id(session_id), fn, expected_version))
+        return _copy(await self._call(Update(check_id(session_id), fn, expected_version)))
 
     async def patch(
         self,
@@ -168,27 +245,23 @@ class SessionService:
         expected_version: int | None = None,
     ) -> Session:
         """Set some metadata keys and remove others (the daemon's form of ``update``)."""
-        changes = canonical_metadata(set, self._max_metadata_bytes)
-        keys = tuple(unset)
-        if not all(isinstance(k, str) for k in keys):
-            raise InvalidMetadata("unset takes metadata keys, which are strings")
-        return await self._call(Patch(check_id(session_id), changes, keys, expected_version))
+        return _copy(await self._call(self._patch(session_id, set, unset, expected_version)))
 
     async def touch(self, session_id: str) -> None:
         """Refresh the access time of a live session."""
-        await self._call(Touch(check_id(session_id)))
+        await self._call(self._touch(session_id))
 
     async def set_ttl(self, session_id: str, ttl: float | None) -> None:
         """Change a live session's idle timeout (seconds, None for never)."""
-        await self._call(SetTTL(check_id(session_id), ttl_to_ms(ttl)))
+        await self._call(self._set_ttl(session_id, ttl))
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session; True if a live one was removed. Deleting twice is fine."""
-        return await self._call(Remove(check_id(session_id)))
+        return await self._call(self._delete(session_id))
 
     async def rotate(self, session_id: str) -> str:
         """Move a live session to a fresh id, retiring the old one (session-fixation defence)."""
-        return await self._call(Rotate(check_id(session_id)))
+        return await self._call(self._rotate(session_id))
 
     async def delete_where(self, key: str, value: Any) -> int:
         """Delete every session whose ``metadata[key] == value`` ("log out everywhere")."""
@@ -209,7 +282,8 @@ class SessionService:
             raise ValueError(f"limit is a positive int, got {limit!r}")
         if cursor is not None and not isinstance(cursor, str):
             raise ValueError("cursor is a string from a previous page, or None")
-        return await self._call(Page(cursor, limit))
+        page, next_cursor = await self._call(Page(cursor, limit))
+        return [_copy(s) for s in page], next_cursor
 
     async def list_sessions(self) -> list[Session]:
         """Every live session (pages through the store; prefer ``list_page`` for large ones)."""
@@ -253,6 +327,11 @@ class SessionService:
             "restarts": self.restarts,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
+
+
+def _copy(session: Session) -> Session:
+    """The copy of a manager's (shared, read-only) session that a caller may change freely."""
+    return replace(session, metadata=copy_metadata(session.metadata))
 
 
 async def run_session_service(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import stat
 
 import trio
@@ -79,19 +80,95 @@ def remove_socket_file(address: Address) -> None:
             os.unlink(address.path)
 
 
+class SocketStream(trio.abc.HalfCloseableStream):
+    """A connected socket driven with Trio's lowest-level waits: the daemon's hot path.
+
+    :class:`trio.SocketStream` checkpoints and guards every call, which is most of what a small
+    request costs. Here a read is one ``wait_readable`` and one ``recv``, and
+    :meth:`send_nowait` writes at once, without a task switch, whatever the socket buffer
+    takes. Only one task may receive and one send at a time (the server's handler keeps to
+    that); errors are Trio's: BrokenResourceError when the peer resets, ClosedResourceError
+    after :meth:`aclose`.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        sock = self.socket
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("the stream is closed")
+        await trio.lowlevel.wait_readable(sock)  # the checkpoint; the socket then has data
+        try:
+            return sock.recv(max_bytes or RECEIVE_SIZE)
+        except BlockingIOError:
+            return await self.receive_some(max_bytes)  # woken without data: wait again
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now; the number of bytes written (0 when it is full)."""
+        try:
+            return self.socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while view:
+            if self.socket.fileno() < 0:
+                raise trio.ClosedResourceError("the stream is closed")
+            sent = self.send_nowait(view)
+            view = view[sent:]
+            if view:
+                await trio.lowlevel.wait_writable(self.socket)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self.socket.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+
+def raw_stream(stream: trio.SocketStream) -> SocketStream:
+    """Take over the socket of ``stream`` (which must not be used afterwards)."""
+    trio_socket = stream.socket
+    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+    return SocketStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
+
+
 class Outbox:
     """Bytes queued by many tasks for one stream, sent in order by one writer task.
 
     Run :meth:`run` in a task; :meth:`send` never blocks. :meth:`close` lets the writer finish
     what is queued and return. If the stream breaks, queued and later bytes are dropped
     (:attr:`broken` says so): the reader of the same stream sees the break and reports it.
+
+    On a :class:`SocketStream`, :meth:`send` writes at once when nothing is queued or being
+    sent, so an answer costs no wake-up of the writer unless the socket is full.
     """
 
     def __init__(self, stream: trio.abc.SendStream) -> None:
         self._stream = stream
+        self._send_nowait = stream.send_nowait if isinstance(stream, SocketStream) else None
         self._buffer = bytearray()
         self._wakeup = trio.Event()
         self._flushed = trio.Event()
+        self._sending = False  # the writer holds bytes it has not finished sending
         self._closing = False
         self.broken = False
 
@@ -102,9 +179,19 @@ class Outbox:
 
     def send(self, data: bytes) -> None:
         """Queue ``data``; it is sent after everything queued before it."""
-        if not self.broken:
-            self._buffer += data
-            self._wakeup.set()
+        if self.broken:
+            return
+        if self._send_nowait is not None and not self._buffer and not self._sending:
+            try:
+                sent = self._send_nowait(data)
+            except trio.BrokenResourceError:
+                self.broken = True  # the reader sees the break too, and reports it
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._buffer += data
+        self._wakeup.set()
 
     def close(self) -> None:
         """Let :meth:`run` return once everything queued so far is sent."""
@@ -123,7 +210,9 @@ class Outbox:
                 if self._buffer:
                     data = bytes(self._buffer)
                     self._buffer.clear()
+                    self._sending = True
                     await self._stream.send_all(data)
+                    self._sending = False
                     self._flushed.set()
                     self._flushed = trio.Event()
                 elif self._closing:
