@@ -25,6 +25,7 @@ from supervisor import (
     Supervisor,
     call,
     cast,
+    send_request,
     whereis,
 )
 from supervisor.errors import NameTaken
@@ -575,3 +576,74 @@ async def test_stop_is_a_normal_exit(autojump_clock: Any) -> None:
         await settle()
         [row] = sup.which_children()
         assert (row.running, row.last_exit) == (False, "normal")  # transient: not restarted
+
+
+# -- send_request: calls whose answer goes to a function -------------------------------------
+
+
+async def test_send_request_delivers_each_answer_once_to_its_function(
+    autojump_clock: Any,
+) -> None:
+    answers: list[tuple[Any, Any]] = []
+
+    def on_reply(value: Any, error: Exception | None) -> None:
+        answers.append((value, type(error)))
+
+    async with supervised(Supervisor([Counter.child_spec("c", name="counter")])):
+        ref = whereis("counter")
+        assert ref is not None
+        ref.send_request("incr", on_reply)
+        send_request("counter", "incr", on_reply)  # by name too
+        send_request("counter", "boom", on_reply)  # a crash: the caller gets ServerDown
+        send_request("counter", "get", on_reply)  # queued behind the crash: ServerDown too
+        assert answers == []  # nothing is answered before the actor runs
+        await settle()
+        assert answers == [(1, type(None)), (2, type(None)), (None, ServerDown), (None, ServerDown)]
+
+
+async def test_send_request_times_out_and_fails_with_the_actor(autojump_clock: Any) -> None:
+    answers: list[tuple[float, Any, Any]] = []
+
+    def on_reply(value: Any, error: Exception | None) -> None:
+        answers.append((trio.current_time(), value, type(error)))
+
+    async with supervised(Supervisor([Deferring.child_spec("d", name="deferring")])):
+        ref = whereis("deferring")
+        assert ref is not None
+        ref.send_request("work", on_reply, timeout=2)
+        await trio.sleep(5)
+        await ref.cast(("reply", "too late"))  # the slot is settled: nothing more happens
+        await ref.cast("pop")
+        ref.send_request("work", on_reply)
+        await ref.cast(("reply", "done"))
+        await ref.cast("pop")
+        ref.send_request("work", on_reply)
+        await ref.cast(("fail", KeyError("missing")))
+        await ref.cast("pop")
+        ref.send_request("work", on_reply)
+        await ref.cast("boom")
+        await settle()
+        assert answers == [
+            (2, None, CallTimeout),
+            (5, "done", type(None)),
+            (5, None, KeyError),
+            (5, None, ServerDown),
+        ]
+
+
+async def test_send_request_refuses_at_once_when_it_cannot_send(autojump_clock: Any) -> None:
+    def on_reply(value: Any, error: Exception | None) -> None:
+        raise AssertionError("a request that was not sent is never answered")
+
+    with pytest.raises(NoProc):
+        send_request("nobody", "x", on_reply)
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(Slow.start)
+        for i in range(3):
+            nursery.start_soon(ref.cast, i)  # one being handled, two queued: full
+            await settle()
+        with pytest.raises(trio.WouldBlock):
+            ref.send_request("x", on_reply)
+        nursery.cancel_scope.cancel()
+    with pytest.raises(NoProc):
+        ref.send_request("x", on_reply)

@@ -72,6 +72,7 @@ from .protocol import (
     Role,
     session_from_wire,
 )
+from .reactor import Reactor
 from .transport import (
     RECEIVE_SIZE,
     Outbox,
@@ -173,8 +174,10 @@ class Server:
                 await trio.aclose_forcefully(listener)
             raise
         bound = [_describe(listener) for listener in listeners]
+        self.reactor = Reactor()
         try:
             async with trio.open_nursery() as handlers:
+                handlers.start_soon(self.reactor.run)
                 async with trio.open_nursery() as acceptors:
                     self._accepting = acceptors.cancel_scope
                     self._draining = False
@@ -187,6 +190,7 @@ class Server:
                 # Only drain() gets here: accepting stopped, connections finish in `handlers`.
                 await trio.sleep_forever()
         finally:
+            self.reactor.close()
             for address in self.addresses:
                 remove_socket_file(address)
 
@@ -391,7 +395,8 @@ def _describe(listener: trio.SocketListener) -> str:
 
 
 class _ConnectionHandler:
-    """One client connection: a reader, a task per request, and a writer."""
+    """One client connection: read by the server's reactor, answered by callbacks, and a task
+    that owns its lifetime (pauses, the auth deadline, draining, closing)."""
 
     def __init__(self, server: Server, stream: SocketStream) -> None:
         self.server = server
@@ -400,11 +405,14 @@ class _ConnectionHandler:
         self.outbox = Outbox(stream)
         self.authenticated = False
         self._in_flight = 0  # requests read and not answered yet
-        self._answered = trio.Event()  # set when one is answered while the reader waits
-        self._waiting = False
-        self._done = False  # after run(): late answers are dropped with the connection
         self._reading = trio.CancelScope()
         self._everything = trio.CancelScope()
+        self._requests: trio.Nursery  # for methods that need a task of their own
+        # Set by the reactor's callbacks for the lifetime task: reading ended, or paused.
+        self._ended = False
+        self._paused = False
+        self._changed = trio.Event()
+        self._done = False  # after run(): late answers are dropped with the connection
 
     def stop_reading(self) -> None:
         """Read no more requests; those in flight are still answered."""
@@ -424,70 +432,120 @@ class _ConnectionHandler:
         with self._everything:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.outbox.run)
-                async with trio.open_nursery() as requests:
+                async with trio.open_nursery() as self._requests:
                     with self._reading:
                         if self.server.requires_token:
                             self._reading.deadline = (
                                 trio.current_time() + self.server.limits.auth_timeout
                             )
-                        await self._read(requests)
-                    await self._wait_in_flight(0)
+                        await self._read()
+                    while self._in_flight:
+                        await self._wait_for_change()
                 self.outbox.close()
             await _linger(self.stream)
 
-    async def _wait_in_flight(self, below: int) -> None:
-        """Wait until at most ``below`` requests are unanswered."""
-        while self._in_flight > below:
-            self._waiting = True
-            await self._answered.wait()
-            self._answered = trio.Event()
+    async def _wait_for_change(self) -> None:
+        await self._changed.wait()
+        self._changed = trio.Event()
 
-    async def _read(self, requests: trio.Nursery) -> None:
-        while True:
-            await self.outbox.wait_below(OUTBOX_HIGH_WATER)
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+    async def _read(self) -> None:
+        """Have the reactor read until the connection ends; take over while it is paused."""
+        reactor, sock = self.server.reactor, self.stream.socket
+        reactor.add(sock, self._on_readable)
+        try:
+            while not self._ended:
+                if not self._paused:
+                    await self._wait_for_change()
+                    continue
+                # Paused: too many requests in flight, or too many answers unsent.
+                while self._blocked():
+                    if self._in_flight >= self.server.limits.max_in_flight:
+                        await self._wait_for_change()
+                    else:
+                        await self.outbox.wait_below(OUTBOX_HIGH_WATER)
+                self._paused = False
+                self._dispatch()  # what was received before the pause
+                if not (self._ended or self._paused):
+                    reactor.resume(sock)
+        finally:
+            self._ended = True  # also when stop_reading() cancelled us: answers must wake _run
+            reactor.remove(sock)
+
+    def _blocked(self) -> bool:
+        return (
+            self._in_flight >= self.server.limits.max_in_flight
+            or self.outbox.queued >= OUTBOX_HIGH_WATER
+        )
+
+    def _on_readable(self) -> None:
+        """The reactor's callback: take what the socket has and act on it."""
+        if self._ended or self._paused:
+            return
+        try:
+            data = self.stream.socket.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # reset by the peer: as good as closed
+        try:
             self.protocol.receive_data(data)
-            if not await self._dispatch(requests):
-                return
+            self._dispatch()
+        except Exception:  # one connection's bug must not take the others down
+            log.exception("connection handler failed")
+            self._end()
 
-    async def _dispatch(self, requests: trio.Nursery) -> bool:
-        """Act on every event received so far; False when the connection must stop reading."""
-        while True:
+    def _end(self) -> None:
+        self._ended = True
+        self._changed.set()
+
+    def _pause(self) -> None:
+        self._paused = True
+        self.server.reactor.pause(self.stream.socket)
+        self._changed.set()
+
+    def _dispatch(self) -> None:
+        """Act on the events received so far, until none is left, reading must stop, or too
+        much is in flight (the rest stay queued in the protocol until :meth:`_read` resumes)."""
+        while not self._ended:
+            if self._blocked():
+                self._pause()
+                return
             try:
                 event = self.protocol.next_event()
             except RemoteProtocolError as exc:
                 log.warning("closing a connection that broke the protocol: %s", exc)
                 self.outbox.send(self.protocol.send_error(exc))
-                return False
+                self._end()
+                return
             if event is NEED_DATA:
-                return True
+                return
             if isinstance(event, Request):
                 if event.method == "auth" or not self.authenticated:
                     if not self._authenticate(event):
-                        return False
+                        self._end()
+                        return
                     if event.method == "auth":
                         continue
-                await self._wait_in_flight(self.server.limits.max_in_flight - 1)
                 self._in_flight += 1
                 reply = partial(self._settle, event.msgid)
                 if not self.server.submit(event.method, event.params, reply):
-                    requests.start_soon(self._answer, event, reply)
+                    self._requests.start_soon(self._answer, event, reply)
             elif isinstance(event, InvalidMessage):
                 if event.msgid is None or not self.authenticated:
                     log.warning(
                         "closing a connection that sent an invalid message: %s", event.reason
                     )
                     self.outbox.send(self.protocol.send_error(RemoteProtocolError(event.reason)))
-                    return False
+                    self._end()
+                    return
                 self._reply(event.msgid, error=InvalidRequest(event.reason))
             elif isinstance(event, Notification):
                 if not self.authenticated:
-                    return False
+                    self._end()
+                    return
             else:  # ConnectionClosed: answer what is in flight, then close
-                return False
+                self._end()
+                return
 
     def _authenticate(self, request: Request) -> bool:
         """Handle an ``auth`` request, or the first request of a connection; False to close."""
@@ -520,9 +578,8 @@ class _ConnectionHandler:
         if self._done:
             return
         self._in_flight -= 1
-        if self._waiting:
-            self._waiting = False
-            self._answered.set()
+        if self._paused or self._ended:
+            self._changed.set()
         self._reply(msgid, result=result, error=error)
 
     def _reply(self, msgid: int, *, result: Any = None, error: SessionError | None = None) -> None:
