@@ -20,6 +20,12 @@ from bench.records import Record
 
 INSTALL_HINT = "pip install -e '.[plot]'"
 PANELS = ("create", "retrieve")
+#: How the legend names each product: in process, or a daemon over TCP.
+PRODUCTS = {
+    "memory": "memory, embedded",
+    "disk": "disk, embedded",
+    "daemon": "daemon over TCP (disk)",
+}
 #: The records plotted: "memory create x50", "daemon retrieve c=50", ...
 _PLOTTED = re.compile(r"(?P<who>memory|disk|daemon) (?P<op>create|retrieve) (?:x|c=)(?P<n>\d+)")
 #: A floor measured at a concurrency of its own: "channel request/reply x50", "redis SET c=50".
@@ -59,7 +65,7 @@ def lines(records: Sequence[Record]) -> dict[str, list[Line]]:
             continue
         who, op, n = match["who"], match["op"], int(match["n"])
         colour = colours.setdefault(who, len(colours))
-        panels[op].setdefault(who, Line(who, False, colour)).points[n] = r["ops_per_s"]
+        panels[op].setdefault(who, Line(PRODUCTS[who], False, colour)).points[n] = r["ops_per_s"]
         at_level = _AT_LEVEL.fullmatch(r["floor_name"])
         label, level = (
             (at_level["label"], int(at_level["n"])) if at_level else (r["floor_name"], None)
@@ -76,7 +82,7 @@ def draw(records: Sequence[Record], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 5.5), sharey=True)
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 6.5), sharey=True)
     panels = lines(records)
     for ax, op in zip(axes, PANELS, strict=True):
         levels = sorted({n for line in panels[op] for n in line.points if n is not None})
@@ -97,8 +103,9 @@ def draw(records: Sequence[Record], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(op)
         ax.set_xlabel("concurrent callers / connections")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.grid(True, alpha=0.3)
+        # Below the panel, so that no line is hidden behind it.
+        ax.legend(fontsize="small", ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     axes[0].set_ylabel("operations per second")
     figure.suptitle("Throughput against concurrency (solid: product, dashed: its floor)")
     figure.tight_layout()

@@ -142,9 +142,9 @@ def test_the_plot_draws_products_and_their_floors_by_concurrency() -> None:
     assert panels["retrieve"] == []
     drawn = {(line.label, line.floor): (line.colour, line.points) for line in panels["create"]}
     assert drawn == {
-        ("memory", False): (0, {1: 40.0, 50: 80.0}),
-        ("disk", False): (1, {1: 4.0, 50: 24.0}),
-        ("daemon", False): (2, {50: 6.0}),
+        ("memory, embedded", False): (0, {1: 40.0, 50: 80.0}),
+        ("disk, embedded", False): (1, {1: 4.0, 50: 24.0}),
+        ("daemon over TCP (disk)", False): (2, {50: 6.0}),
         ("channel request/reply", True): (0, {1: 90.0, 50: 300.0}),
         ("raw diskcache create", True): (1, {None: 16.0}),  # measured once: drawn flat
         ("redis SET", True): (2, {50: 60.0}),
