@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Options for `make bench`, e.g. BENCH_ARGS="--quick --json bench.json --plot bench.png".
+BENCH_ARGS ?=
 
 .PHONY: demo test bench lint clean
 
@@ -19,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) run.py bench
+	$(PY) run.py bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

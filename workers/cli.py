@@ -18,6 +18,7 @@ VERB_MODULES = (
     "workers.admin",
     "workers.migrate",
     "workers.chaos",
+    "workers.bench_verb",
 )
 
 
