@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
@@ -331,7 +330,18 @@ class SessionService:
 
 def _copy(session: Session) -> Session:
     """The copy of a manager's (shared, read-only) session that a caller may change freely."""
-    return replace(session, metadata=copy_metadata(session.metadata))
+    metadata = session.metadata
+    # Flat metadata (the common case) needs no deep copy: its values cannot be changed.
+    if any(type(v) in _CONTAINERS for v in metadata.values()):
+        metadata = copy_metadata(metadata)
+    else:
+        metadata = dict(metadata)
+    s = session
+    return Session(s.id, s.created_at, s.last_accessed, s.timeout_ms, metadata, s.version)
+
+
+#: What canonical metadata can hold that a caller could change in place.
+_CONTAINERS = frozenset((dict, list))
 
 
 async def run_session_service(
