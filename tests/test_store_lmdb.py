@@ -356,3 +356,39 @@ async def test_an_id_too_long_for_lmdb_is_refused(tmp_path: Path) -> None:
         assert await store.count(T0) == 0
     finally:
         await store.close()
+
+
+# --- memory ---
+
+
+def rss_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+async def test_pages_read_are_unmapped_after_a_while(tmp_path: Path) -> None:
+    # Pages read stay mapped (RssFile) until dropped; dropped, they read back the same.
+    store = await opened(tmp_path / "s", map_size=1 << 20)  # grows: a new mapping each time
+    try:
+        sessions = [session(f"s{i:05}", pad="x" * 300) for i in range(10_000)]
+        for start in range(0, len(sessions), 1000):
+            await store.commit([Put(s, None) for s in sessions[start : start + 1000]])
+        assert store._env.info()["map_size"] > 1 << 20
+        mapped = store._mapped
+        drops = mapped.drops
+        before = rss_file_kb()
+        loaded = {}
+        for start in range(0, len(sessions), 100):
+            loaded.update(await store.load([s.id for s in sessions[start : start + 100]]))
+        assert loaded == {s.id: s for s in sessions}
+        assert mapped.drops - drops >= len(sessions) // (mapped.UNMAP_EVERY + 100)
+        await store._run(mapped.drop)
+        # The data file is about 4 MB and was read whole; none of it stays mapped.
+        assert rss_file_kb() - before < 1024
+        assert await store.load([sessions[0].id]) == {sessions[0].id: sessions[0]}
+    finally:
+        await store.close()
