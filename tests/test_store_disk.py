@@ -552,11 +552,6 @@ async def test_checkpoints_run_on_a_thread_of_their_own(tmp_path: Path) -> None:
     # A WAL checkpoint copies every page written since the last one and syncs: on the store
     # thread it stalled one commit in a few by tens of ms (a sweep's p99).
     async with opened(tmp_path / "store") as store:
-
-        def autocheckpoint(cache: diskcache.Cache) -> int:
-            return disk._select(cache, "PRAGMA wal_autocheckpoint", ())[0][0]
-
-        assert await store._run(autocheckpoint) == disk._FALLBACK_CHECKPOINT_PAGES
         checkpoints = store._checkpoints
         assert checkpoints is not None
         await store.commit([Put(session(f"s{i}"), None) for i in range(100)])

@@ -82,18 +82,19 @@ The one exception is the checkpoint thread below, which only checkpoints.
 
 Checkpoints
 -----------
-In WAL mode SQLite appends committed pages to ``cache.db-wal`` and, by default, the connection
-whose commit takes the WAL past 1000 pages copies them into ``cache.db`` and syncs both files
-(a checkpoint) before that commit returns. A batch that touches sessions at random (a sweep
-deleting 500, the deferred access times of a busy second) writes about a page per session, so
-one commit in two or three paid a checkpoint: 10 to 25 ms on the store thread, during which
-no request of the service is answered. A :class:`_Checkpointer` thread with a connection of
-its own runs the checkpoints instead (``PRAGMA wal_checkpoint(PASSIVE)``, woken by commits, at
-most every 50 ms): SQLite lets a checkpoint run alongside the writer and readers of other
-connections, and the GIL is released while it copies and syncs. The store thread's
-connection still checkpoints by itself past ``_FALLBACK_CHECKPOINT_PAGES`` (64 MB), which
-only happens if the checkpoint thread cannot keep up or fails. ``close`` stops the checkpoint
-thread first, so the store's connection is the last one and checkpoints the WAL away as before.
+In WAL mode SQLite appends committed pages to ``cache.db-wal``, and the connection whose commit
+takes the WAL past 1000 pages copies them into ``cache.db`` and syncs both files (a
+checkpoint) before that commit returns. A batch that touches sessions at random (a sweep
+deleting hundreds, the deferred access times of a busy second) writes about a page per
+session, so every few commits paid a checkpoint: 10 to 190 ms on the store thread, during
+which no request of the service is answered. A :class:`_Checkpointer` thread with a connection
+of its own checkpoints after every commit (``PRAGMA wal_checkpoint(PASSIVE)``, woken by
+``commit``): SQLite lets it run alongside the store thread's reads and writes, and the GIL is
+released while it copies and syncs. The store thread's connection keeps SQLite's own
+checkpoint every 1000 pages (it restarts the WAL), which finds most pages already copied and
+synced and costs little. Measured on a sweep of 1M sessions: commit p99 20 -> 5 ms, worst
+60-190 -> 11 ms. ``close`` stops the checkpoint thread first, so the store's connection is the
+last one and checkpoints the WAL away as before.
 
 One owner
 ---------
@@ -215,9 +216,6 @@ _UPDATE = (
 )
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
 _DELETE_EXPIRED = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag < ?"
-#: WAL pages past which the store thread's connection checkpoints by itself (SQLite's default
-#: is 1000, about 4 MB): only when the checkpoint thread has fallen far behind.
-_FALLBACK_CHECKPOINT_PAGES = 16_384
 
 
 class SessionDisk(diskcache.Disk):
@@ -375,9 +373,6 @@ class DiskStore:
                 # Damage past what _inspect reads (a settings or index page, say).
                 lock = self._set_aside(lock, f"corrupt SQLite database: {exc}")
                 cache = self._new_cache()
-            # Checkpoints move to a thread of their own (see "Checkpoints"); this connection
-            # only checkpoints if that thread falls far behind.
-            cache._sql(f"PRAGMA wal_autocheckpoint = {_FALLBACK_CHECKPOINT_PAGES}")
         except (sqlite3.Error, OSError) as exc:
             lock.release()
             raise StoreError(f"cannot open disk store {self.path}: {exc}") from exc
@@ -554,16 +549,14 @@ class _Checkpointer:
 
     Woken by each commit (``notify``), it runs a PASSIVE checkpoint, which copies the frames
     committed so far into the database without waiting for, or blocking, the store thread's
-    readers and writer; then it rests ``pause`` seconds so that a burst of commits costs a few
-    checkpoints, not one each. Failures are logged and tried again at the next commit: until a
-    checkpoint succeeds the WAL only grows, and past ``_FALLBACK_CHECKPOINT_PAGES`` the store
-    thread's own connection checkpoints, as SQLite does by default.
+    readers and writer. Commits that come while it works are covered by the next one. A
+    failure is logged and tried again at the next commit; meanwhile the store thread's own
+    checkpoints (every 1000 pages, SQLite's default) do the work, as they did without this.
     """
 
-    def __init__(self, db: Path, synchronous: int, pause: float = 0.05) -> None:
+    def __init__(self, db: Path, synchronous: int) -> None:
         self._db = db
         self._synchronous = synchronous
-        self._pause = pause
         self._due = threading.Event()
         self._stopping = threading.Event()
         #: Checkpoints run so far, and an Event set after each (for tests and diagnostics).
@@ -605,7 +598,6 @@ class _Checkpointer:
                 else:
                     self.runs += 1
                     self.ran.set()
-                self._stopping.wait(self._pause)
         finally:
             con.close()
 
