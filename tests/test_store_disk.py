@@ -597,3 +597,14 @@ async def test_sql_writes_keep_diskcaches_bookkeeping(tmp_path: Path) -> None:
 async def store_load(tmp_path: Path, sid: str) -> Session | None:
     async with opened(tmp_path / "store") as store:
         return (await store.load([sid])).get(sid)
+
+
+async def test_the_database_is_not_memory_mapped_unless_asked(tmp_path: Path) -> None:
+    # diskcache's 64 MiB mmap window made that much of a large store resident for nothing.
+    def mmap_size(cache: diskcache.Cache) -> int:
+        return disk._select(cache, "PRAGMA mmap_size", ())[0][0]
+
+    async with opened(tmp_path / "store") as store:
+        assert await store._run(mmap_size) == 0
+    async with opened(tmp_path / "store", sqlite_mmap_size=1 << 20) as store:
+        assert await store._run(mmap_size) == 1 << 20
