@@ -57,13 +57,19 @@ its resident memory (``RssFile``) within seconds, though it had loaded nothing: 
 the kernel's page cache, shared, clean and reclaimable, the same pages a file read with
 ``read(2)`` leaves cached, which no process's RSS counts. :class:`_MappedPages` keeps that
 figure bounded by dropping the mapping's pages (``MADV_DONTNEED``) after every
-``UNMAP_EVERY`` records read or written: the page cache keeps them, and a page read again is
-mapped again by a minor fault. At 1M sessions it cost no measurable throughput.
+``unmap_every`` records read or written (512, a write counting three): the page cache keeps them,
+and a page read again is mapped again by a minor fault. Serving 1M sessions at random it kept
+``RssFile`` at 40-90 MB, against 380-480 MB. The price is a fault for nearly every page read,
+as ``read(2)`` would copy it: about a fifth of the throughput under reads at random across 1M
+sessions (16,000-17,000 against 21,000-23,000 operations a second, A/B). ``unmap_every=None``
+keeps every page mapped instead, for a store whose resident size does not matter.
 
 What stays in ``RssAnon``: LMDB copies every page a write transaction changes into a buffer of
 its own and, after the commit, keeps those buffers for reuse until the environment is closed,
 so the process holds as much as the largest transaction ever changed (about 3 pages, 12 KB,
-per session written at random).
+per session written at random). The largest is the manager's commit of a second's deferred
+access-time refreshes, one transaction however many: at 1M sessions and 9,000 to 16,000
+retrieves a second, 70 to 165 MB. Only a bound on that commit's size bounds it.
 
 Corruption
 ----------
@@ -141,6 +147,8 @@ class LmdbStore:
         ``"fail"``: refuse to open it.
     :param map_size: initial LMDB map size in bytes (the map doubles when full).
     :param max_map_size: the map never grows past this; a batch that needs more fails.
+    :param unmap_every: records read (a write counts three) between drops of the data file's
+        mapped pages (see "Memory"); None never drops them.
     """
 
     backend = "lmdb"
@@ -154,11 +162,14 @@ class LmdbStore:
         on_corrupt: Literal["quarantine", "fail"] = "quarantine",
         map_size: int = 64 * _MIB,
         max_map_size: int = 16 * 1024 * _MIB,
+        unmap_every: int | None = 512,
     ) -> None:
         if durability not in ("process", "power"):
             raise ValueError(f"durability is 'process' or 'power', not {durability!r}")
         if on_corrupt not in ("quarantine", "fail"):
             raise ValueError(f"on_corrupt is 'quarantine' or 'fail', not {on_corrupt!r}")
+        if unmap_every is not None and (isinstance(unmap_every, bool) or unmap_every < 1):
+            raise ValueError(f"unmap_every is a positive int or None, not {unmap_every!r}")
         if not 0 < map_size <= max_map_size:
             raise ValueError(
                 f"need 0 < map_size <= max_map_size, got {map_size} and {max_map_size}"
@@ -174,7 +185,7 @@ class LmdbStore:
         self._meta: Any = None
         self._sessions: Any = None
         self._expiry: Any = None
-        self._mapped = _MappedPages(self.path / DATA_FILE)
+        self._mapped = _MappedPages(self.path / DATA_FILE, unmap_every)
 
     def __repr__(self) -> str:
         return f"LmdbStore({str(self.path)!r}, durability={self.durability!r})"
@@ -303,7 +314,6 @@ class LmdbStore:
             env.close()
             raise
         self._env = env
-        self._mapped.drop()  # and learns where the data file is mapped
 
     def _check_size(self, env: lmdb.Environment, data: Path) -> None:
         # Reading a page past the end of the mapped file is SIGBUS, not an exception: make sure
@@ -400,8 +410,7 @@ class LmdbStore:
             )
         new_size = min(size * 2, self.max_map_size)
         log.info("lmdb store %s: map size %d -> %d bytes", self.path, size, new_size)
-        self._env.set_mapsize(new_size)  # a new mapping, maybe at a new address
-        self._mapped.drop()
+        self._env.set_mapsize(new_size)
 
     def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
         touched = self._mapped.touched
@@ -517,8 +526,8 @@ class LmdbStore:
 class _MappedPages:
     """Keeps the pages of the data file mapped into this process few: see "Memory".
 
-    Counts the records read or written, and after ``UNMAP_EVERY`` of them drops every page of
-    the data file's mapping with ``madvise(MADV_DONTNEED)``. Only the page tables change: the
+    Counts the records read or written, and after ``every`` of them drops every page of the
+    data file's mapping with ``madvise(MADV_DONTNEED)``. Only the page tables change: the
     pages stay in the page cache, and the next read of one maps it again (a minor fault, a
     microsecond or two). Safe at any moment on the store thread, inside a transaction too:
     without ``writemap`` LMDB only reads the mapping, so dropped pages come back unchanged.
@@ -529,25 +538,24 @@ class _MappedPages:
     ``/proc`` (not Linux) nothing is dropped.
     """
 
-    #: Records read (a write counts three) between drops. Each page read maps up to 16
-    #: neighbours that are in the page cache too (fault-around): measured at 1M sessions, 512
-    #: keeps about 40-60 MB mapped, 1024 about 80-100 MB.
-    UNMAP_EVERY = 512
-
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, every: int | None) -> None:
         self._data = data
+        #: Records read (a write counts three) between drops; None: never. Each page read maps
+        #: up to 16 neighbours that are in the page cache too (fault-around): measured at 1M
+        #: sessions, 512 keeps 40-90 MB mapped, 2048 about 220 MB.
+        self.every = every
         self._count = 0
         #: Drops done so far (for tests and diagnostics).
         self.drops = 0
 
     def touched(self, records: int) -> None:
         self._count += records
-        if self._count >= self.UNMAP_EVERY:
+        if self.every is not None and self._count >= self.every:
             self.drop()
 
     def drop(self) -> None:
         self._count = 0
-        if _madvise is None:
+        if self.every is None or _madvise is None:
             return
         for start, length in _mappings_of(self._data):
             _madvise(start, length, mmap.MADV_DONTNEED)
