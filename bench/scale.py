@@ -24,7 +24,9 @@ stores them.
    LMDB's data file). LMDB reads everything through a shared mapping of its data file, so
    every page it reads is in ``RssFile`` until the store drops its mappings (see
    :mod:`workers.stores.lmdb`, "Memory"); those pages stay in the kernel's page cache, which no
-   process's RSS counts, as with any file read through ``read(2)`` (SQLite's, for one).
+   process's RSS counts, as with any file read through ``read(2)`` (SQLite's, for one). For
+   lmdb the workload is served again with ``unmap_every=None`` (every page left mapped), to
+   show what the bound costs in operations per second.
 2. **Memory store vs a plain dict.** One child puts N records in a plain ``dict`` (id ->
    :class:`~workers.session.Session`, the very objects :func:`record` builds); another imports
    the same N records into a memory-store service (``import_sessions``, 10,000 a call). Each
@@ -186,11 +188,13 @@ async def _loop_until(
     return done
 
 
-async def child_serve(backend: str, path: str, n: int, seconds: float) -> dict[str, Any]:
+async def child_serve(
+    backend: str, path: str, n: int, seconds: float, **options: Any
+) -> dict[str, Any]:
     """Open the service over the filled store, then serve the mixed workload; see the docstring."""
     before = status()
     t0 = time.perf_counter()
-    async with open_session_service(backend=backend, path=path) as sessions:
+    async with open_session_service(backend=backend, path=path, **options) as sessions:
         opened = time.perf_counter() - t0
         after_open = status()
 
@@ -420,6 +424,8 @@ def run(
                     served = in_child("serve", backend=backend, path=path, n=n, seconds=serve_s)
                     _progress(f"{backend}: served {served}")
                     records += _serve_records(backend, big, served)
+                    if backend == "lmdb":
+                        records += _mapped_records(big, path, n, serve_s, served)
                 rates[size] = in_child("rates", backend=backend, path=path, n=size, seconds=rate_s)
                 _progress(f"{backend} @{label(size)}: {rates[size]}")
                 if size == n:
@@ -444,6 +450,29 @@ def run(
         return records
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _mapped_records(
+    big: str, path: str, n: int, seconds: float, served: dict[str, Any]
+) -> list[Record]:
+    """What lmdb's bounded mapping costs: the same serving with every page left mapped."""
+    mapped = in_child("serve", backend="lmdb", path=path, n=n, seconds=seconds, unmap_every=None)
+    _progress(f"lmdb: served with unmap_every=None {mapped}")
+    return [
+        throughput(
+            f"lmdb serve {big} ops/s",
+            served["ops_per_s"],
+            "same, unmap_every=None",
+            mapped["ops_per_s"],
+        ),
+        measurement(
+            f"lmdb serve {big} VmHWM unmap_every=None",
+            mapped["hwm"],
+            "MB",
+            "limit",
+            RSS_LIMIT_MB,
+        ),
+    ]
 
 
 def _sweeps(
