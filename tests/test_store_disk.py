@@ -514,7 +514,10 @@ async def test_every_blocking_call_runs_on_the_one_store_thread(
     names = {name for name, _ in seen}
     expected = {"put", "get", "store", "fetch", "Cache.__init__", "Cache.close", "Cache.transact"}
     assert expected | {"sqlite3.connect"} <= names
-    threads = {thread for _, thread in seen}
+    # Besides the store thread, only the checkpoint thread connects, and does nothing else.
+    others = {thread for name, thread in seen if thread.name.startswith("disk store checkpoints")}
+    assert [name for name, thread in seen if thread in others] == ["sqlite3.connect"]
+    threads = {thread for _, thread in seen} - others
     assert len(threads) == 1
     (thread,) = threads
     assert thread is not threading.main_thread()
@@ -540,3 +543,68 @@ async def test_queries_use_their_indexes(tmp_path: Path) -> None:
     assert "INDEX Cache_tag_rowid (tag<?)" in expired_ids
     assert "INDEX Cache_tag_rowid (tag<?)" in expired_count
     assert "INDEX Cache_key_raw (key>?)" in page
+
+
+# --- checkpoints and SQL writes ---
+
+
+async def test_checkpoints_run_on_a_thread_of_their_own(tmp_path: Path) -> None:
+    # A WAL checkpoint copies every page written since the last one and syncs: on the store
+    # thread it stalled one commit in a few by tens of ms (a sweep's p99).
+    async with opened(tmp_path / "store") as store:
+        checkpoints = store._checkpoints
+        assert checkpoints is not None
+        await store.commit([Put(session(f"s{i}"), None) for i in range(100)])
+        assert await trio.to_thread.run_sync(checkpoints.ran.wait, 10)
+        assert checkpoints.runs >= 1
+        thread = checkpoints._thread
+    assert not thread.is_alive(), "close stops the checkpoint thread"
+    # It stopped first, so the store's own connection was the last: the WAL is gone.
+    assert not (tmp_path / "store" / "cache.db-wal").exists()
+
+
+async def test_sql_writes_keep_diskcaches_bookkeeping(tmp_path: Path) -> None:
+    # Writes are SQL on diskcache's schema: its count must follow, and diskcache must read
+    # the rows back as its own.
+    async with opened(tmp_path / "store") as store:
+        created = [session(f"s{i}") for i in range(10)]
+        assert await store.commit([Put(s, None) for s in created]) == [True] * 10
+        assert await store.commit([Put(session("s0"), None)]) == [False]  # id in use
+        updated = session("s1", version=2, last_accessed=T0 + 5, timeout_ms=None)
+        assert await store.commit([Put(updated, 1), Put(session("s2", version=3), 2)]) == [
+            True,
+            False,  # stale version
+        ]
+        later = T0 + 60_001
+        assert await store.commit(
+            [Delete("s3"), Delete("s4", if_expired_at=T0), Delete("s5", if_expired_at=later)]
+        ) == [True, False, True]
+        assert await store.commit([Delete("s1", if_expired_at=later * 10)]) == [False]
+
+        def diskcache_view(cache: diskcache.Cache) -> tuple[int, Any, Any, list[str]]:
+            row = cache.get("s1", tag=True)
+            # check() compares the count and size in Settings with the rows (our LOCK file
+            # is a file diskcache does not know: not a problem).
+            problems = [str(w.message) for w in cache.check()]
+            return len(cache), row, cache.get("s3"), [p for p in problems if "LOCK" not in p]
+
+        count, (_, tag), gone, problems = await store._run(diskcache_view)
+    assert count == 8 and gone is None and problems == []
+    assert tag is None  # never expires: no tag, so no sweep finds it
+    assert (await store_load(tmp_path, "s1")) == updated
+
+
+async def store_load(tmp_path: Path, sid: str) -> Session | None:
+    async with opened(tmp_path / "store") as store:
+        return (await store.load([sid])).get(sid)
+
+
+async def test_the_database_is_not_memory_mapped_unless_asked(tmp_path: Path) -> None:
+    # diskcache's 64 MiB mmap window made that much of a large store resident for nothing.
+    def mmap_size(cache: diskcache.Cache) -> int:
+        return disk._select(cache, "PRAGMA mmap_size", ())[0][0]
+
+    async with opened(tmp_path / "store") as store:
+        assert await store._run(mmap_size) == 0
+    async with opened(tmp_path / "store", sqlite_mmap_size=1 << 20) as store:
+        assert await store._run(mmap_size) == 1 << 20

@@ -61,6 +61,8 @@ def quarantined(path: Path) -> list[Path]:
         {"on_corrupt": "ignore"},
         {"map_size": 0},
         {"map_size": 1 << 30, "max_map_size": 1 << 20},
+        {"unmap_every": 0},
+        {"unmap_every": True},
     ],
 )
 def test_bad_options_are_refused(tmp_path: Path, options: dict[str, object]) -> None:
@@ -354,5 +356,54 @@ async def test_an_id_too_long_for_lmdb_is_refused(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="byte limit"):
             await store.commit([Put(session("é" * 256), None)])
         assert await store.count(T0) == 0
+    finally:
+        await store.close()
+
+
+# --- memory ---
+
+
+def rss_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+async def test_pages_read_are_unmapped_after_a_while(tmp_path: Path) -> None:
+    # Pages read stay mapped (RssFile) until dropped; dropped, they read back the same.
+    store = await opened(tmp_path / "s", map_size=1 << 20)  # grows: a new mapping each time
+    try:
+        sessions = [session(f"s{i:05}", pad="x" * 300) for i in range(10_000)]
+        for start in range(0, len(sessions), 1000):
+            await store.commit([Put(s, None) for s in sessions[start : start + 1000]])
+        assert store._env.info()["map_size"] > 1 << 20
+        mapped = store._mapped
+        drops = mapped.drops
+        before = rss_file_kb()
+        loaded = {}
+        for start in range(0, len(sessions), 100):
+            loaded.update(await store.load([s.id for s in sessions[start : start + 100]]))
+        assert loaded == {s.id: s for s in sessions}
+        assert mapped.every is not None
+        assert mapped.drops - drops >= len(sessions) // (mapped.every + 100)
+        await store._run(mapped.drop)
+        # The data file is about 4 MB and was read whole; none of it stays mapped.
+        assert rss_file_kb() - before < 1024
+        assert await store.load([sessions[0].id]) == {sessions[0].id: sessions[0]}
+    finally:
+        await store.close()
+
+
+async def test_unmap_every_none_keeps_the_pages_mapped(tmp_path: Path) -> None:
+    # For a store whose resident size does not matter: no drops, no faults to map pages again.
+    store = await opened(tmp_path / "s", unmap_every=None)
+    try:
+        sessions = [session(f"s{i:05}") for i in range(3000)]
+        await store.commit([Put(s, None) for s in sessions])
+        assert len(await store.load([s.id for s in sessions])) == len(sessions)
+        assert store._mapped.drops == 0
     finally:
         await store.close()

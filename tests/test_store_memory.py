@@ -117,3 +117,33 @@ async def test_a_foreign_cursor_is_refused() -> None:
     for cursor in ("s0001", "x:y", "99999:a", "-1:a"):
         with pytest.raises(StoreError, match="cursor"):
             await store.scan(T0, cursor, 10)
+
+
+async def test_a_sweep_splits_sessions_that_expire_in_the_same_millisecond() -> None:
+    # A restore or one batch of creates gives many sessions one expiry time; a sweep call must
+    # still move only about its limit of them, not the whole group.
+    store = MemoryStore()
+    await store.open()
+    n = 5000
+    sessions = {f"s{i:05}": session(f"s{i:05}") for i in range(n)}  # all expire at T0 + 1000
+    await store.commit([Put(s, None) for s in sessions.values()])
+    later = T0 + 5000
+    first = await store.expired(later, 100)
+    assert len(first) == 100
+    assert len(store._expired) == 100 and len(store._heap) == n - 100
+    # At the very millisecond they expire at, they are all still live, moved or not.
+    assert await store.count(T0 + 1000) == n
+    assert await store.expired(T0 + 1000, 10) == []
+    # A session moved by the split and renewed leaves the expired set and the sweep.
+    renewed = replace(sessions[first[0]], last_accessed=later, version=2)
+    assert await store.commit([Put(renewed, 1)]) == [True]
+    swept = 0
+    while batch := await store.expired(later, 100):
+        assert len(batch) <= 100 and first[0] not in batch
+        assert len(store._expired) <= 100
+        done = await store.commit([Delete(sid, if_expired_at=later) for sid in batch])
+        assert done == [True] * len(batch)
+        swept += len(batch)
+    assert swept == n - 1
+    assert await store.count(later) == 1
+    assert await store.expired(renewed.expires_at + 1, 10) == [first[0]]

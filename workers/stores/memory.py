@@ -21,24 +21,31 @@ randomised per process, which is fine: the store and its cursors never leave the
 
 *Expiry index.* ``expired`` and ``count`` must not visit every session. The index has two parts
 and a watermark ``W``, with this invariant: a session with ``expires_at < W`` is in
-``_expired``, and any other session with an expiry has an entry in ``_heap``.
+``_expired``, and any other session with an expiry has an entry in ``_heap``, except that while
+``_split`` is set the sessions expiring exactly at ``W`` may be in either.
 
 - ``_heap``, a min-heap of ``(expires_at, id)`` for sessions with ``expires_at >= W``. It is
   lazy: a Put that moves a session's expiry pushes a new entry and leaves the old one to be
   skipped as stale when it is popped (the session is gone, or its ``expires_at`` differs).
   When stale entries outnumber the live ones it is rebuilt, so it stays O(n) in size and each
   entry costs O(log n) once.
-- ``_expired``, the sessions with ``expires_at < W``: expired at every ``now_ms >= W``.
-  Raising ``W`` pops the heap entries below it into ``_expired``, in expiry order.
+- ``_expired``, the sessions with ``expires_at < W`` (and, with ``_split``, some with
+  ``expires_at == W``): all expired at every ``now_ms > W``, and at ``now_ms == W`` too when
+  ``_split`` is clear. Raising ``W`` pops the heap entries below it into ``_expired``, in
+  expiry order.
 
 ``expired(now, limit)`` raises ``W`` towards ``now`` only until ``_expired`` holds ``limit``
 ids, so each call of a sweep costs O(limit log n), whatever the backlog; a sweep of a million
-sessions in bounded batches is O(n log n) in total. ``count(now)`` raises ``W`` to ``now`` and
+sessions in bounded batches is O(n log n) in total. It may stop in the middle of the sessions
+that expire at one millisecond (``W`` is then that millisecond and ``_split`` is set): a
+million sessions restored or created in one batch share their expiry time, and moving them
+all in one call would hold the manager for seconds. ``count(now)`` raises ``W`` to ``now`` and
 answers ``len - len(_expired)``: each session is moved once, so O(1) amortised, but the first
 count after a long quiet spell pays for everything that expired meanwhile (a few µs each).
 ``_expired`` is an ``OrderedDict`` because the sweep deletes from its front, and a plain dict's
 iterator would re-skip every deleted slot at each batch. A clock that goes back
-(``now_ms < W``) is still answered exactly, by filtering ``_expired`` (rare, O(expired)).
+(``now_ms < W``, or ``now_ms == W`` with ``_split``) is still answered exactly, by filtering
+``_expired`` (rare, O(expired)).
 
 Every method completes without awaiting anything, so each call, a whole ``commit`` included, is
 atomic with respect to other Trio tasks without a lock, and costs no scheduler round trip.
@@ -76,6 +83,8 @@ class MemoryStore:
         self._heap: list[tuple[int, str]] = []
         self._expired: OrderedDict[str, int] = OrderedDict()
         self._watermark = _NO_WATERMARK
+        #: Whether _expired may hold sessions expiring exactly at the watermark.
+        self._split = False
         self._mark = 0
         self._open = False
 
@@ -138,17 +147,21 @@ class MemoryStore:
     async def expired(self, now_ms: int, limit: int) -> list[str]:
         self._check_open()
         _check_limit(limit)
-        if now_ms >= self._watermark:
+        if self._settled(now_ms):
             self._advance(now_ms, enough=limit)
             return list(islice(self._expired, limit))
         return list(islice((sid for sid, at in self._expired.items() if at < now_ms), limit))
 
     async def count(self, now_ms: int) -> int:
         self._check_open()
-        if now_ms >= self._watermark:
+        if self._settled(now_ms):
             self._advance(now_ms)
             return self._count - len(self._expired)
         return self._count - sum(1 for at in self._expired.values() if at < now_ms)
+
+    def _settled(self, now_ms: int) -> bool:
+        """Whether every session in ``_expired`` is expired at ``now_ms`` (the fast paths)."""
+        return now_ms > self._watermark or (now_ms == self._watermark and not self._split)
 
     def _check_open(self) -> None:
         if not self._open:
@@ -186,10 +199,10 @@ class MemoryStore:
     def _reindex(self, sid: str, old: Session | None, new: Session) -> None:
         """Keep the expiry index true for ``sid`` after ``old`` was replaced by ``new``."""
         expires_at = new.expires_at
-        # The expiry whose heap entry is still valid for this id, if any.
+        # The expiry whose heap entry is still valid for this id, if any: none once the session
+        # moved to _expired (by membership, not by time: a split moves some at W, not all).
         indexed_at = None if old is None else old.expires_at
-        if indexed_at is not None and indexed_at < self._watermark:
-            self._expired.pop(sid, None)
+        if indexed_at is not None and self._expired.pop(sid, None) is not None:
             indexed_at = None
         if expires_at is None or expires_at == indexed_at:
             return
@@ -203,26 +216,26 @@ class MemoryStore:
     def _advance(self, now_ms: int, enough: int | None = None) -> None:
         """Raise the watermark to ``now_ms``, or only until ``_expired`` holds ``enough`` ids.
 
-        Only ``now_ms >= W`` may be passed, so the watermark never goes down. Entries move a
-        whole expiry time at a time, so the watermark never splits the sessions expiring at one
-        millisecond, and every id in ``_expired`` is expired at every ``now_ms >= W``.
+        Only a settled ``now_ms`` (``_settled``) may be passed, so the watermark never goes
+        down. Stopping early leaves the watermark at the earliest expiry still in the heap,
+        with ``_split`` set: some sessions expiring then may have moved, the rest have not.
         """
         heap = self._heap
         expired = self._expired
         buckets = self._buckets
         while heap and heap[0][0] < now_ms:
-            expires_at = heap[0][0]
             if enough is not None and len(expired) >= enough:
-                self._watermark = expires_at
+                self._watermark = heap[0][0]
+                self._split = True
                 return
-            while heap and heap[0][0] == expires_at:
-                _, sid = heapq.heappop(heap)
-                session = buckets[hash(sid) & _MASK].get(sid)
-                # A stale entry (session gone or re-timed) is dropped here for good. A duplicate
-                # of a valid one just sets the same value again.
-                if session is not None and session.expires_at == expires_at:
-                    expired[sid] = expires_at
+            expires_at, sid = heapq.heappop(heap)
+            session = buckets[hash(sid) & _MASK].get(sid)
+            # A stale entry (session gone or re-timed) is dropped here for good. A duplicate
+            # of a valid one just sets the same value again.
+            if session is not None and session.expires_at == expires_at:
+                expired[sid] = expires_at
         self._watermark = now_ms
+        self._split = False
 
     def _rebuild_heap(self) -> None:
         """Drop every stale heap entry: O(n), at most once per n pushes, so O(1) amortised."""
