@@ -166,10 +166,15 @@ class SessionManager(Actor):
         """Commit every deferred access-time refresh (each a Put of an unchanged version)."""
         self.access_due = False
         sessions = list(self.unwritten.values())
-        await self.store.commit([Put(s, s.version) for s in sessions])
-        for s in sessions:
-            if self.unwritten.get(s.id) is s:
-                del self.unwritten[s.id]
+        # In chunks: refreshes are independent, and one huge transaction pins the store's
+        # write buffers (LMDB keeps them as long as the environment is open).
+        size = self.settings.max_batch
+        for start in range(0, len(sessions), size):
+            chunk = sessions[start : start + size]
+            await self.store.commit([Put(s, s.version) for s in chunk])
+            for s in chunk:
+                if self.unwritten.get(s.id) is s:
+                    del self.unwritten[s.id]
 
     async def _load(self, view: View, ids: set[str]) -> None:
         """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store."""

@@ -356,7 +356,7 @@ async def run_session_service(
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
     id_factory: Callable[[], str] = new_id,
     call_timeout: float = 5.0,
-    sweep_batch: int = 500,
+    sweep_batch: int = 100,
     page_size: int = 500,
     max_batch: int = 256,
     cache_size: int | None = None,
