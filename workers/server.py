@@ -46,7 +46,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -73,6 +73,7 @@ from .protocol import (
     session_from_wire,
 )
 from .reactor import Reactor
+from .service import SINGLE_OPERATIONS, SessionService
 from .transport import (
     RECEIVE_SIZE,
     Outbox,
@@ -81,9 +82,6 @@ from .transport import (
     raw_stream,
     remove_socket_file,
 )
-
-if TYPE_CHECKING:
-    from .service import SessionService
 
 log = logging.getLogger("workers.server")
 
@@ -253,12 +251,12 @@ class Server:
         if method is None or name not in self._methods:
             raise InvalidRequest(f"unknown method {name!r:.80}")
         method.check_params(params)
-        self.requests += 1
         return method
 
     async def call(self, name: str, params: list[Any]) -> Any:
         """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
         method = self.method(name, params)
+        self.requests += 1
         try:
             result = await self._methods[name](*params)
         except Exception as exc:
@@ -281,9 +279,8 @@ class Server:
         op_name, adapt = single
         try:
             method = self.method(name, params)
-            op = self.service.operation(op_name, *adapt(*params))
-        except Exception as exc:
-            on_reply(None, _wire_error(name, exc))
+        except InvalidRequest as exc:
+            on_reply(None, exc)
             return True
 
         def settle(value: Any, error: Exception | None) -> None:
@@ -295,10 +292,12 @@ class Server:
             on_reply(value, None if error is None else _wire_error(name, error))
 
         try:
-            self.service.submit(op, settle)
+            self.service.submit(self.service.operation(op_name, *adapt(*params)), settle)
         except (NoProc, trio.WouldBlock):
-            self.requests -= 1  # call() counts it again
-            return False
+            return False  # call() runs it, and counts it
+        except Exception as exc:  # arguments the service refused
+            on_reply(None, _wire_error(name, exc))
+        self.requests += 1
         return True
 
     async def _ping(self) -> str:
@@ -357,9 +356,10 @@ def _same_params(*params: Any) -> tuple[Any, ...]:
 
 
 #: Methods that are one manager operation: the service's name for it, and how params map.
+#: The wire's ``update`` is the service's ``patch``; the others keep their names.
 _SINGLE_OPERATIONS: dict[str, tuple[str, Callable[..., tuple[Any, ...]]]] = {
-    name: ("patch", _patch_params) if name == "update" else (name, _same_params)
-    for name in ("create", "retrieve", "peek", "update", "touch", "set_ttl", "delete", "rotate")
+    **{name: (name, _same_params) for name in SINGLE_OPERATIONS - {"patch"}},
+    "update": ("patch", _patch_params),
 }
 
 
