@@ -5,7 +5,7 @@ It knows nothing about what it supervises. Start here:
 * :class:`Supervisor`, :class:`DynamicSupervisor` and :class:`ChildSpec` build supervision trees
   with OTP's restart types, strategies and intensity (the rules are in :mod:`supervisor.restart`).
 * :class:`Actor` is gen_server: a task with a mailbox, ``call`` and ``cast``, a name registry,
-  deferred replies, timers.
+  deferred replies, timers, and inline answers (an idle actor may answer in the caller's task).
 * :func:`cleanup_scope` gives any child the shielded cleanup window its shutdown grace allows.
 * :mod:`supervisor.testing` crashes actors on demand or on a schedule, for your tests.
 """

@@ -28,16 +28,29 @@ place, so the incarnation dies exactly as if a handler had raised it.
 
 The mailbox is drained without a schedule point per message (``receive_nowait``), yielding
 once every ``_BATCH`` messages, so a busy actor answers a burst of callers in one pass.
+
+Inline answers
+--------------
+An actor that overrides :meth:`Actor.handle_call_inline` can answer a call in the caller's own
+task, with no message, no park and no wake-up, when it is *idle*: alive, its mailbox empty and
+its loop waiting for mail. Then every earlier message has been handled and no handler is part
+way through, so a synchronous handler that runs now sees exactly the state the next
+``handle_call`` would, and nothing can interleave with it. ``_Process.idle`` is set by the loop
+just before it waits for mail and cleared by every send (a message handed straight to a
+waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell). A
+handler may also open the same window while it awaits (:meth:`Actor.answering_inline`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any, ClassVar
 
+import outcome
 import trio
-from trio.lowlevel import current_task
+from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, current_task
 
 from .child import ChildSpec
 from .cleanup import cleanup_scope
@@ -71,6 +84,19 @@ class Actor:
     async def handle_call(self, request: Any) -> Any:
         """Answer ``request``; the return value is the caller's result (see :meth:`defer_reply`)."""
         raise NotImplementedError(f"{type(self).__name__} has no handle_call (got {request!r})")
+
+    def handle_call_inline(self, request: Any) -> outcome.Outcome[Any] | None:
+        """Optionally answer ``request`` at once, in the caller's task (see "Inline answers").
+
+        ``call`` and ``send_request`` try it first whenever the actor is idle; OTP has no such
+        callback, the nearest thing is a public ETS table that clients read without a message.
+        It is a plain function: it must not block, and it may read and change the state just
+        as ``handle_call`` may. Return ``outcome.Value(answer)`` or ``outcome.Error(exc)`` (what
+        ``slot.reply`` and ``slot.fail`` would give the caller), or None, having changed
+        nothing, to let the request go through the mailbox as usual. An exception raised from
+        it is a crash of the actor, as from ``handle_call``: the caller gets ServerDown.
+        """
+        return None
 
     async def handle_cast(self, message: Any) -> None:
         """Handle a cast, or a message from :meth:`send_after`."""
@@ -113,6 +139,23 @@ class Actor:
             )
         process.current = None
         return slot
+
+    @contextlib.contextmanager
+    def answering_inline(self) -> Iterator[None]:
+        """Let :meth:`handle_call_inline` answer callers while a handler awaits in this block.
+
+        For a handler that waits on slow I/O across which the state stays what the inline
+        handler may see (an actor flushing a write-behind buffer, say), so that callers are
+        not held up by it. The window opens only if the mailbox is empty and closes as soon as
+        a message arrives, so an inline answer never overtakes anything sent to the actor.
+        Use it only in the actor's own handlers.
+        """
+        process = self.__process
+        process.idle = process.mailbox_empty()
+        try:
+            yield
+        finally:
+            process.idle = False
 
     def send_after(self, delay: float, message: Any) -> TimerHandle:
         """Deliver ``message`` to this actor's ``handle_cast`` after ``delay`` seconds.
@@ -210,10 +253,18 @@ class ActorRef:
         before answering, :class:`CallTimeout` after ``timeout`` seconds (``math.inf`` waits
         forever), or whatever the actor passed to ``slot.fail``.
         """
-        # The hot path: one slot, one deadline in the heap, one send, one park.
         process = self._process
         if not process.alive:
             raise NoProc(f"{self!r} is not running")
+        if process.idle and process.inline is not None:
+            # Trio's pattern for an operation that may finish at once: a cancel point before
+            # it, a schedule point after it, so a caller looping on calls still lets others run.
+            await checkpoint_if_cancelled()  # never yields, so the actor is still idle
+            answer = process.answer_inline(request)
+            if answer is not None:
+                await cancel_shielded_checkpoint()
+                return answer.unwrap()
+        # The hot path: one slot, one deadline in the heap, one send, one park.
         task = current_task()
         if task is process.task:
             raise RuntimeError(f"{self!r} called itself; that would deadlock")
@@ -221,7 +272,7 @@ class ActorRef:
         deadline = process.now() + timeout
         process.deadlines.watch(slot, deadline)
         try:
-            process.send_nowait((request, slot))
+            process.post_nowait((request, slot))
         except trio.WouldBlock:
             await process.send_when_room(request, slot, deadline)
             return await slot._wait()
@@ -246,12 +297,27 @@ class ActorRef:
         Raises :class:`NoProc` if the actor is not running and :class:`trio.WouldBlock` if its
         mailbox is full; either way nothing was sent and ``on_reply`` will not be called (use
         :meth:`call`, which waits for room, or try again later).
+
+        An actor that answers inline (:meth:`Actor.handle_call_inline`) calls ``on_reply``
+        before this returns, in the caller's task.
         """
         process = self._process
         if not process.alive:
             raise NoProc(f"{self!r} is not running")
+        if process.idle and process.inline is not None:
+            try:
+                answer = process.answer_inline(request)
+            except ServerDown as exc:
+                on_reply(None, exc)
+                return
+            if answer is not None:
+                if isinstance(answer, outcome.Value):
+                    on_reply(answer.value, None)
+                else:
+                    on_reply(None, answer.error)
+                return
         slot = CallbackSlot(on_reply)
-        process.send_nowait((request, slot))
+        process.post_nowait((request, slot))
         process.deadlines.watch(slot, process.now() + timeout)
 
     async def cast(self, message: Any) -> None:
@@ -264,7 +330,7 @@ class ActorRef:
         if not process.alive:
             raise NoProc(f"{self!r} is not running")
         try:
-            await process.send((message, None))
+            await process.post((message, None))
         except trio.BrokenResourceError:
             raise ServerDown(self, process.reason) from None
 
@@ -284,7 +350,9 @@ class _Process:
         "current",
         "deadlines",
         "died",
+        "idle",
         "injected",
+        "inline",
         "name",
         "now",
         "nursery",
@@ -309,6 +377,10 @@ class _Process:
         self.serving = trio.CancelScope()  # around serve(); cancelled by inject_crash
         self.injected: Exception | None = None
         self.died = trio.Event()
+        #: Waiting for mail with an empty mailbox: inline answers are allowed (see the module).
+        self.idle = False
+        overridden = type(actor).handle_call_inline is not Actor.handle_call_inline
+        self.inline = actor.handle_call_inline if overridden else None
         self.nursery: trio.Nursery  # set by Actor.start before anything runs
         self.deadlines = Deadlines(self.ref.__repr__)
         mailbox, self._recv = trio.open_memory_channel[tuple[Any, ReplySlot | None]](mailbox_size)
@@ -317,10 +389,37 @@ class _Process:
         self.send = mailbox.send
         self.now = trio.lowlevel.current_clock().current_time
 
+    def mailbox_empty(self) -> bool:
+        return self._recv.statistics().current_buffer_used == 0
+
+    def post_nowait(self, message: tuple[Any, ReplySlot | None]) -> None:
+        """Put ``message`` in the mailbox or raise trio.WouldBlock; it ends idleness at once
+        (before any other task runs), so no inline answer can overtake it."""
+        self.send_nowait(message)
+        self.idle = False
+
+    async def post(self, message: tuple[Any, ReplySlot | None]) -> None:
+        """Put ``message`` in the mailbox, waiting for room (a full mailbox is never idle)."""
+        await checkpoint_if_cancelled()
+        try:
+            self.post_nowait(message)
+        except trio.WouldBlock:
+            await self.send(message)
+        else:
+            await cancel_shielded_checkpoint()
+
+    def answer_inline(self, request: Any) -> outcome.Outcome[Any] | None:
+        """The actor's inline answer to ``request``, or None; only while ``idle``."""
+        try:
+            return self.inline(request)  # type: ignore[misc]
+        except Exception as exc:
+            self.inject_crash(exc)
+            raise ServerDown(self.ref, exc) from None
+
     async def send_when_room(self, request: Any, slot: ReplySlot, deadline: float) -> None:
         try:
             with trio.move_on_at(deadline) as waited:
-                await self.send((request, slot))
+                await self.send((request, slot))  # the mailbox is full: not idle
         except trio.BrokenResourceError:
             return  # it died while we waited; dying settled the slot with ServerDown
         except BaseException:
@@ -332,7 +431,7 @@ class _Process:
     async def deliver_after(self, timer: TimerHandle, delay: float, message: Any) -> None:
         with timer._scope:
             await trio.sleep(delay)
-            await self.send((message, None))
+            await self.post((message, None))
 
     async def live(self, args: tuple[Any, ...], task_status: trio.TaskStatus[ActorRef]) -> None:
         actor = self.actor
@@ -379,7 +478,11 @@ class _Process:
                     await drained()
                     continue
                 budget = _BATCH
-                request, slot = await self._recv.receive()
+                self.idle = True
+                try:
+                    request, slot = await self._recv.receive()
+                finally:
+                    self.idle = False
             else:
                 budget -= 1
                 if not budget:
@@ -406,6 +509,7 @@ class _Process:
         """
         if self.injected is None:
             self.injected = exc
+            self.idle = False
             self.serving.cancel()
 
     def die(self, reason: ExitReason) -> None:
@@ -429,28 +533,36 @@ async def _await_name(name: Hashable, until: float) -> ActorRef:
     return ref
 
 
-async def call(
+def call(
     target: ActorRef | Hashable,
     request: Any,
     timeout: float = DEFAULT_TIMEOUT,
     *,
     name_wait: float | None = None,
-) -> Any:
-    """Call an actor by ref or by registered name; the name is resolved at every call.
+) -> Awaitable[Any]:
+    """Call an actor by ref or by registered name (``await call(...)``); the name is resolved
+    at every call.
 
     If no actor holds the name right now (say it is being restarted), wait up to ``name_wait``
     seconds (default: the whole ``timeout``) for one to register, then raise :class:`NoProc`.
     Time spent waiting counts against ``timeout``. Errors are those of :meth:`ActorRef.call`.
     """
+    # Not a coroutine itself: a name that resolves costs no frame of its own on the hot path.
     ref = lookup(target)  # names first: they are what this function is for
-    if ref is None:
-        if isinstance(target, ActorRef):
-            return await target.call(request, timeout)
-        start = trio.current_time()
-        wait = timeout if name_wait is None else min(timeout, name_wait)
-        ref = await _await_name(target, start + wait)
-        timeout -= trio.current_time() - start
-    return await ref.call(request, timeout)
+    if ref is not None:
+        return ref.call(request, timeout)
+    if isinstance(target, ActorRef):
+        return target.call(request, timeout)
+    return _call_when_named(target, request, timeout, name_wait)
+
+
+async def _call_when_named(
+    name: Hashable, request: Any, timeout: float, name_wait: float | None
+) -> Any:
+    start = trio.current_time()
+    wait = timeout if name_wait is None else min(timeout, name_wait)
+    ref = await _await_name(name, start + wait)
+    return await ref.call(request, timeout - (trio.current_time() - start))
 
 
 def send_request(

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
+import outcome
 import pytest
 import trio
 import trio.testing
@@ -647,3 +648,162 @@ async def test_send_request_refuses_at_once_when_it_cannot_send(autojump_clock: 
         nursery.cancel_scope.cancel()
     with pytest.raises(NoProc):
         ref.send_request("x", on_reply)
+
+
+# -- inline answers: an idle actor answers in the caller's task ---------------------------
+
+
+class Ledger(Actor):
+    """Answers "get" and "add" inline while idle, records which way each request went, and
+    can be held busy in a handler (until ``release`` is set), optionally with the inline
+    window open."""
+
+    async def init(self) -> None:
+        self.total = 0
+        self.ways: list[tuple[str, Any]] = []
+        self.release = trio.Event()
+
+    def handle_call_inline(self, request: Any) -> outcome.Outcome[Any] | None:
+        match request:
+            case "get":
+                self.ways.append(("inline", request))
+                return outcome.Value(self.total)
+            case ("add", n):
+                if n < 0:
+                    return outcome.Error(ValueError("only positive amounts"))
+                self.ways.append(("inline", request))
+                self.total += n
+                return outcome.Value(self.total)
+            case "bug":
+                raise Boom("bug in the inline handler")
+        return None  # everything else goes through the mailbox
+
+    async def handle_call(self, request: Any) -> Any:
+        self.ways.append(("mailbox", request))
+        match request:
+            case "get":
+                return self.total
+            case ("add", n):
+                self.total += n
+                return self.total
+            case "hold":
+                await self.release.wait()
+                self.release = trio.Event()
+                return "released"
+            case "hold open":
+                with self.answering_inline():
+                    await self.release.wait()
+                self.release = trio.Event()
+                return "released"
+            case "task":
+                return trio.lowlevel.current_task()
+        raise AssertionError(request)
+
+    async def handle_cast(self, message: Any) -> None:
+        self.total += message
+
+
+@pytest.fixture
+async def ledger(autojump_clock: Any) -> AsyncIterator[tuple[ActorRef, Ledger]]:
+    async with supervised(Supervisor([Ledger.child_spec("l", name="ledger")])):
+        ref = whereis("ledger")
+        yield ref, ref._process.actor  # type: ignore[misc]
+
+
+async def test_an_idle_actor_answers_in_the_callers_task(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, actor = ledger
+    assert await ref.call(("add", 2)) == 2
+    assert await call("ledger", "get") == 2
+    with pytest.raises(ValueError, match="positive"):  # outcome.Error: the caller's error
+        await ref.call(("add", -1))
+    assert await ref.call("task") is not trio.lowlevel.current_task()  # declined: mailbox
+    assert actor.ways == [("inline", ("add", 2)), ("inline", "get"), ("mailbox", "task")]
+
+    answers: list[tuple[Any, Any]] = []
+    ref.send_request(("add", 3), lambda v, e: answers.append((v, e)))
+    assert answers == [(5, None)]  # answered before send_request returned
+
+
+async def test_an_inline_answer_never_overtakes_a_message_sent_before_it(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, _ = ledger
+    # The cast is handed straight to the waiting actor, so the mailbox looks empty; the call
+    # right after it must still see its effect.
+    await ref.cast(10)
+    assert await ref.call("get") == 10
+    answers: list[Any] = []
+    ref.send_request(("add", 1), lambda v, e: answers.append(v))
+    assert await ref.call("get") == 11 and answers == [11]
+
+
+async def test_a_busy_actor_is_called_through_its_mailbox(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, actor = ledger
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ref.call, "hold")
+        await settle()
+        nursery.start_soon(ref.call, ("add", 1))
+        await settle()
+        assert ("mailbox", ("add", 1)) not in actor.ways  # queued behind "hold"
+        actor.release.set()
+    assert actor.ways == [("mailbox", "hold"), ("mailbox", ("add", 1))]
+
+
+async def test_a_handler_can_open_the_inline_window_until_a_message_arrives(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, actor = ledger
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ref.call, "hold open")
+        await settle()
+        assert await ref.call(("add", 1)) == 1  # answered while the handler waits
+        nursery.start_soon(ref.call, "task")  # a message: the window closes
+        await settle()
+        nursery.start_soon(ref.call, "get")  # so this one queues behind it
+        await settle()
+        assert actor.ways[-1] == ("inline", ("add", 1))
+        actor.release.set()
+    assert actor.ways == [
+        ("mailbox", "hold open"),
+        ("inline", ("add", 1)),
+        ("mailbox", "task"),
+        ("mailbox", "get"),
+    ]
+
+
+async def test_an_exception_in_the_inline_handler_crashes_the_actor(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, _ = ledger
+    with pytest.raises(ServerDown):
+        await ref.call("bug")
+    await settle()
+    assert not ref.alive
+    restarted = whereis("ledger")
+    assert restarted is not ref and await restarted.call("get") == 0
+    answers: list[Any] = []
+    restarted.send_request("bug", lambda v, e: answers.append(type(e)))
+    assert answers == [ServerDown]
+
+
+async def test_an_inline_call_is_a_checkpoint(ledger: tuple[ActorRef, Ledger]) -> None:
+    ref, actor = ledger
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await ref.call(("add", 1))  # cancelled before the handler runs
+    assert actor.ways == []
+    ran = False
+
+    async def other() -> None:
+        nonlocal ran
+        ran = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(3):  # each call is a schedule point: the other task gets to run
+            await ref.call("get")
+        assert ran
