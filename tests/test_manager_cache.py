@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
 from supervisor.testing import crash
@@ -90,3 +92,53 @@ async def test_nothing_is_cached_above_a_shared_store() -> None:
     with pytest.raises(ValueError, match="shared"):
         async with open_session_service(backend="redis", cache_size=100):
             pass  # pragma: no cover
+
+
+async def test_cached_reads_are_answered_while_refreshes_are_written(
+    backend: str, path: str, wall: Any, vclock: MockClock
+) -> None:
+    store = FaultyStore(make_store(backend, path=path))
+    async with open_session_service(
+        store=store, clock=wall, cleanup_interval=1e9, access_write_delay=1.0
+    ) as sessions:
+        sid = await sessions.create({"user_id": "u"}, ttl=600)
+        await trio.sleep(0.5)
+        await sessions.retrieve(sid)  # a deferred refresh: written in a second
+        store.hang("commit")
+        await trio.sleep(1.5)
+        assert store.calls["commit"] == 2  # the create, then the refresh's write, hanging
+        # Nothing waits on that write, so cached reads are still answered meanwhile...
+        assert (await sessions.retrieve(sid)).metadata == {"user_id": "u"}
+        answered: list[str] = []
+
+        async def run(name: str, request: Awaitable[object]) -> None:
+            await request
+            answered.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "create", sessions.create({}))
+            await trio.testing.wait_all_tasks_blocked()
+            # ...until a request needs the manager: it waits for the store, and so does every
+            # later one, so that none overtakes it.
+            nursery.start_soon(run, "retrieve", sessions.retrieve(sid))
+            await trio.testing.wait_all_tasks_blocked()
+            assert answered == []
+            store.clear()
+        assert answered == ["create", "retrieve"]
+
+
+async def test_an_inline_read_has_the_due_clock_mark_written(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
+    store = FaultyStore(make_store(options["backend"], path=options["path"]))
+    options = {**options, "store": store}
+    del options["backend"], options["path"]
+    async with open_session_service(**options) as sessions:
+        sid = await sessions.create({}, ttl=600)
+        commits = store.calls["commit"]
+        await trio.sleep(5)
+        now_ms = int(options["clock"]() * 1000)
+        await sessions.retrieve(sid)  # answered inline; the mark is 5 s behind
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls["commit"] == commits + 1
+        assert await store.load_mark() == now_ms  # the store thread runs calls in order

@@ -80,6 +80,11 @@ class Fault:
     strikes: int = 0
 
 
+#: An ImmediateStore's synchronous forms: a faulty store's calls may hang, so it never is one
+#: (the manager then sends every request through its batches, where the faults are).
+_NOT_FORWARDED = frozenset(("load_now", "commit_now"))
+
+
 class FaultyStore:
     """A :class:`~workers.stores.base.Store` that delegates to ``inner`` and injects faults.
 
@@ -104,6 +109,8 @@ class FaultyStore:
         return self.inner.shared
 
     def __getattr__(self, name: str) -> Any:
+        if name in _NOT_FORWARDED:
+            raise AttributeError(f"{type(self).__name__} has no {name}")
         return getattr(self.inner, name)  # a backend's extras (path, ...)
 
     # -- arming faults -------------------------------------------------------------------

@@ -25,6 +25,18 @@ sweep) and in ``terminate``; a process killed outright loses at most ``access_wr
 seconds of them, which can make a session expire up to that much earlier. Metadata writes are
 never deferred.
 
+Inline answers: while the manager is idle (nothing queued, nothing in its mailbox, no batch
+under way) a request that needs no store I/O is answered in the caller's task, as a batch of
+its own (:meth:`SessionManager.handle_call_inline`), with no message and no wake-up of the
+manager. On the memory store (an :class:`~workers.stores.base.ImmediateStore`) that is every
+request but the scans, counts and sweeps; on the disk and lmdb stores it is ``retrieve``,
+``peek`` and ``touch`` of a cached session, whose access-time refresh is deferred anyway. The
+rules are the batch's: same view, same operations, same order of effects, so nothing but the
+cost depends on which way a request went. An inline read that finds the clock mark due to be
+persisted asks the manager to write it (a ``_HOUSEKEEPING`` message to itself) and does not
+wait for it. Housekeeping (the deferred refreshes, then the mark) runs when no request is
+queued, and cached reads are answered inline while it waits for the store.
+
 The store is opened in ``init`` and closed in ``terminate`` (which runs after a crash too), so
 each incarnation holds the store's single-owner lock exactly while it lives.
 
@@ -48,8 +60,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import outcome
 
 from supervisor import Actor, ReplySlot, TimerHandle
 
@@ -57,7 +72,7 @@ from .cache import ReadCache
 from .errors import SessionError, StoreError
 from .operations import Limits, Operation, View
 from .session import Session
-from .stores.base import Mark, Put, Store, Write, write_id
+from .stores.base import ImmediateStore, Mark, Put, Store, Write, write_id
 
 log = logging.getLogger("workers.manager")
 
@@ -113,8 +128,10 @@ class _Retry:
     items: list[_Queued]
 
 
-#: A timer message: the deferred access-time refreshes are due to be written.
+#: Messages to self: the deferred access-time refreshes are due to be written (a timer), and
+#: an inline read found the clock mark due to be persisted.
 _WRITE_ACCESS = "write access times"
+_WRITE_MARK = "write the clock mark"
 
 
 class SessionManager(Actor):
@@ -127,8 +144,14 @@ class SessionManager(Actor):
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id.
         self.unwritten: dict[str, Session] = {}
+        #: Housekeeping to do when no request is queued: the refreshes' timer fired; an inline
+        #: read asked for the clock mark (its _WRITE_MARK message only wakes the manager).
         self.access_due = False
+        self.mark_asked = False
         self.access_timer: TimerHandle | None = None
+        #: The store, when it can be used without waiting (inline answers may write to it).
+        self.immediate = store if isinstance(store, ImmediateStore) else None
+        self.defers_access = settings.access_write_delay > 0
         await store.open()
         # After a process restart, "now" starts no earlier than the latest time persisted.
         mark = await store.load_mark()
@@ -155,16 +178,75 @@ class SessionManager(Actor):
         elif message == _WRITE_ACCESS:
             self.access_timer = None
             self.access_due = True
-        else:
+        elif message != _WRITE_MARK:
             raise ValueError(f"the session manager got an unknown message {message!r}")
 
+    def handle_call_inline(self, op: Operation) -> outcome.Outcome[Any] | None:
+        """Answer ``op`` now, as a batch of its own, if that needs no store I/O (see module)."""
+        settings = self.settings
+        store = self.immediate
+        if op.reads_store(settings.limits):
+            return None
+        view = self._view()  # first: it moves the clock's high water, which may make a mark due
+        if store is None:
+            if not (op.access_only and self.defers_access):
+                return None
+            if not self.mark_asked and settings.mark() is not None:
+                self.mark_asked = True
+                self.send_after(0, _WRITE_MARK)
+        try:
+            op.prepare(view)
+            missing = self._known(view, op.ids())
+            if missing:
+                if store is None:
+                    return None
+                view.sessions.update(store.load_now(missing))
+            result = op.apply(view)
+            outcomes: list[bool] = []
+            if store is not None:  # else only deferred refreshes: nothing to write now
+                writes, mark = self._with_mark(view.writes)
+                if writes:
+                    outcomes = store.commit_now(writes)[: len(view.writes)]
+                    self._marked(mark)
+        except SessionError as exc:
+            return outcome.Error(exc)
+        self._remember(view, outcomes)
+        return outcome.Value(op.finish(result, outcomes))
+
     async def handle_drained(self) -> None:
-        while self.queue or self.access_due:
-            await self._run_batch()
+        while self.queue or self.access_due or self.mark_asked:
+            if self.queue:
+                await self._run_batch()
+            else:
+                await self._housekeep()
+
+    async def _housekeep(self) -> None:
+        """Write the deferred refreshes if their timer fired, then the clock mark if it is due.
+
+        No caller waits on this, so cached reads are answered inline meanwhile (until a
+        message arrives): they only put newer refreshes in ``unwritten``, which stay there for
+        next time (only the refreshes written here are removed). On a store error nothing is
+        lost: the refreshes stay unwritten and are tried again after ``access_write_delay``.
+        """
+        access_due, self.access_due, self.mark_asked = self.access_due, False, False
+        with self.answering_inline():
+            try:
+                if access_due and self.unwritten:
+                    await self._write_access_times()
+                mark = self.settings.mark()
+                if mark is not None:
+                    await self.store.commit([mark])
+                    self._marked(mark)
+            except SessionError as exc:
+                log.warning("could not write %d access times: %s", len(self.unwritten), exc)
+        self._arm_access_timer()
+
+    def _arm_access_timer(self) -> None:
+        if self.unwritten and not self.access_timer:
+            self.access_timer = self.send_after(self.settings.access_write_delay, _WRITE_ACCESS)
 
     async def _write_access_times(self) -> None:
         """Commit every deferred access-time refresh (each a Put of an unchanged version)."""
-        self.access_due = False
         sessions = list(self.unwritten.values())
         # In chunks: refreshes are independent, and one huge transaction pins the store's
         # write buffers (LMDB keeps them as long as the environment is open).
@@ -176,8 +258,13 @@ class SessionManager(Actor):
                 if self.unwritten.get(s.id) is s:
                     del self.unwritten[s.id]
 
-    async def _load(self, view: View, ids: set[str]) -> None:
-        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store."""
+    def _view(self) -> View:
+        settings = self.settings
+        return View(self.store, settings.now_ms(), settings.limits, self.defers_access)
+
+    def _known(self, view: View, ids: Iterable[str]) -> list[str]:
+        """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
+        ``view``; the ids that must be loaded from the store."""
         missing = []
         for session_id in ids:
             session = self.unwritten.get(session_id) or self.cache.get(session_id)
@@ -185,11 +272,26 @@ class SessionManager(Actor):
                 missing.append(session_id)
             else:
                 view.sessions[session_id] = session
+        return missing
+
+    async def _load(self, view: View, ids: set[str]) -> None:
+        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store."""
+        missing = self._known(view, ids)
         if missing:
             loaded = await self.store.load(missing)
             for session in loaded.values():
                 self.cache.put(session)
             view.sessions.update(loaded)
+
+    def _with_mark(self, writes: list[Write]) -> tuple[list[Write], Mark | None]:
+        """``writes`` with the clock mark added when one is due (it rides on their commit)."""
+        mark = self.settings.mark()
+        return (writes, None) if mark is None else ([*writes, mark], mark)
+
+    def _marked(self, mark: Mark | None) -> None:
+        """Note that ``mark`` (if any) was committed."""
+        if mark is not None:
+            self.settings.persisted_ms = mark.ms
 
     def _remember(self, view: View, outcomes: list[bool]) -> None:
         """Keep the cache and the unwritten refreshes in step with a committed batch."""
@@ -207,27 +309,26 @@ class SessionManager(Actor):
             if session is not None and written.get(session_id) is not session:
                 self.unwritten[session_id] = session
                 self.cache.put(session)
-        if self.unwritten and not self.access_due and not self.access_timer:
-            self.access_timer = self.send_after(self.settings.access_write_delay, _WRITE_ACCESS)
+        self._arm_access_timer()
 
     async def _run_batch(self) -> None:
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
         limits = self.settings.limits
-        view = View(
-            self.store, self.settings.now_ms(), limits, self.settings.access_write_delay > 0
-        )
-        if self.unwritten and (self.access_due or any(q.op.reads_store(limits) for q in batch)):
+        view = self._view()
+        if self.unwritten and any(q.op.reads_store(limits) for q in batch):
             try:
                 await self._write_access_times()
             except SessionError as exc:
                 return _fail_all(batch, exc)
-        self.access_due = False
 
         ready: list[_Queued] = []
         for item in batch:
+            op = item.op
             try:
-                await item.op.read(view)
+                op.prepare(view)
+                if op.reads_store(limits):
+                    await op.read(view)
             except SessionError as exc:
                 item.slot.fail(exc)
             else:
@@ -248,24 +349,22 @@ class SessionManager(Actor):
                 applied.append((item, result, start, len(view.writes)))
 
         outcomes: list[bool] = []
-        if not view.writes and (mark := self.settings.mark()) is not None:
+        writes, mark = self._with_mark(view.writes)
+        if not view.writes and mark is not None:
             # A batch of reads only: the mark gets a commit of its own, at most one a second.
             try:
                 await self.store.commit([mark])
             except SessionError as exc:
                 log.warning("could not persist the clock mark: %s", exc)
             else:
-                self.settings.persisted_ms = mark.ms
-        if view.writes:
-            mark = self.settings.mark()
-            writes = view.writes if mark is None else [*view.writes, mark]
+                self._marked(mark)
+        elif writes:
             try:
                 outcomes = await self.store.commit(writes)
             except SessionError as exc:
                 return _fail_all([item for item, *_ in applied], exc)
-            if mark is not None:
-                self.settings.persisted_ms = mark.ms
-                outcomes = outcomes[: len(view.writes)]
+            self._marked(mark)
+            outcomes = outcomes[: len(view.writes)]
 
         self._remember(view, outcomes)
         lost = _lost_races(view.writes, outcomes)

@@ -15,15 +15,17 @@ Rules
 Theory of operation
 -------------------
 The manager answers requests in batches. For a batch it builds a :class:`View` over the store:
-each operation first runs its ``read`` step (store queries it needs, such as a scan), then the
-manager loads every session the batch names in one call, then each operation's ``apply`` runs
+each operation first runs its ``prepare`` step (drawing new ids) and, if it ``reads_store``, its
+``read`` step (store queries it needs, such as a scan), then the manager loads every session
+the batch names in one call, then each operation's ``apply`` runs
 against the view, in arrival order, seeing the writes of the operations before it. The view
 collects the writes; the manager commits them in one store transaction and answers the callers.
 If a conditional write did not take effect (only possible when several processes share a store)
 the operation that made it is retried in a later batch.
 
-Everything here is synchronous and deterministic given the view, the clock reading and the
-loaded sessions, so it is tested without a store thread or an actor.
+Everything but ``read`` is synchronous and deterministic given the view, the clock reading
+and the loaded sessions, so it is tested without a store thread or an actor, and the manager
+can run an operation that needs no store I/O as a batch of its own in the caller's task.
 """
 
 from __future__ import annotations
@@ -56,6 +58,17 @@ class Limits:
 
 class View:
     """The sessions of one batch: loaded ones plus the batch's own writes, in order."""
+
+    __slots__ = (
+        "defer_access",
+        "limits",
+        "live_total",
+        "now_ms",
+        "sessions",
+        "store",
+        "touched",
+        "writes",
+    )
 
     def __init__(
         self, store: Store, now_ms: int, limits: Limits, defer_access: bool = False
@@ -128,6 +141,9 @@ class Operation:
 
     #: Whether the operation writes (read-only ones never need a retry).
     writes: ClassVar[bool] = True
+    #: Whether its only write is an access-time refresh, which a manager that defers those
+    #: keeps in memory: then it needs no store I/O when its session is cached.
+    access_only: ClassVar[bool] = False
 
     def ids(self) -> Iterable[str]:
         """The session ids to load before ``apply``."""
@@ -137,8 +153,12 @@ class Operation:
         """Whether ``read`` queries the store as a whole (a scan, a count, expiry order)."""
         return False
 
+    def prepare(self, view: View) -> None:
+        """What the operation settles before anything is loaded (new ids are drawn here)."""
+
     async def read(self, view: View) -> None:
-        """Store queries this operation needs before the batch's sessions are loaded."""
+        """Store queries this operation needs before the batch's sessions are loaded (only
+        when ``reads_store``)."""
 
     def apply(self, view: View) -> Any:
         """Compute the result and record the writes in ``view``; raise SessionError to fail."""
@@ -167,12 +187,13 @@ class Create(Operation):
     #: Only a custom id_factory's ids need looking up: 128 random bits never repeat.
     custom_id: bool = False
 
-    async def read(self, view: View) -> None:
+    def prepare(self, view: View) -> None:
         # The id is drawn here so that a custom id_factory's repeats are loaded and seen.
         self.id = _draw_id(view)
         self.custom_id = view.limits.id_factory is not new_id
-        if view.limits.max_sessions is not None:
-            await view.live_count()
+
+    async def read(self, view: View) -> None:
+        await view.live_count()
 
     def ids(self) -> Iterable[str]:
         return (self.id,) if self.custom_id else ()
@@ -209,6 +230,8 @@ def _check_free(view: View, session_id: str) -> None:
 class Get(OnSession):
     """``retrieve`` (refresh=True) and ``peek``."""
 
+    access_only: ClassVar[bool] = True
+
     refresh: bool
 
     def apply(self, view: View) -> Session:
@@ -218,6 +241,8 @@ class Get(OnSession):
 
 @dataclass(slots=True)
 class Touch(OnSession):
+    access_only: ClassVar[bool] = True
+
     def apply(self, view: View) -> None:
         view.refresh(view.live(self.id))
 
@@ -303,7 +328,7 @@ class Rotate(OnSession):
 
     new_id: str = ""
 
-    async def read(self, view: View) -> None:
+    def prepare(self, view: View) -> None:
         self.new_id = _draw_id(view)
 
     def ids(self) -> Iterable[str]:

@@ -269,9 +269,9 @@ class Server:
         """Start RPC method ``name`` without a task, if it is one manager operation.
 
         ``on_reply(result, error)`` gets the wire result or the error, once, possibly before
-        this returns (bad arguments). False when the method needs :meth:`call` instead: it is
-        not a single operation, or the manager cannot take it right now (restarting, or its
-        mailbox is full), which :meth:`call` waits out.
+        this returns (bad arguments, or an answer the manager gave inline). False when the
+        method needs :meth:`call` instead: it is not a single operation, or the manager cannot
+        take it right now (restarting, or its mailbox is full), which :meth:`call` waits out.
         """
         single = _SINGLE_OPERATIONS.get(name)
         if single is None:
@@ -292,11 +292,14 @@ class Server:
             on_reply(value, None if error is None else _wire_error(name, error))
 
         try:
-            self.service.submit(self.service.operation(op_name, *adapt(*params)), settle)
-        except (NoProc, trio.WouldBlock):
-            return False  # call() runs it, and counts it
+            op = self.service.operation(op_name, *adapt(*params))
         except Exception as exc:  # arguments the service refused
             on_reply(None, _wire_error(name, exc))
+        else:
+            try:
+                self.service.submit(op, settle)
+            except (NoProc, trio.WouldBlock):
+                return False  # call() runs it, and counts it
         self.requests += 1
         return True
 

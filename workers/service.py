@@ -61,7 +61,7 @@ from .operations import (
     Touch,
     Update,
 )
-from .session import Session, check_id, new_id, ttl_to_ms
+from .session import Session, build_session, check_id, new_id, ttl_to_ms
 from .stores import Store, canonical_backend, make_store
 
 log = logging.getLogger("workers.service")
@@ -194,7 +194,8 @@ class SessionService:
         What a connection with pipelined requests uses instead of a task per request. It gets
         what the method would return, or the error it would raise (:class:`ServiceUnavailable`
         for a manager that died or did not answer within ``call_timeout``), once; a session in
-        the value is shared with the store and must not be changed. Raises
+        the value is shared with the store and must not be changed. When the manager answers
+        inline, ``on_reply`` runs before this returns. Raises
         :class:`~supervisor.NoProc` when no manager is running right now and
         :class:`trio.WouldBlock` when its mailbox is full: nothing was sent, and the caller
         falls back to the method itself, which waits for both.
@@ -332,12 +333,12 @@ def _copy(session: Session) -> Session:
     """The copy of a manager's (shared, read-only) session that a caller may change freely."""
     metadata = session.metadata
     # Flat metadata (the common case) needs no deep copy: its values cannot be changed.
-    if any(type(v) in _CONTAINERS for v in metadata.values()):
-        metadata = copy_metadata(metadata)
-    else:
+    if _CONTAINERS.isdisjoint(map(type, metadata.values())):
         metadata = dict(metadata)
+    else:
+        metadata = copy_metadata(metadata)
     s = session
-    return Session(s.id, s.created_at, s.last_accessed, s.timeout_ms, metadata, s.version)
+    return build_session(s.id, s.created_at, s.last_accessed, s.timeout_ms, metadata, s.version)
 
 
 #: What canonical metadata can hold that a caller could change in place.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import StoreError
-from .base import Delete, Mark, Put, Store, Write
+from .base import Delete, ImmediateStore, Mark, Put, Store, Write
 
 #: The seed's backend names, accepted as aliases of ours.
 ALIASES = {"ets": "memory", "dets": "disk", "leveldb": "lmdb", "mnesia": "redis"}
@@ -59,6 +59,7 @@ __all__ = [
     "ALIASES",
     "BACKENDS",
     "Delete",
+    "ImmediateStore",
     "Mark",
     "Put",
     "Store",

@@ -141,3 +141,17 @@ class Store(Protocol):
 
     async def count(self, now_ms: int) -> int:
         """The number of live sessions at ``now_ms``."""
+
+
+@runtime_checkable
+class ImmediateStore(Store, Protocol):
+    """A store whose calls never wait for I/O (the memory store): it also offers ``load`` and
+    ``commit`` as plain functions, so the manager can answer a request in the caller's task
+    (``SessionManager.handle_call_inline``). Same contracts as the async forms, which must
+    be these: a subclass that changes what a load or a commit does overrides these two."""
+
+    def load_now(self, ids: Sequence[str]) -> dict[str, Session]:
+        """:meth:`Store.load`, synchronously."""
+
+    def commit_now(self, writes: Sequence[Write]) -> list[bool]:
+        """:meth:`Store.commit`, synchronously."""

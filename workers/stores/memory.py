@@ -48,7 +48,9 @@ iterator would re-skip every deleted slot at each batch. A clock that goes back
 ``_expired`` (rare, O(expired)).
 
 Every method completes without awaiting anything, so each call, a whole ``commit`` included, is
-atomic with respect to other Trio tasks without a lock, and costs no scheduler round trip.
+atomic with respect to other Trio tasks without a lock, and costs no scheduler round trip. It is
+an :class:`~workers.stores.base.ImmediateStore`: ``load_now`` and ``commit_now`` let the manager
+answer a request in the caller's task.
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ class MemoryStore:
         self._open = False
 
     async def load(self, ids: Sequence[str]) -> dict[str, Session]:
+        return self.load_now(ids)
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        return self.commit_now(writes)
+
+    def load_now(self, ids: Sequence[str]) -> dict[str, Session]:
         self._check_open()
         buckets = self._buckets
         found: dict[str, Session] = {}
@@ -106,7 +114,7 @@ class MemoryStore:
                 found[sid] = session
         return found
 
-    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+    def commit_now(self, writes: Sequence[Write]) -> list[bool]:
         self._check_open()
         # Refuse a malformed batch before applying any of it: a commit is all or nothing.
         for write in writes:
