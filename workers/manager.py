@@ -33,7 +33,7 @@ request but the scans, counts and sweeps; on the disk and lmdb stores it is ``re
 ``peek`` and ``touch`` of a cached session, whose access-time refresh is deferred anyway. The
 rules are the batch's: same view, same operations, same order of effects, so nothing but the
 cost depends on which way a request went. An inline read that finds the clock mark due to be
-persisted asks the manager to write it (a ``_HOUSEKEEPING`` message to itself) and does not
+persisted asks the manager to write it (a ``_WRITE_MARK`` message to itself) and does not
 wait for it. Housekeeping (the deferred refreshes, then the mark) runs when no request is
 queued, and cached reads are answered inline while it waits for the store.
 
@@ -238,7 +238,11 @@ class SessionManager(Actor):
                     await self.store.commit([mark])
                     self._marked(mark)
             except SessionError as exc:
-                log.warning("could not write %d access times: %s", len(self.unwritten), exc)
+                log.warning(
+                    "housekeeping failed (%d access times unwritten, kept for the next try): %s",
+                    len(self.unwritten),
+                    exc,
+                )
         self._arm_access_timer()
 
     def _arm_access_timer(self) -> None:
