@@ -37,15 +37,15 @@ its loop waiting for mail. Then every earlier message has been handled and no ha
 way through, so a synchronous handler that runs now sees exactly the state the next
 ``handle_call`` would, and nothing can interleave with it. ``_Process.idle`` is set by the loop
 just before it waits for mail and cleared by every send (a message handed straight to a
-waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell). A
-handler may also open the same window while it awaits (:meth:`Actor.answering_inline`).
+waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell). There
+is deliberately no way to answer inline while a handler awaits: callers that keep the Trio
+thread busy meanwhile would starve of the GIL any worker thread the handler waits on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, ClassVar
 
 import outcome
@@ -139,23 +139,6 @@ class Actor:
             )
         process.current = None
         return slot
-
-    @contextlib.contextmanager
-    def answering_inline(self) -> Iterator[None]:
-        """Let :meth:`handle_call_inline` answer callers while a handler awaits in this block.
-
-        For a handler that waits on slow I/O across which the state stays what the inline
-        handler may see (an actor flushing a write-behind buffer, say), so that callers are
-        not held up by it. The window opens only if the mailbox is empty and closes as soon as
-        a message arrives, so an inline answer never overtakes anything sent to the actor.
-        Use it only in the actor's own handlers.
-        """
-        process = self.__process
-        process.idle = process.mailbox_empty()
-        try:
-            yield
-        finally:
-            process.idle = False
 
     def send_after(self, delay: float, message: Any) -> TimerHandle:
         """Deliver ``message`` to this actor's ``handle_cast`` after ``delay`` seconds.
@@ -388,9 +371,6 @@ class _Process:
         self.send_nowait = mailbox.send_nowait
         self.send = mailbox.send
         self.now = trio.lowlevel.current_clock().current_time
-
-    def mailbox_empty(self) -> bool:
-        return self._recv.statistics().current_buffer_used == 0
 
     def post_nowait(self, message: tuple[Any, ReplySlot | None]) -> None:
         """Put ``message`` in the mailbox or raise trio.WouldBlock; it ends idleness at once

@@ -655,8 +655,7 @@ async def test_send_request_refuses_at_once_when_it_cannot_send(autojump_clock: 
 
 class Ledger(Actor):
     """Answers "get" and "add" inline while idle, records which way each request went, and
-    can be held busy in a handler (until ``release`` is set), optionally with the inline
-    window open."""
+    can be held busy in a handler (until ``release`` is set)."""
 
     async def init(self) -> None:
         self.total = 0
@@ -688,11 +687,6 @@ class Ledger(Actor):
                 return self.total
             case "hold":
                 await self.release.wait()
-                self.release = trio.Event()
-                return "released"
-            case "hold open":
-                with self.answering_inline():
-                    await self.release.wait()
                 self.release = trio.Event()
                 return "released"
             case "task":
@@ -751,28 +745,6 @@ async def test_a_busy_actor_is_called_through_its_mailbox(
         assert ("mailbox", ("add", 1)) not in actor.ways  # queued behind "hold"
         actor.release.set()
     assert actor.ways == [("mailbox", "hold"), ("mailbox", ("add", 1))]
-
-
-async def test_a_handler_can_open_the_inline_window_until_a_message_arrives(
-    ledger: tuple[ActorRef, Ledger],
-) -> None:
-    ref, actor = ledger
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ref.call, "hold open")
-        await settle()
-        assert await ref.call(("add", 1)) == 1  # answered while the handler waits
-        nursery.start_soon(ref.call, "task")  # a message: the window closes
-        await settle()
-        nursery.start_soon(ref.call, "get")  # so this one queues behind it
-        await settle()
-        assert actor.ways[-1] == ("inline", ("add", 1))
-        actor.release.set()
-    assert actor.ways == [
-        ("mailbox", "hold open"),
-        ("inline", ("add", 1)),
-        ("mailbox", "task"),
-        ("mailbox", "get"),
-    ]
 
 
 async def test_an_exception_in_the_inline_handler_crashes_the_actor(
