@@ -37,7 +37,7 @@ persisted asks the manager to write it (a ``_WRITE_MARK`` message to itself) and
 wait for it. Housekeeping (the deferred refreshes, then the mark) runs when no request is
 queued; callers wait for it like for any batch. (Answering reads inline while the manager
 waits for its store thread was tried and dropped: callers that keep the Trio thread busy
-starve the store thread of the GIL, and a sweep of 190,000 sessions took 30 times longer.)
+starve the store thread of the GIL, and a sweep of 190,000 sessions took 25 times longer.)
 
 The store is opened in ``init`` and closed in ``terminate`` (which runs after a crash too), so
 each incarnation holds the store's single-owner lock exactly while it lives.

@@ -12,7 +12,10 @@ object: :class:`SessionService` resolves the manager by its registered name on e
 call made while the manager restarts waits briefly for the new one instead of failing, and a
 call that was waiting on a manager that crashed gets :class:`ServiceUnavailable` at once.
 
-Bad input is refused here, in the caller's task, before a request reaches the manager.
+Bad input is refused here, in the caller's task, before a request reaches the manager. A
+request that needs no store I/O while the manager is idle is answered by the manager's own
+code in the caller's task, with no message (``SessionManager.handle_call_inline``): the
+answer is the same either way, only cheaper.
 """
 
 from __future__ import annotations
@@ -229,8 +232,10 @@ class SessionService:
     ) -> Session:
         """Replace the metadata by ``fn(metadata)``, atomically; returns the updated session.
 
-        ``fn`` runs inside the manager (keep it quick and synchronous) on a copy of the
-        metadata; if it raises or returns a non-dict, :class:`UpdateFailed` and nothing changes.
+        ``fn`` runs on the manager's turn (keep it quick and synchronous: nothing else is
+        answered meanwhile), in the manager's task or, when the manager is idle, in yours,
+        on a copy of the metadata; if it raises or returns a non-dict, :class:`UpdateFailed`
+        and nothing changes.
         """
         if not callable(fn):
             raise TypeError(f"update takes a function metadata -> dict, not {fn!r}")
