@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import threading
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from workers import InvalidMetadata, InvalidTTL, Session, SessionTooLarge, StoreError
 from workers.codec import canonical_metadata, decode_session, encode_session, pack
-from workers.session import new_id, ttl_to_ms
+from workers.session import build_session, new_id, ttl_to_ms
 from workers.stores.thread import StoreThread
 
 json_like = st.recursive(
@@ -39,6 +40,15 @@ sessions = st.builds(
 @given(sessions)
 def test_records_round_trip_field_for_field(session: Session) -> None:
     assert decode_session(encode_session(session)) == session
+
+
+@given(sessions)
+def test_the_fast_constructor_builds_the_same_frozen_session(session: Session) -> None:
+    s = session
+    built = build_session(s.id, s.created_at, s.last_accessed, s.timeout_ms, s.metadata, s.version)
+    assert type(built) is Session and built == session and repr(built) == repr(session)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.version = 2  # type: ignore[misc]
 
 
 @given(st.dictionaries(st.text(), json_like, max_size=5))
