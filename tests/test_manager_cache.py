@@ -149,12 +149,31 @@ async def test_refreshes_whose_write_failed_are_kept_and_written_later(
     ) as sessions:
         manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
         sid = await sessions.create({}, ttl=600)
-        await trio.sleep(30)
-        await sessions.retrieve(sid)  # also has the clock mark written, at once
-        await trio.sleep(0.1)
+        await trio.sleep(0.5)
+        await sessions.retrieve(sid)  # deferred: the stored access time is only 0.5 s old
         store.fail("commit", times=1)  # the refresh's write, a second after the retrieve
         await trio.sleep(1.5)
         assert "housekeeping failed (1 access times unwritten" in caplog.text
         assert sid in manager.unwritten
         await trio.sleep(1.5)  # tried again after access_write_delay
         assert manager.unwritten == {}
+
+
+async def test_a_refresh_is_written_at_once_when_the_stored_access_time_is_too_old(
+    backend: str, path: str, wall: Any, vclock: MockClock
+) -> None:
+    # A session read once just before its stored expiry must not depend on a deferred write:
+    # a process killed before it would find the session expired, long before its time.
+    store = FaultyStore(make_store(backend, path=path))
+    async with open_session_service(
+        store=store, clock=wall, cleanup_interval=1e9, access_write_delay=1.0
+    ) as sessions:
+        manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
+        sid = await sessions.create({}, ttl=10)
+        await trio.sleep(9)
+        commits = store.calls["commit"]
+        await sessions.retrieve(sid)  # stored access time 9 s old: written with its batch
+        assert store.calls["commit"] == commits + 1 and manager.unwritten == {}
+        await trio.sleep(0.5)
+        await sessions.retrieve(sid)  # now 0.5 s old: left for later
+        assert store.calls["commit"] == commits + 1 and sid in manager.unwritten

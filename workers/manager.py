@@ -21,9 +21,13 @@ sessions it read and committed (``cache_size``), and with ``access_write_delay``
 access-time refreshes of ``retrieve`` and ``touch`` at most that often instead of with their
 batch, so a read is not a disk write. Refreshes not yet written are kept in memory, seen by
 every request, written before any request that reads the store as a whole (a scan, a count, a
-sweep) and in ``terminate``; a process killed outright loses at most ``access_write_delay``
-seconds of them, which can make a session expire up to that much earlier. Metadata writes are
-never deferred.
+sweep) and in ``terminate``. A refresh is deferred only while the access time the store
+holds for the session is less than ``access_write_delay`` old; an older one is written with
+its batch. So a process killed outright can make a session expire less than
+``access_write_delay`` early, however long the writes take and however close to its timeout
+the session was. (Bounding only how long a refresh waits is not enough: a session read once
+just before its stored expiry would be lost with that one refresh; the chaos run found it.)
+Metadata writes are never deferred.
 
 Inline answers: while the manager is idle (nothing queued, nothing in its mailbox, no batch
 under way) a request that needs no store I/O is answered in the caller's task, as a batch of
@@ -144,8 +148,10 @@ class SessionManager(Actor):
         self.settings = settings
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
-        #: Refreshed sessions whose new access time is not written yet, by id.
+        #: Refreshed sessions whose new access time is not written yet, by id, and the access
+        #: time the store holds for each.
         self.unwritten: dict[str, Session] = {}
+        self.stored_access: dict[str, int] = {}
         #: Housekeeping to do when no request is queued: the refreshes' timer fired; an inline
         #: read asked for the clock mark (its _WRITE_MARK message only wakes the manager).
         self.access_due = False
@@ -153,7 +159,7 @@ class SessionManager(Actor):
         self.access_timer: TimerHandle | None = None
         #: The store, when it can be used without waiting (inline answers may write to it).
         self.immediate = store if isinstance(store, ImmediateStore) else None
-        self.defers_access = settings.access_write_delay > 0
+        self.defer_ms = round(settings.access_write_delay * 1000)
         await store.open()
         # After a process restart, "now" starts no earlier than the latest time persisted.
         mark = await store.load_mark()
@@ -191,7 +197,7 @@ class SessionManager(Actor):
             return None
         view = self._view()  # first: it moves the clock's high water, which may make a mark due
         if store is None:
-            if not (op.access_only and self.defers_access):
+            if not (op.access_only and self.defer_ms):
                 return None
             if not self.mark_asked and settings.mark() is not None:
                 self.mark_asked = True
@@ -204,6 +210,8 @@ class SessionManager(Actor):
                     return None
                 view.sessions.update(store.load_now(missing))
             result = op.apply(view)
+            if store is None and view.writes:
+                return None  # a refresh that must be written now (apply had no other effect)
             outcomes: list[bool] = []
             if store is not None:  # else only deferred refreshes: nothing to write now
                 writes, mark = self._with_mark(view.writes)
@@ -260,10 +268,13 @@ class SessionManager(Actor):
             for s in chunk:
                 if self.unwritten.get(s.id) is s:
                     del self.unwritten[s.id]
+                    del self.stored_access[s.id]
 
     def _view(self) -> View:
         settings = self.settings
-        return View(self.store, settings.now_ms(), settings.limits, self.defers_access)
+        return View(
+            self.store, settings.now_ms(), settings.limits, self.defer_ms, self.stored_access
+        )
 
     def _known(self, view: View, ids: Iterable[str]) -> list[str]:
         """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
@@ -302,15 +313,17 @@ class SessionManager(Actor):
         for write, ok in zip(view.writes, outcomes, strict=True):
             if ok:
                 self.unwritten.pop(write_id(write), None)
+                self.stored_access.pop(write_id(write), None)
                 if isinstance(write, Put):
                     self.cache.put(write.session)
                     written[write.session.id] = write.session
                 else:
                     self.cache.drop(write.id)
-        for session_id in view.touched:
+        for session_id, stored_ms in view.touched.items():
             session = view.sessions.get(session_id)
             if session is not None and written.get(session_id) is not session:
                 self.unwritten[session_id] = session
+                self.stored_access.setdefault(session_id, stored_ms)
                 self.cache.put(session)
         self._arm_access_timer()
 

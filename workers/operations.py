@@ -30,7 +30,7 @@ can run an operation that needs no store I/O as a batch of its own in the caller
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -60,28 +60,38 @@ class View:
     """The sessions of one batch: loaded ones plus the batch's own writes, in order."""
 
     __slots__ = (
-        "defer_access",
+        "defer_ms",
         "limits",
         "live_total",
         "now_ms",
         "sessions",
         "store",
+        "stored_access",
         "touched",
         "writes",
     )
 
     def __init__(
-        self, store: Store, now_ms: int, limits: Limits, defer_access: bool = False
+        self,
+        store: Store,
+        now_ms: int,
+        limits: Limits,
+        defer_ms: int = 0,
+        stored_access: Mapping[str, int] | None = None,
     ) -> None:
         self.store = store
         self.now_ms = now_ms
         self.limits = limits
         self.sessions: dict[str, Session | None] = {}
         self.writes: list[Write] = []
-        #: Whether access-time refreshes are left to the manager to write later (``touched``)
-        #: instead of being written by this batch.
-        self.defer_access = defer_access
-        self.touched: set[str] = set()
+        #: How old (ms) the stored access time of a session may be for a refresh of it to be
+        #: left to the manager to write later (``touched``); 0: every refresh is written now.
+        self.defer_ms = defer_ms
+        #: The stored access time of the sessions whose refresh is not written yet; any other
+        #: session's own ``last_accessed`` is the stored one.
+        self.stored_access = stored_access or {}
+        #: Refreshes left for later, by id, with the access time the store holds for each.
+        self.touched: dict[str, int] = {}
         #: Live sessions as of this batch's writes so far; known once live_count() was awaited.
         self.live_total: int | None = None
 
@@ -105,12 +115,17 @@ class View:
         return session
 
     def refresh(self, session: Session) -> Session:
-        """``session`` with its access time moved to now, written now or left for later."""
+        """``session`` with its access time moved to now, written now or left for later.
+
+        Left for later only while the stored access time is less than ``defer_ms`` old: a
+        process killed before the write then makes the session expire less than that early.
+        """
         refreshed = session.accessed(self.now_ms)
         if refreshed is not session:
-            if self.defer_access:
+            stored_ms = self.stored_access.get(session.id, session.last_accessed)
+            if self.now_ms - stored_ms < self.defer_ms:
                 self.sessions[session.id] = refreshed
-                self.touched.add(session.id)
+                self.touched.setdefault(session.id, stored_ms)
             else:
                 self.put(refreshed)
         return refreshed

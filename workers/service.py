@@ -378,8 +378,10 @@ async def run_session_service(
 
     For ``await nursery.start(run_session_service, ...)`` in an application's own nursery. Any
     option not named here goes to the store (``durability``, ``on_corrupt``, ``prefix``...).
-    ``cache_size`` (sessions the manager keeps in memory) and ``access_write_delay`` (seconds an
-    access-time refresh may wait to be written, so that a read is not a disk write) default to
+    ``cache_size`` (sessions the manager keeps in memory) and ``access_write_delay`` (how many
+    seconds old the stored access time may be while a refresh waits to be written, so that a
+    read is not a disk write; a process killed outright can make a session expire at most that
+    much early) default to
     16384 and 1.0 for the disk and lmdb stores and to 0 for the others: the memory store needs
     neither and a redis store is shared, so nothing may be cached or deferred above it.
 
