@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,18 @@ def options(backend: str, path: str, wall: Any) -> dict[str, Any]:
         "cleanup_interval": 1e9,
         "access_write_delay": 3600,
     }
+
+
+@asynccontextmanager
+async def faulty_service(
+    backend: str, path: str, wall: Any
+) -> AsyncIterator[tuple[FaultyStore, Any]]:
+    """A service on a FaultyStore that never sweeps by itself and defers refreshes for 1 s."""
+    store = FaultyStore(make_store(backend, path=path))
+    async with open_session_service(
+        store=store, clock=wall, cleanup_interval=1e9, access_write_delay=1.0
+    ) as sessions:
+        yield store, sessions
 
 
 async def test_reads_are_not_disk_writes_until_the_delay(
@@ -99,10 +113,7 @@ async def test_reads_wait_while_the_manager_waits_for_its_store(
 ) -> None:
     # Not answered inline meanwhile: callers keeping the Trio thread busy would starve the
     # store thread of the GIL.
-    store = FaultyStore(make_store(backend, path=path))
-    async with open_session_service(
-        store=store, clock=wall, cleanup_interval=1e9, access_write_delay=1.0
-    ) as sessions:
+    async with faulty_service(backend, path, wall) as (store, sessions):
         sid = await sessions.create({"user_id": "u"}, ttl=600)
         await trio.sleep(0.5)
         await sessions.retrieve(sid)  # a deferred refresh: written in a second
@@ -143,10 +154,7 @@ async def test_an_inline_read_has_the_due_clock_mark_written(
 async def test_refreshes_whose_write_failed_are_kept_and_written_later(
     backend: str, path: str, wall: Any, vclock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = FaultyStore(make_store(backend, path=path))
-    async with open_session_service(
-        store=store, clock=wall, cleanup_interval=1e9, access_write_delay=1.0
-    ) as sessions:
+    async with faulty_service(backend, path, wall) as (store, sessions):
         manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
         sid = await sessions.create({}, ttl=600)
         await trio.sleep(0.5)
@@ -164,10 +172,7 @@ async def test_a_refresh_is_written_at_once_when_the_stored_access_time_is_too_o
 ) -> None:
     # A session read once just before its stored expiry must not depend on a deferred write:
     # a process killed before it would find the session expired, long before its time.
-    store = FaultyStore(make_store(backend, path=path))
-    async with open_session_service(
-        store=store, clock=wall, cleanup_interval=1e9, access_write_delay=1.0
-    ) as sessions:
+    async with faulty_service(backend, path, wall) as (store, sessions):
         manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
         sid = await sessions.create({}, ttl=10)
         await trio.sleep(9)
