@@ -193,12 +193,12 @@ class SessionManager(Actor):
         """Answer ``op`` now, as a batch of its own, if that needs no store I/O (see module)."""
         settings = self.settings
         store = self.immediate
-        if op.reads_store(settings.limits):
+        if op.reads_store(settings.limits) or (
+            store is None and not (op.access_only and self.defer_ms)
+        ):
             return None
-        view = self._view()  # first: it moves the clock's high water, which may make a mark due
+        view = self._view()  # before the mark check: it moves the clock's high water
         if store is None:
-            if not (op.access_only and self.defer_ms):
-                return None
             if not self.mark_asked and settings.mark() is not None:
                 self.mark_asked = True
                 self.send_after(0, _WRITE_MARK)
@@ -240,16 +240,14 @@ class SessionManager(Actor):
         try:
             if access_due and self.unwritten:
                 await self._write_access_times()
-            mark = self.settings.mark()
-            if mark is not None:
-                await self.store.commit([mark])
-                self._marked(mark)
         except SessionError as exc:
             log.warning(
                 "housekeeping failed (%d access times unwritten, kept for the next try): %s",
                 len(self.unwritten),
                 exc,
             )
+        else:
+            await self._persist_mark()
         self._arm_access_timer()
 
     def _arm_access_timer(self) -> None:
@@ -301,6 +299,19 @@ class SessionManager(Actor):
         """``writes`` with the clock mark added when one is due (it rides on their commit)."""
         mark = self.settings.mark()
         return (writes, None) if mark is None else ([*writes, mark], mark)
+
+    async def _persist_mark(self) -> None:
+        """Commit the clock mark alone if it is due; a failure is logged, and a later batch
+        tries again (the mark only moves up)."""
+        mark = self.settings.mark()
+        if mark is None:
+            return
+        try:
+            await self.store.commit([mark])
+        except SessionError as exc:
+            log.warning("could not persist the clock mark: %s", exc)
+        else:
+            self._marked(mark)
 
     def _marked(self, mark: Mark | None) -> None:
         """Note that ``mark`` (if any) was committed."""
@@ -365,16 +376,11 @@ class SessionManager(Actor):
                 applied.append((item, result, start, len(view.writes)))
 
         outcomes: list[bool] = []
-        writes, mark = self._with_mark(view.writes)
-        if not view.writes and mark is not None:
+        if not view.writes:
             # A batch of reads only: the mark gets a commit of its own, at most one a second.
-            try:
-                await self.store.commit([mark])
-            except SessionError as exc:
-                log.warning("could not persist the clock mark: %s", exc)
-            else:
-                self._marked(mark)
-        elif writes:
+            await self._persist_mark()
+        else:
+            writes, mark = self._with_mark(view.writes)
             try:
                 outcomes = await self.store.commit(writes)
             except SessionError as exc:

@@ -154,8 +154,6 @@ class View:
 class Operation:
     """One request to the manager. Subclasses define ``ids``, ``read`` and ``apply``."""
 
-    #: Whether the operation writes (read-only ones never need a retry).
-    writes: ClassVar[bool] = True
     #: Whether its only write is an access-time refresh, which a manager that defers those
     #: keeps in memory: then it needs no store I/O when its session is cached.
     access_only: ClassVar[bool] = False
@@ -363,7 +361,6 @@ class Sweep(Operation):
 
     limit: int
     candidates: list[str] = field(default_factory=list)
-    first_write: int = 0
 
     def reads_store(self, limits: Limits) -> bool:
         return True
@@ -375,7 +372,6 @@ class Sweep(Operation):
         return self.candidates
 
     def apply(self, view: View) -> None:
-        self.first_write = len(view.writes)
         for session_id in self.candidates:
             session = view.stored(session_id)
             if session is not None and session.expired_at(view.now_ms):
@@ -388,8 +384,6 @@ class Sweep(Operation):
 @dataclass(slots=True)
 class Page(Operation):
     """One page of live sessions; with ``where``, deletes the page's sessions that match."""
-
-    writes: ClassVar[bool] = False
 
     cursor: str | None
     limit: int
@@ -442,8 +436,6 @@ class DeleteWhere(Operation):
 
 @dataclass(slots=True)
 class Count(Operation):
-    writes: ClassVar[bool] = False
-
     def reads_store(self, limits: Limits) -> bool:
         return True
 
