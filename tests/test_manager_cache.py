@@ -66,7 +66,7 @@ async def test_reads_are_not_disk_writes_until_the_delay(
         # 100 reads, no load and no refresh written; at most the clock mark's one commit.
         assert store.calls["load"] == loads and store.calls["commit"] <= commits + 1
         assert (await sessions.peek(sid)).last_accessed == s.last_accessed
-        await trio.sleep(2)  # past access_write_delay: the refresh is written
+        await trio.sleep(11)  # past access_write_delay: the refresh is written
     async with open_session_service(backend=backend, path=path, clock=wall) as sessions:
         assert (await sessions.peek(sid)).last_accessed == s.last_accessed
 
@@ -182,3 +182,34 @@ async def test_a_refresh_is_written_at_once_when_the_stored_access_time_is_too_o
         await trio.sleep(0.5)
         await sessions.retrieve(sid)  # now 0.5 s old: left for later
         assert store.calls["commit"] == commits + 1 and sid in manager.unwritten
+
+
+async def test_a_short_timeout_gets_its_refreshes_written_sooner(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
+    # Deferred only while the stored access time is less than a tenth of the timeout old: a
+    # kill can cost a session at most that share of its idle life, whatever the delay says.
+    async with open_session_service(**options) as sessions:
+        manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
+        sid = await sessions.create({}, ttl=20)
+        await trio.sleep(1.5)
+        await sessions.retrieve(sid)  # 1.5 s old, under 2 s: left for later
+        assert sid in manager.unwritten
+        await trio.sleep(1)
+        await sessions.retrieve(sid)  # still 1.5 s on disk, now 2.5 s old: written
+        assert manager.unwritten == {}
+        assert (await sessions.peek(sid)).last_accessed == manager.cache.get(sid).last_accessed
+
+
+async def test_refreshes_kept_in_memory_are_bounded(
+    options: dict[str, Any], vclock: MockClock
+) -> None:
+    # At most max(cache_size, max_batch) refreshes wait; past that, reads write their own.
+    async with open_session_service(**options, cache_size=0, max_batch=4) as sessions:
+        manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
+        ids = [await sessions.create({}, ttl=600) for _ in range(6)]
+        await trio.sleep(1)
+        read = [(await sessions.retrieve(sid)).last_accessed for sid in ids]
+        assert list(manager.unwritten) == ids[:4]
+        for sid, accessed in zip(ids[4:], read[4:], strict=True):  # not cached: from the store
+            assert (await sessions.peek(sid)).last_accessed == accessed

@@ -58,6 +58,7 @@ import trio
 from supervisor.testing import InjectedFault, crash_repeatedly, random_intervals
 
 from .errors import ServiceUnavailable, SessionError, SessionNotFound
+from .operations import DEFER_SHARE
 from .service import DEFAULT_ACCESS_WRITE_DELAY, DEFERS_ACCESS, open_session_service
 from .stores import BACKENDS, Store, canonical_backend
 
@@ -187,14 +188,19 @@ class Ledger:
         self.entries: dict[str, _Entry] = {}
         self.report = report
         #: How much earlier than its last acknowledged access a session may expire: a SIGKILL
-        #: loses the access-time refreshes the daemon had not written yet (access_write_delay).
+        #: loses the access-time refreshes the daemon had not written yet (access_write_delay,
+        #: and never more than a DEFER_SHARE-th of the session's idle timeout).
         self.expiry_slack = expiry_slack
 
     def missing(self, sid: str, entry: _Entry, now: float, context: str) -> None:
         """``sid`` was found missing at ``now``: fine if deleted or expired on time."""
         if entry.accepts(None):
             entry.settle(None)
-        elif entry.ttl is not None and now + _MS + self.expiry_slack >= entry.touched + entry.ttl:
+        elif (
+            entry.ttl is not None
+            and now + _MS + min(self.expiry_slack, entry.ttl / DEFER_SHARE)
+            >= entry.touched + entry.ttl
+        ):
             self.report.expired_on_time += 1
             del self.entries[sid]
         else:

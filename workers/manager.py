@@ -19,15 +19,17 @@ Failures, by kind:
 Reads and access times: a manager that owns its store alone keeps a bounded cache of the
 sessions it read and committed (``cache_size``), and with ``access_write_delay`` it writes the
 access-time refreshes of ``retrieve`` and ``touch`` at most that often instead of with their
-batch, so a read is not a disk write. Refreshes not yet written are kept in memory, seen by
-every request, written before any request that reads the store as a whole (a scan, a count, a
-sweep) and in ``terminate``. A refresh is deferred only while the access time the store
-holds for the session is less than ``access_write_delay`` old; an older one is written with
-its batch. So a process killed outright can make a session expire less than
-``access_write_delay`` early, however long the writes take and however close to its timeout
-the session was. (Bounding only how long a refresh waits is not enough: a session read once
-just before its stored expiry would be lost with that one refresh; the chaos run found it.)
-Metadata writes are never deferred.
+batch, so a read is not a disk write. Refreshes not yet written are kept in memory (at most
+``max(cache_size, max_batch)`` of them), seen by every request, written before any request
+that reads the store as a whole (a scan, a count, a sweep) and in ``terminate``. A refresh is
+deferred only while the access time the store holds for the session is less than
+``access_write_delay`` old, and less than a tenth of the session's idle timeout
+(:data:`~workers.operations.DEFER_SHARE`); an older one is written with its batch. So a
+process killed outright can make a session expire early by less than ``access_write_delay``
+and less than a tenth of its timeout, however long the writes take and however close to its
+timeout the session was. (Bounding only how long a refresh waits is not enough: a session
+read once just before its stored expiry would be lost with that one refresh; the chaos run
+found it.) Metadata writes are never deferred.
 
 Inline answers: while the manager is idle (nothing queued, nothing in its mailbox, no batch
 under way) a request that needs no store I/O is answered in the caller's task, as a batch of
@@ -160,6 +162,7 @@ class SessionManager(Actor):
         #: The store, when it can be used without waiting (inline answers may write to it).
         self.immediate = store if isinstance(store, ImmediateStore) else None
         self.defer_ms = round(settings.access_write_delay * 1000)
+        self.max_unwritten = max(settings.cache_size, settings.max_batch)
         await store.open()
         # After a process restart, "now" starts no earlier than the latest time persisted.
         mark = await store.load_mark()
@@ -270,9 +273,9 @@ class SessionManager(Actor):
 
     def _view(self) -> View:
         settings = self.settings
-        return View(
-            self.store, settings.now_ms(), settings.limits, self.defer_ms, self.stored_access
-        )
+        # Memory is bounded: past max_unwritten waiting refreshes, new ones go with their batch.
+        defer_ms = self.defer_ms if len(self.unwritten) < self.max_unwritten else 0
+        return View(self.store, settings.now_ms(), settings.limits, defer_ms, self.stored_access)
 
     def _known(self, view: View, ids: Iterable[str]) -> list[str]:
         """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into

@@ -56,6 +56,11 @@ class Limits:
     id_factory: Callable[[], str]
 
 
+#: A deferred refresh may leave at most this share (1/DEFER_SHARE) of a session's idle timeout
+#: at risk: a session with a short timeout gets its refreshes written sooner.
+DEFER_SHARE = 10
+
+
 class View:
     """The sessions of one batch: loaded ones plus the batch's own writes, in order."""
 
@@ -117,13 +122,17 @@ class View:
     def refresh(self, session: Session) -> Session:
         """``session`` with its access time moved to now, written now or left for later.
 
-        Left for later only while the stored access time is less than ``defer_ms`` old: a
-        process killed before the write then makes the session expire less than that early.
+        Left for later only while the stored access time is less than ``defer_ms`` old, and
+        less than a :data:`DEFER_SHARE`-th of the session's idle timeout: a process killed
+        before the write then makes the session expire less than that early.
         """
         refreshed = session.accessed(self.now_ms)
         if refreshed is not session:
             stored_ms = self.stored_access.get(session.id, session.last_accessed)
-            if self.now_ms - stored_ms < self.defer_ms:
+            window = self.defer_ms
+            if session.timeout_ms is not None:
+                window = min(window, session.timeout_ms // DEFER_SHARE)
+            if self.now_ms - stored_ms < window:
                 self.sessions[session.id] = refreshed
                 self.touched.setdefault(session.id, stored_ms)
             else:

@@ -84,7 +84,7 @@ _instances = itertools.count(1)
 DEFERS_ACCESS = ("disk", "lmdb")
 #: Their defaults: sessions cached, and seconds an access-time refresh may wait.
 DEFAULT_CACHE_SIZE = 16_384
-DEFAULT_ACCESS_WRITE_DELAY = 1.0
+DEFAULT_ACCESS_WRITE_DELAY = 10.0
 
 
 #: The methods that are one manager operation each: what :meth:`SessionService.operation`
@@ -381,9 +381,9 @@ async def run_session_service(
     ``cache_size`` (sessions the manager keeps in memory) and ``access_write_delay`` (how many
     seconds old the stored access time may be while a refresh waits to be written, so that a
     read is not a disk write; a process killed outright can make a session expire at most that
-    much early) default to
-    16384 and 1.0 for the disk and lmdb stores and to 0 for the others: the memory store needs
-    neither and a redis store is shared, so nothing may be cached or deferred above it.
+    much early, and at most a tenth of its idle timeout early) default to 16384 and 10.0 for
+    the disk and lmdb stores and to 0 for the others: the memory store needs neither and a
+    redis store is shared, so nothing may be cached or deferred above it.
 
     ``store`` runs the service on a store object of your own (a wrapper, say) instead of
     building one from ``backend``. A store that cannot be opened raises its ``StoreError`` here,
