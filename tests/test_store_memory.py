@@ -40,21 +40,53 @@ def test_it_takes_no_options() -> None:
         MemoryStore(path="sessions")  # type: ignore[call-arg]
 
 
-async def test_the_expiry_heap_stays_bounded_under_constant_touches() -> None:
+async def test_touches_push_nothing_and_refreshed_sessions_expire_on_time() -> None:
     store = MemoryStore()
     await store.open()
     sessions = {sid: session(sid) for sid in "abcdefghij"}
     await store.commit([Put(s, None) for s in sessions.values()])
     for step in range(1, 5001):
-        # Every retrieve moves last_accessed, so each touch leaves a stale heap entry behind.
+        # Every retrieve moves last_accessed later: the entry already in the heap comes first.
         writes = []
         for sid, s in sessions.items():
             sessions[sid] = replace(s, last_accessed=T0 + step)
             writes.append(Put(sessions[sid], s.version))
         assert await store.commit(writes) == [True] * 10
-    assert len(store._heap) <= 2 * 10 + _HEAP_SLACK + 1
+    assert len(store._heap) == 10
+    # Their entries (at T0 + 1000) come due long before them: each is pushed again, once.
+    assert await store.expired(T0 + 2000, 100) == []
     assert await store.count(T0 + 5000 + 1000) == 10
+    assert sorted(store._heap) == [(T0 + 6000, sid) for sid in sorted(sessions)]
     assert set(await store.expired(T0 + 5000 + 1001, 100)) == set(sessions)
+
+
+async def test_a_put_that_moves_the_expiry_earlier_is_found_at_the_earlier_time() -> None:
+    store = MemoryStore()
+    await store.open()
+    long = session("a", timeout_ms=10_000)
+    await store.commit([Put(long, None)])
+    short = replace(long, timeout_ms=1000, version=2)
+    assert await store.commit([Put(short, 1)]) == [True]
+    assert await store.expired(T0 + 1001, 10) == ["a"]
+    assert await store.count(T0 + 1001) == 0
+    back = replace(short, timeout_ms=10_000, last_accessed=T0 + 1001, version=3)
+    assert await store.commit([Put(back, 2)]) == [True]  # renewed: live until T0 + 11001
+    assert await store.expired(T0 + 10_001, 10) == []  # its old entry comes due: pushed again
+    assert await store.expired(T0 + 11_002, 10) == ["a"]
+    assert len(store._heap) == 0
+
+
+async def test_the_expiry_heap_is_rebuilt_when_earlier_moves_pile_up() -> None:
+    store = MemoryStore()
+    await store.open()
+    current = session("a", timeout_ms=10**9)
+    await store.commit([Put(current, None)])
+    for version in range(2, 3 * _HEAP_SLACK):
+        # Each moves the expiry earlier, so each pushes an entry; the old ones go stale.
+        new = replace(current, timeout_ms=current.timeout_ms - 1, version=version)
+        assert await store.commit([Put(new, current.version)]) == [True]
+        current = new
+    assert len(store._heap) <= 2 * 1 + _HEAP_SLACK + 1
 
 
 async def test_a_put_that_keeps_the_expiry_adds_no_heap_entry() -> None:

@@ -24,11 +24,14 @@ and a watermark ``W``, with this invariant: a session with ``expires_at < W`` is
 ``_expired``, and any other session with an expiry has an entry in ``_heap``, except that while
 ``_split`` is set the sessions expiring exactly at ``W`` may be in either.
 
-- ``_heap``, a min-heap of ``(expires_at, id)`` for sessions with ``expires_at >= W``. It is
-  lazy: a Put that moves a session's expiry pushes a new entry and leaves the old one to be
-  skipped as stale when it is popped (the session is gone, or its ``expires_at`` differs).
-  When stale entries outnumber the live ones it is rebuilt, so it stays O(n) in size and each
-  entry costs O(log n) once.
+- ``_heap``, a min-heap of ``(expires_at, id)`` holding, for each session with
+  ``expires_at >= W``, an entry at or before its expiry. It is lazy. A Put that moves an
+  expiry later (every refresh does) pushes nothing: the session's entry still comes first,
+  and when it is popped early the session is pushed again at its real expiry, so a session
+  read a thousand times between sweeps costs one push, not a thousand. A Put that moves an
+  expiry earlier pushes a new entry, and an entry whose session is gone, never expires, or
+  expires earlier than it says is dropped when popped. When entries outnumber twice the
+  sessions the heap is rebuilt, so it stays O(n) in size.
 - ``_expired``, the sessions with ``expires_at < W`` (and, with ``_split``, some with
   ``expires_at == W``): all expired at every ``now_ms > W``, and at ``now_ms == W`` too when
   ``_split`` is clear. Raising ``W`` pops the heap entries below it into ``_expired``, in
@@ -207,12 +210,12 @@ class MemoryStore:
     def _reindex(self, sid: str, old: Session | None, new: Session) -> None:
         """Keep the expiry index true for ``sid`` after ``old`` was replaced by ``new``."""
         expires_at = new.expires_at
-        # The expiry whose heap entry is still valid for this id, if any: none once the session
-        # moved to _expired (by membership, not by time: a split moves some at W, not all).
+        # The expiry that a heap entry of this id is at or before, if any: none once the
+        # session moved to _expired (by membership, not by time: a split moves some at W).
         indexed_at = None if old is None else old.expires_at
         if indexed_at is not None and self._expired.pop(sid, None) is not None:
             indexed_at = None
-        if expires_at is None or expires_at == indexed_at:
+        if expires_at is None or (indexed_at is not None and expires_at >= indexed_at):
             return
         if expires_at < self._watermark:
             self._expired[sid] = expires_at
@@ -238,10 +241,13 @@ class MemoryStore:
                 return
             expires_at, sid = heapq.heappop(heap)
             session = buckets[hash(sid) & _MASK].get(sid)
-            # A stale entry (session gone or re-timed) is dropped here for good. A duplicate
-            # of a valid one just sets the same value again.
-            if session is not None and session.expires_at == expires_at:
-                expired[sid] = expires_at
+            actual = None if session is None else session.expires_at
+            if actual is None or actual < expires_at:
+                continue  # stale: gone, never expires, or has an earlier entry of its own
+            if actual == expires_at:
+                expired[sid] = expires_at  # a duplicate entry just sets the same value again
+            else:
+                heapq.heappush(heap, (actual, sid))  # refreshed since: due later
         self._watermark = now_ms
         self._split = False
 
