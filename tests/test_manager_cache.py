@@ -204,12 +204,12 @@ async def test_a_short_timeout_gets_its_refreshes_written_sooner(
 async def test_refreshes_kept_in_memory_are_bounded(
     options: dict[str, Any], vclock: MockClock
 ) -> None:
-    # At most max(cache_size, max_batch) refreshes wait; past that, reads write their own.
+    # When max(cache_size, max_batch) refreshes wait, they are written at once.
     async with open_session_service(**options, cache_size=0, max_batch=4) as sessions:
         manager = whereis(sessions.actors["manager"])._process.actor  # type: ignore[attr-defined]
         ids = [await sessions.create({}, ttl=600) for _ in range(6)]
         await trio.sleep(1)
         read = [(await sessions.retrieve(sid)).last_accessed for sid in ids]
-        assert list(manager.unwritten) == ids[:4]
-        for sid, accessed in zip(ids[4:], read[4:], strict=True):  # not cached: from the store
+        assert set(manager.unwritten) <= set(ids[4:])
+        for sid, accessed in zip(ids[:4], read[:4], strict=True):  # not cached: from the store
             assert (await sessions.peek(sid)).last_accessed == accessed

@@ -19,9 +19,10 @@ Failures, by kind:
 Reads and access times: a manager that owns its store alone keeps a bounded cache of the
 sessions it read and committed (``cache_size``), and with ``access_write_delay`` it writes the
 access-time refreshes of ``retrieve`` and ``touch`` at most that often instead of with their
-batch, so a read is not a disk write. Refreshes not yet written are kept in memory (at most
-``max(cache_size, max_batch)`` of them), seen by every request, written before any request
-that reads the store as a whole (a scan, a count, a sweep) and in ``terminate``. A refresh is
+batch, so a read is not a disk write. Refreshes not yet written are kept in memory, seen by
+every request, written before any request that reads the store as a whole (a scan, a count, a
+sweep) and in ``terminate``. Memory is bounded: when ``max(cache_size, max_batch)`` of them
+wait, they are written at once, and until then a further refresh goes with its batch. A refresh is
 deferred only while the access time the store holds for the session is less than
 ``access_write_delay`` old, and less than a tenth of the session's idle timeout
 (:data:`~workers.operations.DEFER_SHARE`); an older one is written with its batch. So a
@@ -39,7 +40,7 @@ request but the scans, counts and sweeps; on the disk and lmdb stores it is ``re
 ``peek`` and ``touch`` of a cached session, whose access-time refresh is deferred anyway. The
 rules are the batch's: same view, same operations, same order of effects, so nothing but the
 cost depends on which way a request went. An inline read that finds the clock mark due to be
-persisted asks the manager to write it (a ``_WRITE_MARK`` message to itself) and does not
+persisted asks the manager to write it (a ``_HOUSEKEEP`` message to itself) and does not
 wait for it. Housekeeping (the deferred refreshes, then the mark) runs when no request is
 queued; callers wait for it like for any batch. (Answering reads inline while the manager
 waits for its store thread was tried and dropped: callers that keep the Trio thread busy
@@ -137,9 +138,9 @@ class _Retry:
 
 
 #: Messages to self: the deferred access-time refreshes are due to be written (a timer), and
-#: an inline read found the clock mark due to be persisted.
+#: housekeeping was asked for from a caller's task (it only wakes the manager).
 _WRITE_ACCESS = "write access times"
-_WRITE_MARK = "write the clock mark"
+_HOUSEKEEP = "housekeeping is due"
 
 
 class SessionManager(Actor):
@@ -155,7 +156,7 @@ class SessionManager(Actor):
         self.unwritten: dict[str, Session] = {}
         self.stored_access: dict[str, int] = {}
         #: Housekeeping to do when no request is queued: the refreshes' timer fired; an inline
-        #: read asked for the clock mark (its _WRITE_MARK message only wakes the manager).
+        #: read asked for the clock mark, or max_unwritten refreshes wait.
         self.access_due = False
         self.mark_asked = False
         self.access_timer: TimerHandle | None = None
@@ -189,7 +190,7 @@ class SessionManager(Actor):
         elif message == _WRITE_ACCESS:
             self.access_timer = None
             self.access_due = True
-        elif message != _WRITE_MARK:
+        elif message != _HOUSEKEEP:
             raise ValueError(f"the session manager got an unknown message {message!r}")
 
     def handle_call_inline(self, op: Operation) -> outcome.Outcome[Any] | None:
@@ -204,7 +205,7 @@ class SessionManager(Actor):
         if store is None:
             if not self.mark_asked and settings.mark() is not None:
                 self.mark_asked = True
-                self.send_after(0, _WRITE_MARK)
+                self.send_after(0, _HOUSEKEEP)
         try:
             op.prepare(view)
             missing = self._known(view, op.ids())
@@ -323,6 +324,8 @@ class SessionManager(Actor):
 
     def _remember(self, view: View, outcomes: list[bool]) -> None:
         """Keep the cache and the unwritten refreshes in step with a committed batch."""
+        if not (self.cache.capacity or self.unwritten or view.touched):
+            return  # nothing cached, nothing deferred (the memory store): nothing to keep
         written: dict[str, Session] = {}
         for write, ok in zip(view.writes, outcomes, strict=True):
             if ok:
@@ -339,6 +342,9 @@ class SessionManager(Actor):
                 self.unwritten[session_id] = session
                 self.stored_access.setdefault(session_id, stored_ms)
                 self.cache.put(session)
+        if len(self.unwritten) >= self.max_unwritten and not self.access_due:
+            self.access_due = True  # write them now rather than make later reads write
+            self.send_after(0, _HOUSEKEEP)  # this may run in a caller's task: wake up
         self._arm_access_timer()
 
     async def _run_batch(self) -> None:

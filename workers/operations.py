@@ -127,16 +127,18 @@ class View:
         before the write then makes the session expire less than that early.
         """
         refreshed = session.accessed(self.now_ms)
-        if refreshed is not session:
-            stored_ms = self.stored_access.get(session.id, session.last_accessed)
-            window = self.defer_ms
+        if refreshed is session:
+            return session
+        window = self.defer_ms
+        if window:
             if session.timeout_ms is not None:
                 window = min(window, session.timeout_ms // DEFER_SHARE)
+            stored_ms = self.stored_access.get(session.id, session.last_accessed)
             if self.now_ms - stored_ms < window:
                 self.sessions[session.id] = refreshed
                 self.touched.setdefault(session.id, stored_ms)
-            else:
-                self.put(refreshed)
+                return refreshed
+        self.put(refreshed)
         return refreshed
 
     def put(self, session: Session) -> int:
