@@ -14,7 +14,13 @@ the daemon is measured and not a client library: it costs a few microseconds per
 and drives redis-server at least as fast as ``redis-benchmark`` does (checked once by hand
 with the same loop speaking RESP). Every answer is decoded and checked; an error fails the
 benchmark. A memory-store daemon is measured too, without a target, to separate what the
-protocol and the I/O cost from what the disk store costs.
+protocol and the I/O cost from what the disk store costs, and so is :mod:`bench.bare_server`,
+a bare loop on the daemon's reactor that answers every request with a fixed session: the
+most a Python daemon on Trio could do with these sockets and this load generator.
+
+The retrieves read the 20,000 sessions just created, more than the disk store's read cache
+holds by default (16,384): about a fifth of them go to the store thread. ``--requests 12000``
+measures a working set that fits.
 
     python -m bench.daemon [--requests N]
 """
@@ -30,6 +36,7 @@ import selectors
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +47,7 @@ import msgpack
 from bench.records import Record, throughput
 from bench.report import print_table
 from bench.sessions import METADATA
-from tests.daemon_process import DaemonProcess, free_port
+from tests.daemon_process import ROOT, DaemonProcess, free_port
 
 CONNECTIONS = (1, 50)
 #: Our operation and the Redis command it is measured against.
@@ -136,6 +143,27 @@ def drive(
     return rate, results
 
 
+@contextlib.contextmanager
+def bare_server() -> Iterator[int]:
+    """A :mod:`bench.bare_server` process on a free port; yields the port once it accepts."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.bare_server", str(port)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the bare server did not start") from None
+                time.sleep(0.02)
+        yield port
+    finally:
+        server.kill()
+        server.wait()
+
+
 def daemon_rates(port: int, connections: int, requests: int) -> dict[str, float]:
     """Requests per second of create, then of retrieve of the sessions just created."""
     create = msgpack.packb([0, 1, "create", [METADATA]])
@@ -177,6 +205,20 @@ def run(requests: int = 20_000) -> list[Record]:
                             )
                         )
                 daemon.close()
+            with bare_server() as port:
+                retrieve = msgpack.packb([0, 1, "retrieve", ["0" * 32]])
+                for connections in CONNECTIONS:
+                    n = requests if connections > 1 else requests // 4
+                    ours, _ = drive(port, connections, n, lambda i: retrieve)
+                    theirs = redis_rates(redis_port, connections, n)
+                    records.append(
+                        throughput(
+                            f"bare loop retrieve c={connections}",
+                            ours,
+                            f"redis GET c={connections}",
+                            theirs["GET"],
+                        )
+                    )
         return records
     finally:
         for daemon in daemons.values():
