@@ -49,7 +49,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -247,10 +247,10 @@ class Connection:
             else:
                 self._events.append(ConnectionClosed())
             return
-        view = memoryview(data)
         step = self.max_message_size
-        for start in range(0, len(view), step):
-            chunk = view[start : start + step]
+        # One slice for the usual read; more only when a read is longer than a message may be.
+        chunks = (data,) if len(data) <= step else _slices(memoryview(data), step)
+        for chunk in chunks:
             try:
                 self._unpacker.feed(chunk)
             except msgpack.BufferFull:  # cannot happen given the accounting; a backstop
@@ -391,6 +391,10 @@ class Connection:
             return pack(message)
         except (TypeError, ValueError, OverflowError) as exc:
             raise LocalProtocolError(f"cannot encode {message[0:3]!r:.80}: {exc}") from None
+
+
+def _slices(view: memoryview, step: int) -> Iterator[memoryview]:
+    return (view[start : start + step] for start in range(0, len(view), step))
 
 
 # -- sessions and methods ----------------------------------------------------------------

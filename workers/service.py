@@ -125,6 +125,9 @@ class SessionService:
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
+        self._builders: dict[str, Callable[..., Operation]] = {
+            name: getattr(self, "_" + name) for name in SINGLE_OPERATIONS
+        }
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -186,9 +189,9 @@ class SessionService:
         positionally. ``args`` are checked exactly as the method checks them, raising the same
         errors (nothing has been sent when it raises).
         """
-        if method not in SINGLE_OPERATIONS:
+        build = self._builders.get(method)
+        if build is None:
             raise ValueError(f"{method!r} is not one of {sorted(SINGLE_OPERATIONS)}")
-        build: Callable[..., Operation] = getattr(self, "_" + method)
         return build(*args)
 
     def submit(self, op: Operation, on_reply: Callable[[Any, Exception | None], object]) -> None:
