@@ -22,8 +22,8 @@ access-time refreshes of ``retrieve`` and ``touch`` at most that often instead o
 batch, so a read is not a disk write. Refreshes not yet written are kept in memory, seen by
 every request, written before any request that reads the store as a whole (a scan, a count, a
 sweep) and in ``terminate``. Memory is bounded: when ``max(cache_size, max_batch)`` of them
-wait, they are written at once, and until then a further refresh goes with its batch. A refresh is
-deferred only while the access time the store holds for the session is less than
+wait, they are written at once, and until then a further refresh goes with its batch. A
+refresh is deferred only while the access time the store holds for the session is less than
 ``access_write_delay`` old, and less than a tenth of the session's idle timeout
 (:data:`~workers.operations.DEFER_SHARE`); an older one is written with its batch. So a
 process killed outright can make a session expire early by less than ``access_write_delay``

@@ -21,8 +21,9 @@ randomised per process, which is fine: the store and its cursors never leave the
 
 *Expiry index.* ``expired`` and ``count`` must not visit every session. The index has two parts
 and a watermark ``W``, with this invariant: a session with ``expires_at < W`` is in
-``_expired``, and any other session with an expiry has an entry in ``_heap``, except that while
-``_split`` is set the sessions expiring exactly at ``W`` may be in either.
+``_expired``, and any other session with an expiry has an entry in ``_heap`` at or before its
+expiry, except that while ``_split`` is set the sessions expiring exactly at ``W`` may be in
+either.
 
 - ``_heap``, a min-heap of ``(expires_at, id)`` holding, for each session with
   ``expires_at >= W``, an entry at or before its expiry. It is lazy. A Put that moves an
@@ -30,8 +31,8 @@ and a watermark ``W``, with this invariant: a session with ``expires_at < W`` is
   and when it is popped early the session is pushed again at its real expiry, so a session
   read a thousand times between sweeps costs one push, not a thousand. A Put that moves an
   expiry earlier pushes a new entry, and an entry whose session is gone, never expires, or
-  expires earlier than it says is dropped when popped. When entries outnumber twice the
-  sessions the heap is rebuilt, so it stays O(n) in size.
+  expires earlier than the entry says (so it has an earlier entry) is dropped when popped.
+  When entries outnumber twice the sessions the heap is rebuilt, so it stays O(n) in size.
 - ``_expired``, the sessions with ``expires_at < W`` (and, with ``_split``, some with
   ``expires_at == W``): all expired at every ``now_ms > W``, and at ``now_ms == W`` too when
   ``_split`` is clear. Raising ``W`` pops the heap entries below it into ``_expired``, in
