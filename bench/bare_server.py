@@ -17,6 +17,7 @@ import sys
 import msgpack
 import trio
 
+from bench.sessions import METADATA
 from workers.reactor import Reactor
 
 #: What every request gets back: a session map of the benchmark's shape.
@@ -25,7 +26,7 @@ ANSWER = {
     "created_at": 0,
     "last_accessed": 0,
     "timeout_ms": 3_600_000,
-    "metadata": {"user_id": "user123", "auth_method": "api_key", "theme": "dark", "language": "en"},
+    "metadata": METADATA,
     "version": 1,
 }
 

@@ -60,6 +60,33 @@ REDIS_BENCHMARK = "/usr/bin/redis-benchmark"
 REDIS_KEYSPACE = 100_000
 
 
+def _wait_until(ready: Callable[[], bool], server: subprocess.Popen[bytes], what: str) -> None:
+    """Poll ``ready()`` until it holds; RuntimeError if ``server`` exits or 10 s pass first."""
+    deadline = time.monotonic() + 10
+    while not ready():
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+
+
+def _redis_pongs(port: int) -> bool:
+    ping = ["redis-cli", "-p", str(port), "ping"]
+    return subprocess.run(ping, capture_output=True, text=True).stdout.strip() == "PONG"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port)).close()
+    except OSError:
+        return False
+    return True
+
+
+def _requests_at(connections: int, requests: int) -> int:
+    """Requests per measurement: a quarter of them with one connection, which is slow."""
+    return requests if connections > 1 else requests // 4
+
+
 @contextlib.contextmanager
 def private_redis() -> Iterator[int]:
     """A redis-server of our own on a free port, without persistence; yields the port."""
@@ -70,16 +97,7 @@ def private_redis() -> Iterator[int]:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-            ).stdout.strip()
-            != "PONG"
-        ):
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
+        _wait_until(lambda: _redis_pongs(port), server, "redis-server")
         yield port
     finally:
         server.terminate()
@@ -149,15 +167,7 @@ def bare_server() -> Iterator[int]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.bare_server", str(port)], cwd=ROOT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the bare server did not start") from None
-                time.sleep(0.02)
+        _wait_until(lambda: _accepts(port), server, "the bare server")
         yield port
     finally:
         server.kill()
@@ -189,7 +199,7 @@ def run(requests: int = 20_000) -> list[Record]:
             for backend, daemon in daemons.items():
                 daemon.start()
                 for connections in CONNECTIONS:
-                    n = requests if connections > 1 else requests // 4
+                    n = _requests_at(connections, requests)
                     ours = daemon_rates(daemon.port, connections, n)
                     theirs = redis_rates(redis_port, connections, n)
                     target = TARGET if connections == TARGET_CONNECTIONS else None
@@ -208,7 +218,7 @@ def run(requests: int = 20_000) -> list[Record]:
             with bare_server() as port:
                 retrieve = msgpack.packb([0, 1, "retrieve", ["0" * 32]])
                 for connections in CONNECTIONS:
-                    n = requests if connections > 1 else requests // 4
+                    n = _requests_at(connections, requests)
                     ours, _ = drive(port, connections, n, lambda i: retrieve)
                     theirs = redis_rates(redis_port, connections, n)
                     records.append(
