@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -60,13 +61,22 @@ REDIS_BENCHMARK = "/usr/bin/redis-benchmark"
 REDIS_KEYSPACE = 100_000
 
 
-def _wait_until(ready: Callable[[], bool], server: subprocess.Popen[bytes], what: str) -> None:
-    """Poll ``ready()`` until it holds; RuntimeError if ``server`` exits or 10 s pass first."""
-    deadline = time.monotonic() + 10
-    while not ready():
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.02)
+@contextlib.contextmanager
+def _server(
+    argv: list[str], ready: Callable[[], bool], what: str, **options: Any
+) -> Iterator[None]:
+    """Run ``argv`` until the block ends, entering it once ``ready()`` holds (within 10 s)."""
+    server = subprocess.Popen(argv, **options)
+    try:
+        deadline = time.monotonic() + 10
+        while not ready():
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.02)
+        yield
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def _redis_pongs(port: int) -> bool:
@@ -91,17 +101,10 @@ def _requests_at(connections: int, requests: int) -> int:
 def private_redis() -> Iterator[int]:
     """A redis-server of our own on a free port, without persistence; yields the port."""
     port = free_port()
-    server = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_until(lambda: _redis_pongs(port), server, "redis-server")
+    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no"]  # fmt: skip
+    with _server(argv, lambda: _redis_pongs(port), "redis-server", stdout=subprocess.DEVNULL):
         yield port
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def redis_rates(port: int, connections: int, requests: int) -> dict[str, float]:
@@ -165,13 +168,9 @@ def drive(
 def bare_server() -> Iterator[int]:
     """A :mod:`bench.bare_server` process on a free port; yields the port once it accepts."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.bare_server", str(port)], cwd=ROOT)
-    try:
-        _wait_until(lambda: _accepts(port), server, "the bare server")
+    argv = [sys.executable, "-m", "bench.bare_server", str(port)]
+    with _server(argv, lambda: _accepts(port), "the bare server", cwd=ROOT):
         yield port
-    finally:
-        server.kill()
-        server.wait()
 
 
 def daemon_rates(port: int, connections: int, requests: int) -> dict[str, float]:
