@@ -1,7 +1,7 @@
 """The daemon's floor in Python: a bare msgpack-RPC loop on the daemon's own reactor.
 
 It accepts connections on a loopback port, reads every socket through one
-:class:`~workers.reactor.Reactor` as the daemon does, unpacks each request and sends back a
+:class:`~workers.wire.reactor.Reactor` as the daemon does, unpacks each request and sends back a
 fixed session map, with none of the daemon's checks, dispatch or service behind it.
 :mod:`bench.daemon` drives it like the daemon, so what separates the two is the work of a
 request and not Trio, the sockets or the load generator.
@@ -18,7 +18,7 @@ import msgpack
 import trio
 
 from bench.sessions import METADATA
-from workers.reactor import Reactor
+from workers.wire.reactor import Reactor
 
 #: What every request gets back: a session map of the benchmark's shape.
 ANSWER = {

@@ -17,6 +17,7 @@ callers, so the plot's points come from the same run as the table.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 import time
@@ -179,3 +180,31 @@ def _run_groups(run: Run, groups: Sequence[str]) -> list[str]:
             failed.append(group)
         print(f"bench: {group} took {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return failed
+
+
+def command_line(argv: Sequence[str] | None = None) -> int:
+    """``python run.py bench [OPTIONS]`` (and ``make bench``): parse the options, run :func:`main`.
+
+    Not a verb of the installed ``sessiond``: the benchmarks live in this checkout's ``bench/``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="run.py bench",
+        description=(
+            "Run the benchmarks (actor calls, embedded stores, daemon, scale), each next to a "
+            "floor measured in the same run, and print one table with the issue's targets and "
+            "whether each holds. Exit status 0 even when a target does not hold; nonzero on an "
+            "error."
+        ),
+    )
+    add = parser.add_argument
+    add("--json", type=Path, metavar="FILE", help="also write the records to FILE as JSON")
+    add(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw throughput against concurrency (needs: pip install -e '.[plot]')",
+    )
+    add("--only", metavar="GROUPS", help="comma-separated from actor,sessions,daemon,scale")
+    add("--quick", action="store_true", help="smaller op counts: a minute or two, noisier")
+    args = parser.parse_args(argv)
+    return main(args.only, args.quick, args.json, args.plot)

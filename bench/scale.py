@@ -28,7 +28,7 @@ stores them.
    lmdb the workload is served again with ``unmap_every=None`` (every page left mapped), to
    show what the bound costs in operations per second.
 2. **Memory store vs a plain dict.** One child puts N records in a plain ``dict`` (id ->
-   :class:`~workers.session.Session`, the very objects :func:`record` builds); another imports
+   :class:`~workers.record.session.Session`, the very objects :func:`record` builds); another imports
    the same N records into a memory-store service (``import_sessions``, 10,000 a call). Each
    reports the growth of its ``RssAnon`` (after ``gc.collect()``) from just before the records
    are built: the records themselves count on both sides, so the ratio is (records + the
@@ -73,8 +73,8 @@ import trio
 
 from bench.records import Record, measurement, throughput
 from workers import open_session_service
-from workers.codec import canonical_metadata
-from workers.session import Session
+from workers.record.codec import canonical_metadata
+from workers.record.session import Session
 from workers.stores import make_store
 from workers.stores.base import Put, Store
 

@@ -55,8 +55,8 @@ from bench import actor_calls
 from bench.records import Record, throughput
 from bench.report import print_table
 from workers import open_session_service
-from workers.codec import decode_session, encode_session
-from workers.session import Session, new_id
+from workers.record.codec import decode_session, encode_session
+from workers.record.session import Session, new_id
 from workers.stores.redis import redact_url
 
 CONCURRENCY = (1, 50)

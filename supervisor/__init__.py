@@ -7,12 +7,12 @@ It knows nothing about what it supervises. Start here:
 * :class:`Actor` is gen_server: a task with a mailbox, ``call`` and ``cast``, a name registry,
   deferred replies, timers, and inline answers (an idle actor may answer in the caller's task).
 * :func:`cleanup_scope` gives any child the shielded cleanup window its shutdown grace allows.
-* :mod:`supervisor.testing` crashes actors on demand or on a schedule, for your tests.
+* :func:`exit_actor` ends an actor as a crash would (OTP's ``exit/2``); :mod:`supervisor.testing`
+  builds on it to crash actors on demand or on a schedule, for your tests.
 """
 
-from .actor import Actor, ActorRef, TimerHandle, call, cast, send_request
+from .actor import Actor, ActorRef, TimerHandle, call, cast, exit_actor, send_request
 from .child import ChildCounts, ChildInfo, ChildSpec, Restart, Shutdown
-from .cleanup import cleanup_scope
 from .errors import (
     CallTimeout,
     ChildExists,
@@ -27,6 +27,7 @@ from .errors import (
     unwrap,
 )
 from .events import EventKind, SupervisorEvent
+from .grace import cleanup_scope
 from .registry import whereis
 from .reply import ReplySlot
 from .restart import AutoShutdown, Strategy
@@ -61,6 +62,7 @@ __all__ = [
     "call",
     "cast",
     "cleanup_scope",
+    "exit_actor",
     "send_request",
     "unwrap",
     "whereis",

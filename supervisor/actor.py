@@ -22,9 +22,10 @@ Exceptions: an ``Exception`` from ``init`` is a start failure; from any handler,
 or ``terminate`` it is a crash (the exit reason), and it propagates out of the actor's task for
 its supervisor to see. Cancellation is a shutdown. Nothing is caught and forgotten.
 
-Fault injection (:mod:`supervisor.testing`) uses one hook, :meth:`_Process.inject_crash`: it
-cancels the serving loop wherever it is waiting and raises the injected exception in its
-place, so the incarnation dies exactly as if a handler had raised it.
+Ending an actor from outside (:func:`exit_actor`, and :mod:`supervisor.testing` on top of it)
+uses one hook, :meth:`_Process.inject_crash`: it cancels the serving loop wherever it is
+waiting and raises the given exception in its place, so the incarnation dies exactly as if a
+handler had raised it.
 
 The mailbox is drained without a schedule point per message (``receive_nowait``), yielding
 once every ``_BATCH`` messages, so a busy actor answers a burst of callers in one pass.
@@ -53,8 +54,8 @@ import trio
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, current_task
 
 from .child import ChildSpec
-from .cleanup import cleanup_scope
 from .errors import CallTimeout, ExitReason, NoProc, ServerDown, exit_reason
+from .grace import cleanup_scope
 from .registry import lookup, register, unregister, wait_for
 from .reply import CallbackSlot, Deadlines, ReplySlot
 
@@ -481,7 +482,7 @@ class _Process:
             await drained()
 
     def inject_crash(self, exc: Exception) -> None:
-        """Test hook: end this incarnation with ``exc`` as if a handler had raised it.
+        """End this incarnation with ``exc`` as if a handler had raised it (:func:`exit_actor`).
 
         The serving loop is cancelled wherever it waits (in a handler, or for mail) and ``exc``
         is raised in its place: callers get ServerDown, ``terminate(exc)`` runs, the supervisor
@@ -504,6 +505,31 @@ class _Process:
         self._recv.close()  # callers blocked on a full mailbox wake up and see their slot
         self.deadlines.fail_all(lambda: ServerDown(self.ref, reason))
         self.died.set()
+
+
+async def exit_actor(
+    target: ActorRef | Hashable, reason: Exception, *, name_wait: float = 0.0
+) -> ExitReason:
+    """End the actor ``target`` with ``reason``, as if one of its handlers had raised it.
+
+    OTP's ``exit(Pid, Reason)``: the serving loop is interrupted wherever it waits, every
+    waiting caller gets :class:`ServerDown`, ``terminate(reason)`` runs, and the supervisor sees
+    a crash (restart, intensity, escalation: all as for a real one). Returns once the
+    incarnation is dead (its ``terminate`` may still be running), with its exit reason:
+    normally ``reason``, or whatever ended it first. A name is resolved now; while no actor
+    holds it (its supervisor is restarting it), this waits up to ``name_wait`` seconds for one.
+    Raises :class:`NoProc` if nothing runs under ``target``.
+    """
+    if isinstance(target, ActorRef):
+        ref: ActorRef | None = target
+    else:
+        ref = await wait_for(target, trio.current_time() + name_wait)
+    if ref is None or not ref.alive:
+        raise NoProc(f"no actor is running as {target!r}")
+    process = ref._process
+    process.inject_crash(reason)
+    await process.died.wait()
+    return process.reason
 
 
 async def _await_name(name: Hashable, until: float) -> ActorRef:

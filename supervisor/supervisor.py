@@ -38,7 +38,6 @@ import trio
 from trio.lowlevel import current_task
 
 from .child import ChildCounts, ChildInfo, ChildSpec, Restart
-from .cleanup import Lifetime, enter_lifetime
 from .errors import (
     ChildExists,
     ChildNotFound,
@@ -52,6 +51,7 @@ from .errors import (
     unwrap,
 )
 from .events import EventKind, Reporter, SupervisorEvent
+from .grace import Lifetime, enter_lifetime
 from .reply import ReplySlot
 from .restart import (
     Action,

@@ -31,9 +31,8 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import trio
 
-from .actor import ActorRef
+from .actor import ActorRef, exit_actor
 from .errors import ExitReason, NoProc
-from .registry import wait_for
 
 
 class InjectedFault(RuntimeError):
@@ -45,22 +44,13 @@ async def crash(
 ) -> ExitReason:
     """Crash the actor ``target`` with ``exc`` (default :class:`InjectedFault`) now.
 
-    Returns once the incarnation is dead (its callers have had ``ServerDown``; its
-    ``terminate`` may still be running), with its exit reason: normally ``exc``, or whatever
-    ended it first. If no actor holds the name ``target`` (it is being restarted, say), waits
-    up to ``name_wait`` seconds for one. Raises :class:`~supervisor.NoProc` if nothing runs
-    under ``target``.
+    :func:`supervisor.exit_actor` with a default reason that says the crash was on purpose:
+    returns once the incarnation is dead, with its exit reason; waits up to ``name_wait``
+    seconds for an actor to hold the name ``target``; raises :class:`~supervisor.NoProc` if
+    nothing runs under ``target``.
     """
-    if isinstance(target, ActorRef):
-        ref: ActorRef | None = target
-    else:
-        ref = await wait_for(target, trio.current_time() + name_wait)
-    if ref is None or not ref.alive:
-        raise NoProc(f"nothing to crash: no actor is running as {target!r}")
-    process = ref._process
-    process.inject_crash(exc if exc is not None else InjectedFault(f"injected crash of {ref!r}"))
-    await process.died.wait()
-    return process.reason
+    reason = exc if exc is not None else InjectedFault(f"injected crash of {target!r}")
+    return await exit_actor(target, reason, name_wait=name_wait)
 
 
 async def crash_repeatedly(

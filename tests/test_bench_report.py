@@ -6,7 +6,6 @@ by hand, and the runner is only driven down the paths that stop before measuring
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 from bench import plot, report
 from bench import run as runner
 from bench.records import Record, measurement, throughput
-from workers import bench_verb
 
 RECORDS = [
     throughput("ActorRef.call x50", 389_438.4, "channel request/reply x50", 466_179.0, 0.75),
@@ -116,16 +114,13 @@ def test_an_unknown_group_is_an_error_before_measuring(
     assert "--only takes groups from" in capsys.readouterr().err
 
 
-def test_the_verb_says_where_the_benchmarks_are_when_bench_cannot_be_imported(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_the_bench_command_line_passes_its_options_to_the_runner(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def no_bench(name: str) -> None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name="bench")
-
-    monkeypatch.setattr(bench_verb.importlib, "import_module", no_bench)
-    args = argparse.Namespace(only=None, quick=True, json=None, plot=None)
-    assert bench_verb.run_bench_verb(args) == 2
-    assert "bench/ directory next to run.py" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(runner, "main", lambda *args: seen.append(args) or 0)
+    assert runner.command_line(["--quick", "--only", "actor", "--json", "out.json"]) == 0
+    assert seen == [("actor", True, Path("out.json"), None)]
 
 
 def test_the_plot_draws_products_and_their_floors_by_concurrency() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import run_verb
-from workers.chaos import ChaosConfig, run_chaos
+from workers.cli.chaos import ChaosConfig, run_chaos
 from workers.stores import Write
 from workers.stores.memory import MemoryStore
 

@@ -23,16 +23,16 @@ import pytest
 import trio
 
 from tests.daemon_process import PATIENCE, ROOT, DaemonProcess, run_verb
+from workers import AuthenticationFailed, InvalidRequest
 from workers.client import SyncClient, connect
-from workers.errors import (
+from workers.record.errors import (
     InvalidMetadata,
     InvalidTTL,
     ServiceUnavailable,
     SessionNotFound,
     VersionConflict,
 )
-from workers.protocol import AuthenticationFailed, InvalidRequest
-from workers.session import Session
+from workers.record.session import Session
 
 TOKEN = "test-token-0123456789"
 
@@ -376,7 +376,7 @@ def test_a_locked_store_is_refused_with_one_clear_line(
     done = run_verb("serve", "--path", str(daemon.store_path), "--no-tcp",
                     "--unix", str(tmp_path / "other.sock"))  # fmt: skip
     assert done.returncode == 1
-    errors = [line for line in done.stderr.splitlines() if "ERROR workers.daemon" in line]
+    errors = [line for line in done.stderr.splitlines() if "ERROR workers.cli.serve" in line]
     assert len(errors) == 1
     assert "locked by another owner" in errors[0]
 
@@ -454,8 +454,9 @@ async def test_second_signal_exits_at_once(fresh: Callable[..., DaemonProcess]) 
 async def test_restart_budget_exhausted_exits_non_zero_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from workers import daemon, server
-    from workers.config import load_settings
+    from workers.cli import serve as daemon
+    from workers.wire import server
+    from workers.cli.config import load_settings
 
     async def crashing_run(
         self: server.Server, *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -466,6 +467,6 @@ async def test_restart_budget_exhausted_exits_non_zero_with_one_line(
     monkeypatch.setattr(server.Server, "run", crashing_run)
     settings = load_settings(env={}, overrides={"backend": "memory", "port": 0})
     assert await daemon.serve(settings) == 1
-    lines = [r for r in caplog.records if r.name == "workers.daemon" and r.levelname == "ERROR"]
+    lines = [r for r in caplog.records if r.name == "workers.cli.serve" and r.levelname == "ERROR"]
     assert len(lines) == 1
     assert "gave up after too many restarts" in lines[0].getMessage()

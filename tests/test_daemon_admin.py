@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import DaemonProcess, run_verb
-from workers.admin import Failed, read_backup
+from workers.cli.admin import Failed, read_backup
 from workers.client import SyncClient
 
 TOKEN = "admin-token"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import ConfigError, Settings, load_settings
-from workers.protocol import DEFAULT_PORT, Address
+from workers.cli.config import ConfigError, Settings, load_settings
+from workers.wire.address import DEFAULT_PORT, Address
 
 
 def test_defaults_need_no_configuration() -> None:

@@ -2,7 +2,7 @@
 
 What "never deletes a live session because of the jump alone" means, as pinned here: the
 service's notion of now is the latest wall-clock time it has seen (any call or sweep lets it see
-the time) and never goes backwards (see :mod:`workers.manager`), so a backward step of the wall
+the time) and never goes backwards (see :mod:`workers.core.manager`), so a backward step of the wall
 clock deletes nothing, revives nothing that was expired by then, and only postpones expiry until
 the clock has caught up. A forward step is taken as time really passing: the sessions whose idle
 timeout lies before the new time expire (and only those), as they would after that much idleness.

@@ -17,8 +17,8 @@ import trio
 from redis_server import find_redis, unique_prefix
 from store_factories import STORE_FACTORIES
 
-from workers.migrate import migrate, register
-from workers.session import Session
+from workers.cli.migrate import migrate, register
+from workers.record.session import Session
 from workers.stores import make_store
 from workers.stores.base import Put, Store
 from workers.stores.files import DirectoryLock

@@ -7,15 +7,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.errors import SessionExpired, SessionNotFound, VersionConflict
-from workers.protocol import (
-    METHODS,
-    NEED_DATA,
+from workers.core.api import METHODS, session_from_wire, session_to_wire
+from workers.record.errors import (
     AuthenticationFailed,
+    InvalidRequest,
+    ProtocolError,
+    SessionExpired,
+    SessionNotFound,
+    VersionConflict,
+)
+from workers.record.session import Session
+from workers.wire.address import parse_address
+from workers.wire.protocol import (
+    NEED_DATA,
     Connection,
     ConnectionClosed,
     InvalidMessage,
-    InvalidRequest,
     LocalProtocolError,
     Notification,
     RemoteProtocolError,
@@ -24,11 +31,7 @@ from workers.protocol import (
     Role,
     decode_error,
     encode_error,
-    parse_address,
-    session_from_wire,
-    session_to_wire,
 )
-from workers.session import Session
 
 
 def events(conn: Connection) -> list[object]:
@@ -262,7 +265,7 @@ def test_session_wire_round_trip_and_validation() -> None:
     wire = msgpack.unpackb(msgpack.packb(session_to_wire(session)))
     assert session_from_wire(wire) == session
     for bad in ({**wire, "version": "3"}, {**wire, "extra": 1}, {**wire, "created_at": True}, []):
-        with pytest.raises(RemoteProtocolError):
+        with pytest.raises(ProtocolError):
             session_from_wire(bad)
 
 
@@ -276,7 +279,7 @@ def test_method_table_checks_arity_and_pages() -> None:
     session = Session("s", 1, 1, 1000, {}, 1)
     page = METHODS["list_page"]
     assert page.decode_result(page.encode_result(([session], "next"))) == ([session], "next")
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(ProtocolError):
         page.decode_result({"not": "a page"})
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import trio
 import trio.testing
 
-from workers.reactor import Reactor
+from workers.wire.reactor import Reactor
 
 
 def reader(reactor: Reactor, sock: socket.socket, seen: list[bytes]) -> Callable[[], None]:

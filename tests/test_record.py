@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers import InvalidMetadata, InvalidTTL, Session, SessionTooLarge, StoreError
-from workers.codec import canonical_metadata, decode_session, encode_session, pack
-from workers.session import build_session, new_id, ttl_to_ms
+from workers.record.codec import canonical_metadata, decode_session, encode_session, pack
+from workers.record.session import build_session, new_id, ttl_to_ms
 from workers.stores.thread import StoreThread
 
 json_like = st.recursive(

@@ -16,8 +16,8 @@ import pytest
 import trio
 from store_factories import STORE_FACTORIES, StoreFactory
 
-from workers.errors import StoreError
-from workers.session import Session
+from workers.record.errors import StoreError
+from workers.record.session import Session
 from workers.stores import BACKENDS
 from workers.stores.base import Delete, Mark, Put, Store, Write
 

@@ -24,8 +24,8 @@ import diskcache
 import pytest
 import trio
 
-from workers.errors import StoreError
-from workers.session import Session
+from workers.record.errors import StoreError
+from workers.record.session import Session
 from workers.stores import disk, make_store
 from workers.stores.base import Delete, Put
 from workers.stores.disk import FORMAT_KEY, DiskStore, SessionDisk
@@ -179,7 +179,7 @@ async def test_a_path_that_is_a_file_is_refused_and_left_alone(tmp_path: Path) -
 
 WRITER = """
     import sys, trio
-    from workers.session import Session
+    from workers.record.session import Session
     from workers.stores.base import Put
     from workers.stores.disk import DiskStore
 

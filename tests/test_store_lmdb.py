@@ -17,8 +17,8 @@ import lmdb
 import pytest
 import trio
 
-from workers.errors import StoreError
-from workers.session import Session
+from workers.record.errors import StoreError
+from workers.record.session import Session
 from workers.stores.base import Delete, Put
 from workers.stores.lmdb import DATA_FILE, FORMAT, LmdbStore
 
@@ -116,7 +116,7 @@ async def test_close_completes_even_when_cancelled(tmp_path: Path) -> None:
 
 CHILD = """
 import os, signal, sys, trio
-from workers.session import Session
+from workers.record.session import Session
 from workers.stores.base import Put
 from workers.stores.lmdb import LmdbStore
 

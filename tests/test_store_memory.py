@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from workers.errors import StoreError
-from workers.session import Session
+from workers.record.errors import StoreError
+from workers.record.session import Session
 from workers.stores.base import Delete, Put
 from workers.stores.memory import _HEAP_SLACK, MemoryStore
 

@@ -16,9 +16,9 @@ import pytest
 import trio
 from redis_server import RedisServer, free_port
 
-from workers.codec import encode_session
-from workers.errors import ServiceUnavailable, StoreError
-from workers.session import Session
+from workers.record.codec import encode_session
+from workers.record.errors import ServiceUnavailable, StoreError
+from workers.record.session import Session
 from workers.stores.base import Delete, Put
 from workers.stores.redis import RedisStore, redact_url
 

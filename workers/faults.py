@@ -26,7 +26,7 @@ default every method but ``open`` and ``close``); ``calls`` picks the n-th calls
 write happened, the caller cannot know).
 
 What it does: :meth:`~FaultyStore.fail` raises a fresh copy of an exception. An ``OSError``
-becomes a :class:`~workers.errors.StoreError` naming it, as the real stores report I/O errors
+becomes a :class:`~workers.record.errors.StoreError` naming it, as the real stores report I/O errors
 (ENOSPC, EIO); a ``StoreError`` goes to the callers of the batch; any other exception is a bug
 as far as the manager knows, so it crashes the manager (use that to test supervision).
 :meth:`~FaultyStore.hang` blocks the call until :meth:`~FaultyStore.clear` (or ``seconds``);
@@ -51,8 +51,8 @@ from typing import Any
 
 import trio
 
-from .errors import StoreError
-from .session import Session
+from .record.errors import StoreError
+from .record.session import Session
 from .stores.base import Store, Write
 
 #: The methods of the Store protocol a fault can target.

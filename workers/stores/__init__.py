@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import StoreError
+from ..record.errors import StoreError
 from .base import Delete, ImmediateStore, Mark, Put, Store, Write
 
 #: The seed's backend names, accepted as aliases of ours.

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The :class:`~workers.manager.SessionManager` actor is the only code that talks to a store. It
+The :class:`~workers.core.manager.SessionManager` actor is the only code that talks to a store. It
 works in batches: it collects the requests queued in its mailbox, ``load``\\ s the sessions they
 name in one call, computes every result in memory, and ``commit``\\ s all the resulting writes in
 one call, which a store runs as one transaction (group commit). Only then are the callers
@@ -19,7 +19,7 @@ All methods are async. A store whose library blocks (diskcache, lmdb) runs every
 own long-lived worker thread (:class:`~workers.stores.thread.StoreThread`); a store whose
 library is async (coredis) awaits it directly. No store blocks the Trio thread.
 
-Stores raise :class:`~workers.errors.StoreError` for their own failures; ``open`` raises it,
+Stores raise :class:`~workers.record.errors.StoreError` for their own failures; ``open`` raises it,
 naming the cause, when the store is locked by another owner or is unusable.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
-from ..session import Session
+from ..record.session import Session
 
 
 @dataclass(frozen=True, slots=True)

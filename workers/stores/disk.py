@@ -22,7 +22,7 @@ A session is one row of diskcache's ``Cache`` table:
 column     holds
 =========  ===================================================================================
 ``key``    the session id, as TEXT (``raw=1``); its unique index gives the scan order
-``value``  the msgpack record of :func:`workers.codec.encode_session`, a BLOB stored inline
+``value``  the msgpack record of :func:`workers.record.codec.encode_session`, a BLOB stored inline
 ``tag``    ``expires_at`` in ms as an INTEGER, NULL for a session that never expires;
            indexed (``tag_index=True``), which is what makes ``expired`` and ``count`` cheap
 =========  ===================================================================================
@@ -52,7 +52,7 @@ diskcache is a cache: by default it evicts least-recently-stored rows once the d
 ``eviction_policy="none"``, ``cull_limit=0`` (diskcache then never even looks for rows to drop)
 and the largest ``size_limit``. Settings persist in the database, but they are passed on every
 open anyway, so a directory whose settings were changed by another program is put right.
-A full disk therefore shows up as a failed commit (:class:`~workers.errors.StoreError`), and
+A full disk therefore shows up as a failed commit (:class:`~workers.record.errors.StoreError`), and
 capacity is the manager's business (``max_sessions``), never the store's.
 
 Inline values
@@ -158,9 +158,9 @@ import diskcache
 import trio
 from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 
-from ..codec import decode_session, encode_session
-from ..errors import StoreError
-from ..session import Session
+from ..record.codec import decode_session, encode_session
+from ..record.errors import StoreError
+from ..record.session import Session
 from .base import Delete, Mark, Put, Write, apply_in_order, write_id
 from .files import DirectoryLock, quarantine
 from .thread import StoreThread

@@ -13,7 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..errors import StoreError
+from ..record.errors import StoreError
 
 LOCK_NAME = "LOCK"
 

@@ -9,7 +9,7 @@ and LMDB's own ``data.mdb`` and ``lock.mdb``. The environment has three named da
     ``format`` -> :data:`FORMAT`, written when the store is created. An environment without it
     (or with another value) is not ours, and is handled like a corrupt one.
 ``sessions``
-    session id (UTF-8) -> the msgpack record of :func:`~workers.codec.encode_session`.
+    session id (UTF-8) -> the msgpack record of :func:`~workers.record.codec.encode_session`.
 ``expiry``
     ``expires_at`` (8 bytes, big-endian, offset by 2**63 so that the order of the bytes is the
     order of the numbers) + session id -> empty. Only sessions that expire have an entry, and
@@ -99,14 +99,14 @@ from typing import Any, Literal, TypeVar
 import lmdb
 import trio
 
-from ..codec import decode_session, encode_session
-from ..errors import StoreError
-from ..session import Session
+from ..record.codec import decode_session, encode_session
+from ..record.errors import StoreError
+from ..record.session import Session
 from .base import Delete, Mark, Put, Write, apply_in_order, write_id
 from .files import DirectoryLock, quarantine
 from .thread import StoreThread
 
-log = logging.getLogger("workers.stores.lmdb")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

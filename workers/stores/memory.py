@@ -6,7 +6,7 @@ so a manager crash never wipes a session. Nothing survives the process.
 
 Layout
 ------
-Sessions are held as :class:`~workers.session.Session` objects, not encoded bytes: a load is a
+Sessions are held as :class:`~workers.record.session.Session` objects, not encoded bytes: a load is a
 dict lookup with no decoding, and the records cost what the manager's own would. A
 :class:`~workers.stores.base.Put` hands its session over to the store and ``load`` / ``scan``
 return the stored objects themselves, so both sides treat them as read-only. That is safe
@@ -64,8 +64,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
 
-from ..errors import StoreError
-from ..session import Session
+from ..record.errors import StoreError
+from ..record.session import Session
 from .base import Delete, Mark, Put, Write, apply_in_order, write_id
 
 #: Number of dicts the sessions are spread over: the granularity of a scan's resume sort.

@@ -5,7 +5,7 @@ Layout
 Under a key prefix (``prefix``, default ``"sessions:"``), a store keeps:
 
 ``<prefix>s:<id>``
-    the session's msgpack record (:func:`~workers.codec.encode_session`), a plain string, so
+    the session's msgpack record (:func:`~workers.record.codec.encode_session`), a plain string, so
     :meth:`RedisStore.load` is one ``MGET``. Nothing is ever pickled.
 ``<prefix>ids``
     a sorted set of every stored id, all scored 0, so that Redis orders it by id: a
@@ -51,9 +51,9 @@ Failures
 --------
 When Redis cannot be reached, does not answer within ``connect_timeout`` +
 ``command_timeout``, or is loading its data set, a call raises
-:class:`~workers.errors.ServiceUnavailable` promptly and never hangs; other Redis errors (out of
+:class:`~workers.record.errors.ServiceUnavailable` promptly and never hangs; other Redis errors (out of
 memory under ``maxmemory-policy noeviction``, a read-only replica, a broken record) raise
-:class:`~workers.errors.StoreError`. The connection pool reconnects by itself: the first call
+:class:`~workers.record.errors.StoreError`. The connection pool reconnects by itself: the first call
 after Redis is back succeeds. A commit is never retried by the store, since a commit whose
 reply was lost may have been applied; reads are retried once on a dropped connection.
 
@@ -91,12 +91,12 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
-from ..codec import decode_session, encode_session
-from ..errors import ServiceUnavailable, StoreError
-from ..session import Session
+from ..record.codec import decode_session, encode_session
+from ..record.errors import ServiceUnavailable, StoreError
+from ..record.session import Session
 from .base import Delete, Mark, Put, Write
 
-log = logging.getLogger("workers.stores.redis")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -55,12 +55,16 @@ from typing import Any
 
 import trio
 
-from supervisor.testing import InjectedFault, crash_repeatedly, random_intervals
-
-from .errors import ServiceUnavailable, SessionError, SessionNotFound
-from .operations import DEFER_SHARE
-from .service import DEFAULT_ACCESS_WRITE_DELAY, DEFERS_ACCESS, open_session_service
-from .stores import BACKENDS, Store, canonical_backend
+from ..core.operations import DEFER_SHARE
+from ..core.service import (
+    DEFAULT_ACCESS_WRITE_DELAY,
+    DEFERS_ACCESS,
+    InjectedCrash,
+    SessionService,
+    open_session_service,
+)
+from ..record.errors import ServiceUnavailable, SessionError, SessionNotFound
+from ..stores import BACKENDS, Store, canonical_backend
 
 #: Seconds a call may take beyond its timeout before it counts as overdue (scheduling noise).
 SLACK = 1.0
@@ -68,7 +72,6 @@ SLACK = 1.0
 Value = int | None
 #: Slack for the store's whole-millisecond timestamps when judging an expiry.
 _MS = 0.002
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -361,18 +364,20 @@ class _Target:
 async def _embedded_service(config: ChaosConfig, report: ChaosReport) -> AsyncIterator[_Target]:
     """The embedded service, its manager and cleanup actors crashed at random."""
 
-    def crashed(ref: object) -> None:
-        report.crashes += 1
-
     faults = trio.CancelScope()
 
-    async def inject(names: list[str]) -> None:
+    async def crash_at_random(service: SessionService, name: str, seed: int | None) -> None:
+        for delay in _intervals(config.crash_every, seed):
+            await trio.sleep(delay)
+            await service.crash_actor(name)
+            report.crashes += 1
+
+    async def inject(service: SessionService) -> None:
         with faults:
             async with trio.open_nursery() as nursery:
-                for i, name in enumerate(names):
+                for i, name in enumerate(("manager", "cleanup")):
                     seed = None if config.seed is None else config.seed + i
-                    schedule = random_intervals(*config.crash_every, seed=seed)
-                    nursery.start_soon(partial(crash_repeatedly, on_crash=crashed), name, schedule)
+                    nursery.start_soon(crash_at_random, service, name, seed)
 
     async def stop_faults() -> None:
         faults.cancel()
@@ -389,7 +394,7 @@ async def _embedded_service(config: ChaosConfig, report: ChaosReport) -> AsyncIt
             period=1.0,
         ) as service:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(inject, [service.actors["manager"], service.actors["cleanup"]])
+                nursery.start_soon(inject, service)
                 try:
                     yield _Target(service, stop_faults)
                 finally:
@@ -397,8 +402,15 @@ async def _embedded_service(config: ChaosConfig, report: ChaosReport) -> AsyncIt
             report.restarts = service.restarts
 
 
+def _intervals(bounds: tuple[float, float], seed: int | None) -> Iterator[float]:
+    """Delays drawn uniformly between ``bounds`` by ``random.Random(seed)``: reproducible."""
+    rng = random.Random(seed)
+    while True:
+        yield rng.uniform(*bounds)
+
+
 class _Daemon:
-    """A ``run.py serve`` subprocess, SIGKILLed and restarted at random until ``stop_faults``."""
+    """A ``sessiond serve`` subprocess, SIGKILLed and restarted at random until ``stop_faults``."""
 
     def __init__(self, config: ChaosConfig, path: str, workdir: Path, report: ChaosReport) -> None:
         self.config = config
@@ -407,7 +419,7 @@ class _Daemon:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log_path = workdir / "sessiond.log"
         self.argv = [
-            sys.executable, str(ROOT / "run.py"), "serve",
+            sys.executable, "-m", "workers", "serve",
             "--backend", config.backend, "--path", path,
             "--port", str(self.port),
             "--cleanup-interval", str(config.cleanup_interval),
@@ -475,9 +487,9 @@ class _Daemon:
             done.set()
 
     async def _crash_at_random(self, name: str, seed: int | None) -> None:
-        from .client import connect
+        from ..wire.client import connect
 
-        schedule = random_intervals(*self.config.crash_every, seed=seed)
+        schedule = _intervals(self.config.crash_every, seed)
         async with connect(self.address, reconnect_timeout=self.config.call_timeout) as client:
             for delay in schedule:
                 with trio.move_on_after(delay):
@@ -522,7 +534,7 @@ class _Daemon:
 async def _daemon_service(config: ChaosConfig, report: ChaosReport) -> AsyncIterator[_Target]:
     """A client of a daemon subprocess that is SIGKILLed and restarted at random, and whose
     actors are crashed at random."""
-    from .client import connect
+    from ..wire.client import connect
 
     with _store_dir(config) as path, tempfile.TemporaryDirectory(prefix="chaos-") as workdir:
         daemon = _Daemon(config, path or os.path.join(workdir, "store"), Path(workdir), report)
@@ -574,7 +586,7 @@ def _progress_line(report: ChaosReport) -> None:
 
 def _not_injected(record: logging.LogRecord) -> bool:
     """Leave out the log records of the crashes the run makes on purpose."""
-    return not (record.exc_info and isinstance(record.exc_info[1], InjectedFault))
+    return not (record.exc_info and isinstance(record.exc_info[1], InjectedCrash))
 
 
 def run_chaos_verb(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 Rules
 -----
 1. The first request on a connection is ``auth(token)``. When the daemon has a token, a wrong
-   or missing one is answered with :class:`~workers.protocol.AuthenticationFailed` and the
+   or missing one is answered with :class:`~workers.wire.protocol.AuthenticationFailed` and the
    connection is closed; nothing else was done. Tokens are compared in constant time. A
    connection that does not authenticate within ``auth_timeout`` is closed. A daemon without a
    token (allowed on loopback and Unix sockets only) accepts any first request.
@@ -12,16 +12,16 @@ Rules
    client that pipelines harder only fills its socket buffer (backpressure, not errors). The
    same happens when a client does not read its responses.
 3. A request that is well framed but wrong (unknown method, wrong arguments) gets an
-   :class:`~workers.protocol.InvalidRequest` answer and the connection goes on. A broken stream
+   :class:`~workers.wire.protocol.InvalidRequest` answer and the connection goes on. A broken stream
    (not msgpack, a message above ``max_message_size``, a message cut by end of file) gets an
    ``error`` notification and the connection is closed. Either way only that connection is
    affected.
 4. Past ``max_connections`` a new connection gets an ``error`` notification
-   (:class:`~workers.errors.ServiceUnavailable`) and is closed.
+   (:class:`~workers.record.errors.ServiceUnavailable`) and is closed.
 5. ``crash_actor(name)`` (fault injection, for chaos tests) exists only on a daemon started
    with ``allow_fault_injection``; any other daemon refuses it exactly as an unknown method.
    It crashes the service's ``manager`` or ``cleanup`` actor through
-   :func:`supervisor.testing.crash`. The tree is rest_for_one and the listener is its last
+   :meth:`SessionService.crash_actor <workers.core.service.SessionService.crash_actor>`. The tree is rest_for_one and the listener is its last
    child, so the crash restarts the listener too and every connection drops, the caller's
    included: the answer may be lost (the client then raises ``ServiceUnavailable``).
 
@@ -29,8 +29,8 @@ Theory of operation
 -------------------
 :meth:`Server.run` is the listener child of the service's supervision tree: it binds the
 addresses, reports them to ``task_status``, and runs one handler task per connection in its
-own nursery. A handler has a reader (bytes to :class:`~workers.protocol.Connection` to
-events), one task per request, and an :class:`~workers.transport.Outbox` writer that coalesces
+own nursery. A handler has a reader (bytes to :class:`~workers.wire.protocol.Connection` to
+events), one task per request, and an :class:`~workers.wire.transport.Outbox` writer that coalesces
 the responses. :meth:`Server.drain` is the graceful stop: it closes the listeners, stops every
 reader, waits (at most ``grace`` seconds) for the requests in flight to be answered and sent,
 then cancels what is left. The daemon drains before it stops the tree, so the manager is still
@@ -43,7 +43,7 @@ import hmac
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,46 +51,43 @@ from typing import Any
 import trio
 
 from supervisor import NoProc
-from supervisor.testing import crash
 
-from .errors import ServiceUnavailable, SessionError
+from ..core.api import METHODS, Kind, Method
+from ..core.service import SessionService
+from ..record.errors import (
+    AuthenticationFailed,
+    InternalError,
+    InvalidRequest,
+    ServiceUnavailable,
+    SessionError,
+)
+from .address import Address
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
-    METHODS,
     NEED_DATA,
-    Address,
-    AuthenticationFailed,
     Connection,
-    InternalError,
     InvalidMessage,
-    InvalidRequest,
-    Method,
     Notification,
-    ProtocolError,
     RemoteProtocolError,
     Request,
     Role,
-    session_from_wire,
 )
 from .reactor import Reactor
-from .service import SINGLE_OPERATIONS, SessionService
 from .transport import (
     RECEIVE_SIZE,
     Outbox,
-    SocketStream,
+    RawSocketStream,
     open_listeners,
     raw_stream,
     remove_socket_file,
 )
 
-log = logging.getLogger("workers.server")
+log = logging.getLogger(__name__)
 
 #: Queued response bytes past which a connection stops reading requests.
 OUTBOX_HIGH_WATER = 1024 * 1024
 #: Seconds a closing connection waits for its peer to close too (see ``_linger``).
 LINGER = 1.0
-#: Seconds ``crash_actor`` waits for an actor that is being restarted to be running again.
-CRASH_NAME_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +115,7 @@ class Server:
         token: str | None = None,
         limits: ServerLimits = ServerLimits(),
         allow_fault_injection: bool = False,
+        methods: dict[str, Method] | None = None,
     ) -> None:
         exposed = [str(a) for a in addresses if not a.is_local]
         if exposed and not token:
@@ -136,26 +134,12 @@ class Server:
         self._accepting: trio.CancelScope | None = None
         self._draining = False
         self.requests = 0
-        self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
-            "ping": self._ping,
-            "create": service.create,
-            "retrieve": service.retrieve,
-            "peek": service.peek,
-            "update": self._update,
-            "touch": service.touch,
-            "set_ttl": service.set_ttl,
-            "delete": service.delete,
-            "rotate": service.rotate,
-            "delete_where": service.delete_where,
-            "list_page": service.list_page,
-            "count": service.count,
-            "cleanup_expired": service.cleanup_expired,
-            "get_backend": service.get_backend,
-            "stats": self._stats,
-            "import_sessions": self._import_sessions,
+        #: The methods this daemon answers: the table, less fault injection unless allowed.
+        self.methods = {
+            name: m
+            for name, m in (METHODS if methods is None else methods).items()
+            if allow_fault_injection or not m.fault_injection
         }
-        if allow_fault_injection:
-            self._methods["crash_actor"] = self._crash_actor
 
     # -- listening -------------------------------------------------------------------------
 
@@ -245,23 +229,28 @@ class Server:
             return True
         return isinstance(token, str) and hmac.compare_digest(token.encode(), self._token)
 
-    def method(self, name: str, params: list[Any]) -> Method:
-        """The RPC method ``name``, with ``params`` checked; raises InvalidRequest otherwise."""
-        method = METHODS.get(name)
-        if method is None or name not in self._methods:
+    def method(self, name: str) -> Method:
+        """The RPC method ``name``; raises InvalidRequest when this daemon has none."""
+        method = self.methods.get(name)
+        if method is None:
             raise InvalidRequest(f"unknown method {name!r:.80}")
-        method.check_params(params)
         return method
 
     async def call(self, name: str, params: list[Any]) -> Any:
         """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
-        method = self.method(name, params)
         self.requests += 1
         try:
-            result = await self._methods[name](*params)
+            method = self.method(name)
+            args = method.decode_params(params)
+            if method.kind is Kind.OPERATION:
+                result = await self.service.run(self.service.operation(name, *args))
+            elif method.kind is Kind.SERVICE:
+                result = await getattr(self.service, name)(*args)
+            else:
+                result = await getattr(self, f"_{name}")(*args)
+            return method.encode_result(result)
         except Exception as exc:
             raise _wire_error(name, exc) from None
-        return method.encode_result(result)
 
     def submit(
         self, name: str, params: list[Any], on_reply: Callable[[Any, SessionError | None], None]
@@ -273,15 +262,9 @@ class Server:
         method needs :meth:`call` instead: it is not a single operation, or the manager cannot
         take it right now (restarting, or its mailbox is full), which :meth:`call` waits out.
         """
-        single = _SINGLE_OPERATIONS.get(name)
-        if single is None:
+        method = self.methods.get(name)
+        if method is None or method.kind is not Kind.OPERATION:
             return False
-        op_name, adapt = single
-        try:
-            method = self.method(name, params)
-        except InvalidRequest as exc:
-            on_reply(None, exc)
-            return True
 
         def settle(value: Any, error: Exception | None) -> None:
             if error is None:
@@ -292,8 +275,8 @@ class Server:
             on_reply(value, None if error is None else _wire_error(name, error))
 
         try:
-            op = self.service.operation(op_name, *adapt(*params))
-        except Exception as exc:  # arguments the service refused
+            op = self.service.operation(name, *method.decode_params(params))
+        except Exception as exc:  # arguments the method refused
             on_reply(None, _wire_error(name, exc))
         else:
             try:
@@ -306,33 +289,6 @@ class Server:
     async def _ping(self) -> str:
         return "pong"
 
-    async def _update(self, *params: Any) -> Any:
-        session_id, changes, unset, expected_version = _patch_params(*params)
-        return await self.service.patch(
-            session_id, changes, unset, expected_version=expected_version
-        )
-
-    async def _import_sessions(self, records: list[Any]) -> int:
-        if not isinstance(records, list):
-            raise InvalidRequest("import_sessions takes an array of session maps")
-        try:
-            sessions = [session_from_wire(record) for record in records]
-        except ProtocolError as exc:
-            raise InvalidRequest(f"import_sessions: {exc}") from None
-        return await self.service.import_sessions(sessions)
-
-    async def _crash_actor(self, name: str) -> bool:
-        actor = self.service.actors.get(name) if isinstance(name, str) else None
-        if actor is None:
-            known = ", ".join(self.service.actors)
-            raise InvalidRequest(f"crash_actor: no actor {name!r:.80} (known: {known})")
-        log.warning("fault injection: crashing the %s actor", name)
-        try:
-            await crash(actor, name_wait=CRASH_NAME_WAIT)
-        except NoProc:
-            raise ServiceUnavailable(f"the {name} actor is not running; retry") from None
-        return True
-
     async def _stats(self) -> dict[str, Any]:
         return {
             **await self.service.stats(),
@@ -340,30 +296,6 @@ class Server:
             "requests": self.requests,
             "pid": os.getpid(),
         }
-
-
-def _patch_params(
-    session_id: str,
-    set: dict[str, Any] | None = None,
-    unset: list[str] | None = None,
-    expected_version: int | None = None,
-) -> tuple[Any, ...]:
-    """The wire ``update``'s parameters as the service's ``patch`` takes them."""
-    if unset is not None and not isinstance(unset, list):
-        raise InvalidRequest("update: unset is an array of metadata keys")
-    return session_id, set, unset or (), expected_version
-
-
-def _same_params(*params: Any) -> tuple[Any, ...]:
-    return params
-
-
-#: Methods that are one manager operation: the service's name for it, and how params map.
-#: The wire's ``update`` is the service's ``patch``; the others keep their names.
-_SINGLE_OPERATIONS: dict[str, tuple[str, Callable[..., tuple[Any, ...]]]] = {
-    **{name: (name, _same_params) for name in SINGLE_OPERATIONS - {"patch"}},
-    "update": ("patch", _patch_params),
-}
 
 
 def _wire_error(name: str, exc: Exception) -> SessionError:
@@ -401,7 +333,7 @@ class _ConnectionHandler:
     """One client connection: read by the server's reactor, answered by callbacks, and a task
     that owns its lifetime (pauses, the auth deadline, draining, closing)."""
 
-    def __init__(self, server: Server, stream: SocketStream) -> None:
+    def __init__(self, server: Server, stream: RawSocketStream) -> None:
         self.server = server
         self.stream = stream
         self.protocol = Connection(Role.SERVER, max_message_size=server.limits.max_message_size)

@@ -10,7 +10,7 @@ unreachable, no such session, a damaged store...), 2 for bad usage.
 
 A backup file is a msgpack stream: a header map ``{"format": "sessiond-backup", "version": 1,
 "created_at": ms, "backend": name, "count": n}``, then each session as a bin object holding its
-:func:`workers.codec.encode_session` record, then a trailer map ``{"end": true, "count": n}``
+:func:`workers.record.codec.encode_session` record, then a trailer map ``{"end": true, "count": n}``
 that tells a complete backup from a truncated one. ``restore`` stores the sessions as they are
 (ids, times, versions) and skips ids already in use. Both show a progress bar on stderr for
 large stores when stderr is a terminal.
@@ -32,13 +32,13 @@ from typing import IO, Any, BinaryIO
 import msgpack
 import trio
 
-from .client import connect
-from .codec import decode_session, encode_session, pack
-from .errors import SessionError, SessionNotFound, StoreError
-from .protocol import DEFAULT_ADDRESS
-from .service import open_session_service
-from .session import Session
-from .stores import canonical_backend, make_store
+from ..core.service import open_session_service
+from ..record.codec import decode_session, encode_session, pack
+from ..record.errors import SessionError, SessionNotFound, StoreError
+from ..record.session import Session
+from ..stores import canonical_backend, make_store
+from ..wire.client import connect
+from ..wire.address import DEFAULT_ADDRESS
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1

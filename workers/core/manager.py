@@ -1,6 +1,6 @@
 """The session manager: the one actor that owns the store, answering requests in batches.
 
-Every request is an :class:`~workers.operations.Operation`. The manager does not answer a call
+Every request is an :class:`~workers.core.operations.Operation`. The manager does not answer a call
 when it arrives: it queues the operation with a deferred reply slot, and when its mailbox is
 empty (or the queue is full) it runs the queued operations as one batch: one ``load``, the
 operations applied in arrival order, one ``commit`` (one store transaction: group commit), and
@@ -25,7 +25,7 @@ sweep) and in ``terminate``. Memory is bounded: when ``max(cache_size, max_batch
 wait, they are written at once, and until then a further refresh goes with its batch. A
 refresh is deferred only while the access time the store holds for the session is less than
 ``access_write_delay`` old, and less than a tenth of the session's idle timeout
-(:data:`~workers.operations.DEFER_SHARE`); an older one is written with its batch. So a
+(:data:`~workers.core.operations.DEFER_SHARE`); an older one is written with its batch. So a
 process killed outright can make a session expire early by less than ``access_write_delay``
 and less than a tenth of its timeout, however long the writes take and however close to its
 timeout the session was. (Bounding only how long a refresh waits is not enough: a session
@@ -77,13 +77,13 @@ import outcome
 
 from supervisor import Actor, ReplySlot, TimerHandle
 
+from ..record.errors import SessionError, StoreError
+from ..record.session import Session
+from ..stores.base import ImmediateStore, Mark, Put, Store, Write, write_id
 from .cache import ReadCache
-from .errors import SessionError, StoreError
 from .operations import Limits, Operation, View
-from .session import Session
-from .stores.base import ImmediateStore, Mark, Put, Store, Write, write_id
 
-log = logging.getLogger("workers.manager")
+log = logging.getLogger(__name__)
 
 #: The clock high-water mark is persisted when it moved on by this much (ms) since the last time.
 MARK_EVERY_MS = 1000

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .codec import DEFAULT_MAX_METADATA_BYTES
-from .protocol import DEFAULT_HOST, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PORT, Address
-from .server import ServerLimits
-from .stores import canonical_backend
+from ..record.codec import DEFAULT_MAX_METADATA_BYTES
+from ..stores import canonical_backend
+from ..wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
+from ..wire.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from ..wire.server import ServerLimits
 
 ENV_PREFIX = "SESSIOND_"
 _LIMITS = ServerLimits()
@@ -118,7 +119,7 @@ class Settings:
         return addresses
 
     def service_options(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`~workers.service.run_session_service`."""
+        """Keyword arguments for :func:`~workers.core.service.run_session_service`."""
         options: dict[str, Any] = {
             "backend": self.backend,
             "path": self.path,

@@ -1,6 +1,6 @@
 """The I/O the daemon's server and async client share: streams for addresses, and an outbox.
 
-:mod:`workers.protocol` turns messages into bytes; this module moves the bytes. An
+:mod:`workers.wire.protocol` turns messages into bytes; this module moves the bytes. An
 :class:`Outbox` lets many tasks queue messages for one stream without waiting for each other:
 one writer task sends whatever has accumulated in one ``send_all``, so a burst of pipelined
 requests or responses costs one system call, not one each.
@@ -16,7 +16,7 @@ import stat
 
 import trio
 
-from .protocol import Address
+from .address import Address
 
 #: Bytes asked of the transport per read.
 RECEIVE_SIZE = 64 * 1024
@@ -80,7 +80,7 @@ def remove_socket_file(address: Address) -> None:
             os.unlink(address.path)
 
 
-class SocketStream(trio.abc.HalfCloseableStream):
+class RawSocketStream(trio.abc.HalfCloseableStream):
     """A connected socket driven with Trio's lowest-level waits: the daemon's hot path.
 
     :class:`trio.SocketStream` checkpoints and guards every call, which is most of what a small
@@ -144,11 +144,11 @@ class SocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-def raw_stream(stream: trio.SocketStream) -> SocketStream:
+def raw_stream(stream: trio.SocketStream) -> RawSocketStream:
     """Take over the socket of ``stream`` (which must not be used afterwards)."""
     trio_socket = stream.socket
     family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
-    return SocketStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
+    return RawSocketStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
 
 
 class Outbox:
@@ -158,13 +158,13 @@ class Outbox:
     what is queued and return. If the stream breaks, queued and later bytes are dropped
     (:attr:`broken` says so): the reader of the same stream sees the break and reports it.
 
-    On a :class:`SocketStream`, :meth:`send` writes at once when nothing is queued or being
+    On a :class:`RawSocketStream`, :meth:`send` writes at once when nothing is queued or being
     sent, so an answer costs no wake-up of the writer unless the socket is full.
     """
 
     def __init__(self, stream: trio.abc.SendStream) -> None:
         self._stream = stream
-        self._send_nowait = stream.send_nowait if isinstance(stream, SocketStream) else None
+        self._send_nowait = stream.send_nowait if isinstance(stream, RawSocketStream) else None
         self._buffer = bytearray()
         self._wakeup = trio.Event()
         self._flushed = trio.Event()

@@ -4,7 +4,7 @@
 
     session service supervisor   rest_for_one, intensity 5 / period 10 s
     ├─ SessionManager            owns the store (opens it in init, closes it in terminate)
-    ├─ Cleanup                   sweeps expired sessions every cleanup_interval
+    ├─ Sweeper ("cleanup")       sweeps expired sessions every cleanup_interval
     └─ extra children            e.g. the daemon's listener
 
 rest_for_one because each child depends on the ones before it. Callers never talk to an actor
@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Final
+from typing import Any
 
 import trio
 
@@ -39,44 +39,38 @@ from supervisor import (
     Strategy,
     Supervisor,
     call,
+    exit_actor,
     send_request,
     unwrap,
 )
 
-from .cleanup import Cleanup
-from .codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
-from .errors import InvalidMetadata, ServiceUnavailable, SessionError
+from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
+from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
+from ..record.session import DEFAULT, Session, build_session, check_id, new_id, ttl_to_ms
+from ..stores import Store, canonical_backend, make_store
+from .api import METHODS, Kind
 from .manager import ManagerSettings, SessionManager
 from .operations import (
+    CleanupExpired,
     Count,
     Create,
+    Delete,
     DeleteWhere,
-    Get,
-    Import,
+    ImportSessions,
     Limits,
+    ListPage,
     Operation,
-    Page,
     Patch,
-    Remove,
+    Peek,
+    Retrieve,
     Rotate,
     SetTTL,
-    Sweep,
     Touch,
     Update,
 )
-from .session import Session, build_session, check_id, new_id, ttl_to_ms
-from .stores import Store, canonical_backend, make_store
+from .sweeper import Sweeper
 
-log = logging.getLogger("workers.service")
-
-
-class _Default:
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-#: ``ttl=DEFAULT`` means the service's ``default_ttl``.
-DEFAULT: Final = _Default()
+log = logging.getLogger(__name__)
 
 _instances = itertools.count(1)
 
@@ -85,13 +79,12 @@ DEFERS_ACCESS = ("disk", "lmdb")
 #: Their defaults: sessions cached, and seconds an access-time refresh may wait.
 DEFAULT_CACHE_SIZE = 16_384
 DEFAULT_ACCESS_WRITE_DELAY = 10.0
+#: Seconds ``crash_actor`` waits for an actor that is being restarted to be running again.
+CRASH_NAME_WAIT = 5.0
 
 
-#: The methods that are one manager operation each: what :meth:`SessionService.operation`
-#: builds (the daemon's ``update`` is ``patch``).
-SINGLE_OPERATIONS: Final = frozenset(
-    ("create", "retrieve", "peek", "patch", "touch", "set_ttl", "delete", "rotate")
-)
+class InjectedCrash(RuntimeError):
+    """The reason of a crash asked for with :meth:`SessionService.crash_actor` (fault injection)."""
 
 
 class SessionService:
@@ -121,12 +114,13 @@ class SessionService:
         self._page_size = page_size
         self._started = time.monotonic()
         #: The registered names of the service's actors by child id ("manager", "cleanup"), for
-        #: fault injection (:mod:`supervisor.testing`) and diagnostics.
+        #: :meth:`crash_actor` and diagnostics.
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
+        #: The builder of every method that is one manager operation, from the method table.
         self._builders: dict[str, Callable[..., Operation]] = {
-            name: getattr(self, "_" + name) for name in SINGLE_OPERATIONS
+            m.name: getattr(self, m.builder) for m in METHODS.values() if m.kind is Kind.OPERATION
         }
 
     async def _call(self, op: Operation) -> Any:
@@ -145,66 +139,71 @@ class SessionService:
     def _ttl(self, ttl: object) -> int | None:
         return self._default_timeout_ms if ttl is DEFAULT else ttl_to_ms(ttl)
 
-    # -- one method, one operation: validated here, in the caller's task ---------------------
+    # -- the builders: one per operation method, arguments checked in the caller's task ------
 
-    def _create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> Operation:
+    def _build_create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> Create:
         timeout_ms = self._ttl(ttl)
         return Create(canonical_metadata(metadata, self._max_metadata_bytes), timeout_ms)
 
-    def _retrieve(self, session_id: str) -> Operation:
-        return Get(check_id(session_id), refresh=True)
+    def _build_retrieve(self, session_id: str) -> Retrieve:
+        return Retrieve(check_id(session_id))
 
-    def _peek(self, session_id: str) -> Operation:
-        return Get(check_id(session_id), refresh=False)
+    def _build_peek(self, session_id: str) -> Peek:
+        return Peek(check_id(session_id))
 
-    def _patch(
+    def _build_patch(
         self,
         session_id: str,
         set: dict[str, Any] | None = None,
         unset: Iterable[str] = (),
         expected_version: int | None = None,
-    ) -> Operation:
+    ) -> Patch:
         changes = canonical_metadata(set, self._max_metadata_bytes)
         keys = tuple(unset)
         if not all(isinstance(k, str) for k in keys):
             raise InvalidMetadata("unset takes metadata keys, which are strings")
         return Patch(check_id(session_id), changes, keys, expected_version)
 
-    def _touch(self, session_id: str) -> Operation:
+    def _build_touch(self, session_id: str) -> Touch:
         return Touch(check_id(session_id))
 
-    def _set_ttl(self, session_id: str, ttl: float | None) -> Operation:
+    def _build_set_ttl(self, session_id: str, ttl: float | None) -> SetTTL:
         return SetTTL(check_id(session_id), ttl_to_ms(ttl))
 
-    def _delete(self, session_id: str) -> Operation:
-        return Remove(check_id(session_id))
+    def _build_delete(self, session_id: str) -> Delete:
+        return Delete(check_id(session_id))
 
-    def _rotate(self, session_id: str) -> Operation:
+    def _build_rotate(self, session_id: str) -> Rotate:
         return Rotate(check_id(session_id))
 
     def operation(self, method: str, *args: Any) -> Operation:
-        """The operation behind the single-call method ``method``, for :meth:`submit`.
+        """The manager operation behind method ``method`` of the method table, for
+        :meth:`submit` and :meth:`run`.
 
-        ``method`` is one of :data:`SINGLE_OPERATIONS`; ``patch`` takes ``expected_version``
-        positionally. ``args`` are checked exactly as the method checks them, raising the same
-        errors (nothing has been sent when it raises).
+        ``method`` is a name of :data:`~workers.core.api.METHODS` of kind ``OPERATION``, and
+        ``args`` are its parameters in the table's order, checked exactly as the method checks
+        them, raising the same errors (nothing has been sent when it raises).
         """
         build = self._builders.get(method)
         if build is None:
-            raise ValueError(f"{method!r} is not one of {sorted(SINGLE_OPERATIONS)}")
+            raise InvalidRequest(f"{method!r} is not one of the operations {sorted(self._builders)}")
         return build(*args)
+
+    async def run(self, op: Operation) -> Any:
+        """Have the manager run ``op`` and return its answer as it is (shared with the store:
+        read-only; the public methods hand out copies)."""
+        return await self._call(op)
 
     def submit(self, op: Operation, on_reply: Callable[[Any, Exception | None], object]) -> None:
         """Send ``op`` to the manager without waiting; ``on_reply(value, error)`` gets the answer.
 
         What a connection with pipelined requests uses instead of a task per request. It gets
-        what the method would return, or the error it would raise (:class:`ServiceUnavailable`
-        for a manager that died or did not answer within ``call_timeout``), once; a session in
-        the value is shared with the store and must not be changed. When the manager answers
-        inline, ``on_reply`` runs before this returns. Raises
+        what :meth:`run` would return, or the error it would raise (:class:`ServiceUnavailable`
+        for a manager that died or did not answer within ``call_timeout``), once. When the
+        manager answers inline, ``on_reply`` runs before this returns. Raises
         :class:`~supervisor.NoProc` when no manager is running right now and
         :class:`trio.WouldBlock` when its mailbox is full: nothing was sent, and the caller
-        falls back to the method itself, which waits for both.
+        falls back to :meth:`run`, which waits for both.
         """
 
         def settle(value: Any, error: Exception | None) -> object:
@@ -214,17 +213,19 @@ class SessionService:
 
         send_request(self._manager, op, settle, self._call_timeout)
 
+    # -- the API -----------------------------------------------------------------------------
+
     async def create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> str:
         """Store a new session and return its id. ``ttl`` is idle seconds, None for never."""
-        return await self._call(self._create(metadata, ttl))
+        return await self._call(self._build_create(metadata, ttl))
 
     async def retrieve(self, session_id: str) -> Session:
         """The live session ``session_id``; refreshes its access time."""
-        return _copy(await self._call(self._retrieve(session_id)))
+        return _copy(await self._call(self._build_retrieve(session_id)))
 
     async def peek(self, session_id: str) -> Session:
         """The live session ``session_id``, leaving its access time alone."""
-        return _copy(await self._call(self._peek(session_id)))
+        return _copy(await self._call(self._build_peek(session_id)))
 
     async def update(
         self,
@@ -253,23 +254,24 @@ class SessionService:
         expected_version: int | None = None,
     ) -> Session:
         """Set some metadata keys and remove others (the daemon's form of ``update``)."""
-        return _copy(await self._call(self._patch(session_id, set, unset, expected_version)))
+        op = self._build_patch(session_id, set, unset, expected_version)
+        return _copy(await self._call(op))
 
     async def touch(self, session_id: str) -> None:
         """Refresh the access time of a live session."""
-        await self._call(self._touch(session_id))
+        await self._call(self._build_touch(session_id))
 
     async def set_ttl(self, session_id: str, ttl: float | None) -> None:
         """Change a live session's idle timeout (seconds, None for never)."""
-        await self._call(self._set_ttl(session_id, ttl))
+        await self._call(self._build_set_ttl(session_id, ttl))
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session; True if a live one was removed. Deleting twice is fine."""
-        return await self._call(self._delete(session_id))
+        return await self._call(self._build_delete(session_id))
 
     async def rotate(self, session_id: str) -> str:
         """Move a live session to a fresh id, retiring the old one (session-fixation defence)."""
-        return await self._call(self._rotate(session_id))
+        return await self._call(self._build_rotate(session_id))
 
     async def delete_where(self, key: str, value: Any) -> int:
         """Delete every session whose ``metadata[key] == value`` ("log out everywhere")."""
@@ -290,7 +292,7 @@ class SessionService:
             raise ValueError(f"limit is a positive int, got {limit!r}")
         if cursor is not None and not isinstance(cursor, str):
             raise ValueError("cursor is a string from a previous page, or None")
-        page, next_cursor = await self._call(Page(cursor, limit))
+        page, next_cursor = await self._call(ListPage(cursor, limit))
         return [_copy(s) for s in page], next_cursor
 
     async def list_sessions(self) -> list[Session]:
@@ -311,7 +313,7 @@ class SessionService:
         """Remove every expired session now, in bounded batches; returns how many went."""
         removed = 0
         while True:
-            n = await self._call(Sweep(self._sweep_batch))
+            n = await self._call(CleanupExpired(self._sweep_batch))
             removed += n
             if n < self._sweep_batch:
                 return removed
@@ -321,7 +323,7 @@ class SessionService:
         for s in sessions:
             check_id(s.id)
             canonical_metadata(s.metadata, self._max_metadata_bytes)
-        return await self._call(Import(list(sessions)))
+        return await self._call(ImportSessions(list(sessions)))
 
     async def get_backend(self) -> str:
         """The canonical backend name (the seed's ``get_backend``)."""
@@ -335,6 +337,28 @@ class SessionService:
             "restarts": self.restarts,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
+
+    async def crash_actor(self, name: str) -> bool:
+        """Fault injection: crash the service's ``"manager"`` or ``"cleanup"`` actor now.
+
+        The crash is real (:func:`supervisor.exit_actor`): callers waiting on the actor get
+        ``ServiceUnavailable``, the tree restarts it (and, rest_for_one, every child after it)
+        and counts the restart against its budget. For chaos runs and tests; a daemon offers it
+        only when started with ``allow_fault_injection``. Waits up to a few seconds for an
+        actor that is being restarted; ``ServiceUnavailable`` if none comes.
+        """
+        actor = self.actors.get(name) if isinstance(name, str) else None
+        if actor is None:
+            known = ", ".join(self.actors)
+            raise InvalidRequest(f"crash_actor: no actor {name!r:.80} (known: {known})")
+        log.warning("fault injection: crashing the %s actor", name)
+        try:
+            await exit_actor(
+                actor, InjectedCrash(f"injected crash of {name}"), name_wait=CRASH_NAME_WAIT
+            )
+        except NoProc:
+            raise ServiceUnavailable(f"the {name} actor is not running; retry") from None
+        return True
 
 
 def _copy(session: Session) -> Session:
@@ -426,7 +450,7 @@ async def run_session_service(
     )
     children = [
         SessionManager.child_spec("manager", store, settings, name=service._manager),
-        Cleanup.child_spec(
+        Sweeper.child_spec(
             "cleanup", service.cleanup_expired, cleanup_interval, name=service.actors["cleanup"]
         ),
         *(extra_children(service) if extra_children else ()),

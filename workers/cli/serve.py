@@ -6,7 +6,7 @@
     python run.py serve --unix /run/sessiond.sock --no-tcp
     SESSIOND_TOKEN=secret python run.py serve --host 0.0.0.0
 
-Settings come from :mod:`workers.config` (defaults, ``--config`` TOML file, ``SESSIOND_*``
+Settings come from :mod:`workers.cli.config` (defaults, ``--config`` TOML file, ``SESSIOND_*``
 variables, flags). Logs go to stderr, as text or one JSON object a line (``--log-format json``).
 
 Lifecycle: the listener is the last child of the service's rest_for_one tree, so it starts
@@ -34,12 +34,12 @@ import trio
 
 from supervisor import ChildSpec, StartError, SupervisorShutdown
 
+from ..core.service import SessionService, open_session_service
+from ..record.errors import StoreError
+from ..wire.server import Server
 from .config import FIELDS, ConfigError, Settings, load_settings
-from .errors import StoreError
-from .server import Server
-from .service import SessionService, open_session_service
 
-log = logging.getLogger("workers.daemon")
+log = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

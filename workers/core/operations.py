@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from .codec import canonical_metadata, copy_metadata
-from .errors import (
+from ..record.codec import canonical_metadata, copy_metadata
+from ..record.errors import (
     CapacityExceeded,
     SessionError,
     SessionExpired,
@@ -43,8 +43,9 @@ from .errors import (
     UpdateFailed,
     VersionConflict,
 )
-from .session import Session, check_id, new_id
-from .stores.base import Delete, Put, Store, Write
+from ..record.session import Session, check_id, new_id
+from ..stores import base as writes
+from ..stores.base import Store, Write
 
 
 @dataclass(slots=True)
@@ -144,7 +145,7 @@ class View:
     def put(self, session: Session) -> int:
         """Write ``session`` over what the view holds for its id; returns the write's index."""
         previous = self.sessions.get(session.id)
-        self.writes.append(Put(session, None if previous is None else previous.version))
+        self.writes.append(writes.Put(session, None if previous is None else previous.version))
         self.sessions[session.id] = session
         if self.live_total is not None and (previous is None or previous.expired_at(self.now_ms)):
             self.live_total += 1
@@ -153,7 +154,7 @@ class View:
     def delete(self, session_id: str, if_expired: bool = False) -> int:
         """Remove ``session_id``; with ``if_expired``, only while the store finds it expired."""
         previous = self.sessions.get(session_id)
-        self.writes.append(Delete(session_id, self.now_ms if if_expired else None))
+        self.writes.append(writes.Delete(session_id, self.now_ms if if_expired else None))
         self.sessions[session_id] = None
         was_live = previous is not None and not previous.expired_at(self.now_ms)
         if self.live_total is not None and was_live:
@@ -251,16 +252,23 @@ def _check_free(view: View, session_id: str) -> None:
 
 
 @dataclass(slots=True)
-class Get(OnSession):
-    """``retrieve`` (refresh=True) and ``peek``."""
+class Retrieve(OnSession):
+    """``retrieve``: the live session, its access time refreshed."""
 
     access_only: ClassVar[bool] = True
 
-    refresh: bool
+    def apply(self, view: View) -> Session:
+        return view.refresh(view.live(self.id))
+
+
+@dataclass(slots=True)
+class Peek(OnSession):
+    """``peek``: the live session as it is."""
+
+    access_only: ClassVar[bool] = True
 
     def apply(self, view: View) -> Session:
-        session = view.live(self.id)
-        return view.refresh(session) if self.refresh else session
+        return view.live(self.id)
 
 
 @dataclass(slots=True)
@@ -335,7 +343,7 @@ class Patch(OnSession):
 
 
 @dataclass(slots=True)
-class Remove(OnSession):
+class Delete(OnSession):
     """``delete(id)``: idempotent; True if a live session was removed."""
 
     def apply(self, view: View) -> bool:
@@ -367,7 +375,7 @@ class Rotate(OnSession):
 
 
 @dataclass(slots=True)
-class Sweep(Operation):
+class CleanupExpired(Operation):
     """Remove up to ``limit`` expired sessions; the answer is how many went."""
 
     limit: int
@@ -393,7 +401,7 @@ class Sweep(Operation):
 
 
 @dataclass(slots=True)
-class Page(Operation):
+class ListPage(Operation):
     """One page of live sessions; with ``where``, deletes the page's sessions that match."""
 
     cursor: str | None
@@ -458,7 +466,7 @@ class Count(Operation):
 
 
 @dataclass(slots=True)
-class Import(Operation):
+class ImportSessions(Operation):
     """Restore sessions from a backup; those whose id is in use are skipped. Answer: how many."""
 
     sessions: list[Session]

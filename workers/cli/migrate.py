@@ -30,9 +30,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 
-from .errors import SessionError
-from .stores import canonical_backend, make_store
-from .stores.base import Put, Store
+from ..record.errors import SessionError
+from ..stores import canonical_backend, make_store
+from ..stores.base import Put, Store
 
 #: ``progress(done, total)``: sessions handled so far (copied or skipped), and the number of
 #: live sessions the source held when the migration began (:func:`migrate` always knows it;

@@ -13,18 +13,17 @@ import sys
 from collections.abc import Sequence
 
 VERB_MODULES = (
-    "workers.demo",
-    "workers.daemon",
-    "workers.admin",
-    "workers.migrate",
-    "workers.chaos",
-    "workers.bench_verb",
+    "workers.cli.demo",
+    "workers.cli.serve",
+    "workers.cli.admin",
+    "workers.cli.migrate",
+    "workers.cli.chaos",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run.py", description="A supervised, durable session service on Trio."
+        prog="sessiond", description="A supervised, durable session service on Trio."
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERB_MODULES:

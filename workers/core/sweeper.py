@@ -1,4 +1,6 @@
-"""The cleanup actor: every ``cleanup_interval`` seconds it has the manager sweep expired sessions.
+"""The sweeper: every ``cleanup_interval`` seconds it has the manager sweep expired sessions.
+
+It is the tree's ``cleanup`` child (the seed's periodic cleanup).
 
 A sweep is a series of bounded batches (``sweep_batch`` sessions each), each one request to the
 manager, so other requests keep flowing while a large sweep runs. Expired sessions are already
@@ -16,14 +18,14 @@ from collections.abc import Awaitable, Callable
 
 from supervisor import Actor
 
-from .errors import ServiceUnavailable, StoreError
+from ..record.errors import ServiceUnavailable, StoreError
 
-log = logging.getLogger("workers.cleanup")
+log = logging.getLogger(__name__)
 
 SWEEP = "sweep"
 
 
-class Cleanup(Actor):
+class Sweeper(Actor):
     """Sweeps on a timer; ``cast(ref, "sweep")`` asks for one now."""
 
     async def init(self, sweep: Callable[[], Awaitable[int]], interval: float) -> None:

@@ -13,9 +13,18 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Final
 
 from .errors import InvalidSessionId, InvalidTTL
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: ``ttl=DEFAULT`` means the service's ``default_ttl``.
+DEFAULT: Final = _Default()
 
 #: Longest id accepted from a caller or an ``id_factory`` (the default ids are 32 characters).
 MAX_ID_LENGTH = 256

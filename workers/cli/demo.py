@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
-from .errors import SessionExpired
-from .service import open_session_service
-from .session import Session
+from ..core.service import open_session_service
+from ..record.errors import SessionExpired
+from ..record.session import Session
 
 
 def register(subparsers: Any) -> None:

@@ -8,7 +8,7 @@ Rules
    unsigned 32-bit integer chosen by the client, ``method`` a string, ``params`` an array of
    positional arguments (a trailing optional argument is simply left out).
 2. A response's ``error`` is ``None`` on success, else the pair ``[name, message]`` (see
-   :func:`workers.errors.error_to_wire`); ``result`` is then ``None``. The client raises the
+   :func:`workers.record.errors.error_to_wire`); ``result`` is then ``None``. The client raises the
    class the name gives, so remote callers see the embedded service's error classes.
 3. No message may be longer than ``max_message_size`` bytes. A longer one, bytes that are not
    msgpack, or a stream that ends inside a message are fatal: the stream can no longer be
@@ -18,7 +18,7 @@ Rules
 4. The server answers requests in any order (pipelining); the client matches answers to its
    requests by ``msgid``. A msgid is in flight from its request until its response, and no two
    requests in flight on one connection share one.
-5. A session travels as the map :meth:`workers.session.Session.to_dict` gives.
+5. A session travels as the map :meth:`workers.record.session.Session.to_dict` gives.
 
 Why no length prefix
 --------------------
@@ -40,25 +40,28 @@ for end of file); :meth:`Connection.next_event` then gives parsed events one at 
 :meth:`Connection.send_response` and :meth:`Connection.send_notification` give the bytes to
 write; the I/O code decides when and how.
 
-The methods a daemon offers, their positional parameters and how their results travel, are
-:data:`METHODS`; both the server and the clients are driven by that table.
+Which methods exist, their positional parameters and how their results travel is not this
+module's business: that is the method table, :data:`workers.core.api.METHODS`.
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import msgpack
 
-from .codec import pack
-from .errors import ERRORS, SessionError, error_to_wire
-from .session import Session
+from ..record.codec import pack
+from ..record.errors import (
+    ERRORS,
+    InternalError,
+    ProtocolError,
+    SessionError,
+    error_to_wire,
+)
 
 REQUEST: Final = 0
 RESPONSE: Final = 1
@@ -73,10 +76,6 @@ MAX_MSGID: Final = 2**32 - 1
 ERROR_NOTIFICATION: Final = "error"
 
 
-class ProtocolError(SessionError):
-    """Base class of protocol violations: someone sent what the protocol does not allow."""
-
-
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol; the connection cannot continue."""
 
@@ -85,31 +84,10 @@ class LocalProtocolError(ProtocolError):
     """This side tried to send something the protocol does not allow (a bug in the caller)."""
 
 
-class InvalidRequest(ProtocolError, ValueError):
-    """A request named an unknown method or gave it arguments of the wrong number or shape."""
-
-
-class AuthenticationFailed(SessionError):
-    """The connection did not authenticate first, or gave a wrong token; nothing was done."""
-
-
-class InternalError(SessionError):
-    """The daemon failed in an unexpected way while answering; the error is in its log."""
-
-
 #: Every error class that can travel in a response, by name.
 WIRE_ERRORS: Final[dict[str, type[SessionError]]] = {
     **ERRORS,
-    **{
-        cls.__name__: cls
-        for cls in (
-            ProtocolError,
-            RemoteProtocolError,
-            InvalidRequest,
-            AuthenticationFailed,
-            InternalError,
-        )
-    },
+    RemoteProtocolError.__name__: RemoteProtocolError,
 }
 
 
@@ -395,178 +373,3 @@ class Connection:
 
 def _slices(view: memoryview, step: int) -> Iterator[memoryview]:
     return (view[start : start + step] for start in range(0, len(view), step))
-
-
-# -- sessions and methods ----------------------------------------------------------------
-
-_SESSION_FIELDS: Final = {
-    "id": (str,),
-    "created_at": (int,),
-    "last_accessed": (int,),
-    "timeout_ms": (int, type(None)),
-    "metadata": (dict,),
-    "version": (int,),
-}
-
-
-def session_to_wire(session: Session) -> dict[str, Any]:
-    """The wire form of a session: its :meth:`~workers.session.Session.to_dict` map.
-
-    Built field by field and sharing ``metadata``: it is encoded at once, and ``asdict``'s deep
-    copy would cost more than the rest of a retrieve.
-    """
-    return {
-        "id": session.id,
-        "created_at": session.created_at,
-        "last_accessed": session.last_accessed,
-        "timeout_ms": session.timeout_ms,
-        "metadata": session.metadata,
-        "version": session.version,
-    }
-
-
-def session_from_wire(obj: object) -> Session:
-    """Rebuild a session from :func:`session_to_wire`; RemoteProtocolError if it is not one."""
-    if not isinstance(obj, dict) or obj.keys() != _SESSION_FIELDS.keys():
-        raise RemoteProtocolError(f"not a session: {obj!r:.120}")
-    for name, types in _SESSION_FIELDS.items():
-        value = obj[name]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise RemoteProtocolError(f"session field {name} has the wrong type: {value!r:.80}")
-    return Session(**obj)
-
-
-class Result(enum.Enum):
-    """How a method's result travels."""
-
-    VALUE = "value"  #: as msgpack carries it
-    SESSION = "session"  #: one session map
-    PAGE = "page"  #: ``[[session map, ...], next cursor or None]``
-
-
-@dataclass(frozen=True, slots=True)
-class Method:
-    """One RPC method: positional parameter names (the first ``required`` are mandatory)."""
-
-    name: str
-    params: tuple[str, ...] = ()
-    required: int = 0
-    result: Result = Result.VALUE
-
-    def check_params(self, params: list[Any]) -> None:
-        """Raise :class:`InvalidRequest` unless ``params`` has an acceptable length."""
-        if not self.required <= len(params) <= len(self.params):
-            expected = (
-                f"{self.required}"
-                if self.required == len(self.params)
-                else f"{self.required} to {len(self.params)}"
-            )
-            raise InvalidRequest(
-                f"{self.name}({', '.join(self.params)}) takes {expected} parameters, "
-                f"got {len(params)}"
-            )
-
-    def encode_result(self, result: Any) -> Any:
-        """The wire form of what the service returned for this method."""
-        if self.result is Result.SESSION:
-            return session_to_wire(result)
-        if self.result is Result.PAGE:
-            sessions, cursor = result
-            return [[session_to_wire(s) for s in sessions], cursor]
-        return result
-
-    def decode_result(self, result: Any) -> Any:
-        """What a client returns for this method's wire result."""
-        if self.result is Result.SESSION:
-            return session_from_wire(result)
-        if self.result is Result.PAGE:
-            if not (isinstance(result, list) and len(result) == 2 and isinstance(result[0], list)):
-                raise RemoteProtocolError(f"not a page of sessions: {result!r:.120}")
-            return [session_from_wire(s) for s in result[0]], result[1]
-        return result
-
-
-#: Every method a daemon answers. ``update`` takes a patch (``set`` map, ``unset`` keys,
-#: ``expected_version``): a function cannot travel. ``list_page`` pages with a cursor.
-METHODS: Final[dict[str, Method]] = {
-    m.name: m
-    for m in (
-        Method("auth", ("token",), 1),
-        Method("ping"),
-        Method("create", ("metadata", "ttl")),
-        Method("retrieve", ("id",), 1, Result.SESSION),
-        Method("peek", ("id",), 1, Result.SESSION),
-        Method("update", ("id", "set", "unset", "expected_version"), 1, Result.SESSION),
-        Method("touch", ("id",), 1),
-        Method("set_ttl", ("id", "ttl"), 2),
-        Method("delete", ("id",), 1),
-        Method("rotate", ("id",), 1),
-        Method("delete_where", ("key", "value"), 2),
-        Method("list_page", ("cursor", "limit"), 0, Result.PAGE),
-        Method("count"),
-        Method("cleanup_expired"),
-        Method("get_backend"),
-        Method("stats"),
-        Method("import_sessions", ("records",), 1),
-        # Fault injection: answered only by a daemon started with --allow-fault-injection.
-        Method("crash_actor", ("name",), 1),
-    )
-}
-
-
-# -- addresses ---------------------------------------------------------------------------
-
-DEFAULT_HOST: Final = "127.0.0.1"
-#: The daemon's documented default TCP port.
-DEFAULT_PORT: Final = 7878
-DEFAULT_ADDRESS: Final = f"tcp://{DEFAULT_HOST}:{DEFAULT_PORT}"
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A parsed daemon address: ``tcp://HOST:PORT`` or ``unix:///abs/path``."""
-
-    scheme: str  # "tcp" or "unix"
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
-
-    @property
-    def is_local(self) -> bool:
-        """Whether only this machine can reach the address (a Unix socket or loopback TCP)."""
-        return self.scheme == "unix" or is_loopback(self.host)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names a loopback interface (``localhost`` or a loopback IP)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_address(text: str) -> Address:
-    """Parse ``tcp://HOST:PORT`` or ``unix:///abs/path``; ValueError naming the problem."""
-    parts = urlsplit(text)
-    if parts.scheme == "unix":
-        path = parts.path
-        if parts.netloc or not path.startswith("/"):
-            raise ValueError(f"a unix address is unix:///absolute/path, got {text!r}")
-        return Address("unix", path=path)
-    if parts.scheme == "tcp":
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if not parts.hostname or port is None or parts.path not in ("", "/"):
-            raise ValueError(f"a tcp address is tcp://HOST:PORT, got {text!r}")
-        return Address("tcp", host=parts.hostname, port=port)
-    raise ValueError(f"an address is tcp://HOST:PORT or unix:///abs/path, got {text!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .session import Session
+from ..record.session import Session
 
 
 class ReadCache:

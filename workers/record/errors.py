@@ -3,7 +3,9 @@
 Every error a caller can see is a :class:`SessionError`, so ``except SessionError`` catches the
 service's own failures and nothing else. The same classes are raised by the embedded service and
 by the daemon's clients: an error crosses the wire as its class name and message (see
-:func:`workers.protocol.decode_error`), never as a pickled object.
+:func:`workers.wire.protocol.decode_error`), never as a pickled object. The wire's own errors
+(:class:`ProtocolError`, :class:`InvalidRequest`, :class:`AuthenticationFailed`,
+:class:`InternalError`) are here too, so that a client needs nothing else to raise them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ class StoreError(SessionError):
     """The backing store failed or could not be opened (locked by another owner, corrupt, full)."""
 
 
+class ProtocolError(SessionError):
+    """Base class of protocol violations: someone sent what the protocol does not allow."""
+
+
+class InvalidRequest(ProtocolError, ValueError):
+    """A request named an unknown method or gave it arguments of the wrong number or shape."""
+
+
+class AuthenticationFailed(SessionError):
+    """The connection did not authenticate first, or gave a wrong token; nothing was done."""
+
+
+class InternalError(SessionError):
+    """The daemon failed in an unexpected way while answering; the error is in its log."""
+
+
 #: Every error class by name, for errors that travel over the wire.
 ERRORS: dict[str, type[SessionError]] = {
     cls.__name__: cls
@@ -75,6 +93,10 @@ ERRORS: dict[str, type[SessionError]] = {
         CapacityExceeded,
         ServiceUnavailable,
         StoreError,
+        ProtocolError,
+        InvalidRequest,
+        AuthenticationFailed,
+        InternalError,
     )
 }
 

@@ -1,0 +1,7 @@
+"""``python -m workers ...`` is the ``sessiond`` command line."""
+
+import sys
+
+from .cli.main import sessiond
+
+sys.exit(sessiond())
