@@ -48,7 +48,8 @@ import msgpack
 from bench.records import Record, throughput
 from bench.report import print_table
 from bench.sessions import METADATA
-from tests.daemon_process import ROOT, DaemonProcess, free_port
+from tests.helpers import ROOT
+from tests.helpers.daemon_process import DaemonProcess, free_port
 
 CONNECTIONS = (1, 50)
 #: Our operation and the Redis command it is measured against.

@@ -28,7 +28,7 @@ stores them.
    lmdb the workload is served again with ``unmap_every=None`` (every page left mapped), to
    show what the bound costs in operations per second.
 2. **Memory store vs a plain dict.** One child puts N records in a plain ``dict`` (id ->
-   :class:`~workers.record.session.Session`, the very objects :func:`record` builds); another imports
+   :class:`~workers.Session`, the very objects :func:`record` builds); another imports
    the same N records into a memory-store service (``import_sessions``, 10,000 a call). Each
    reports the growth of its ``RssAnon`` (after ``gc.collect()``) from just before the records
    are built: the records themselves count on both sides, so the ratio is (records + the

@@ -15,12 +15,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from redis_server import find_redis, unique_prefix
+from helpers import BACKENDS, EPOCH, store_options
 
-#: The virtual wall clock starts here (late 2025), so timestamps look like real ones.
-EPOCH = 1_764_000_000.0
-
-BACKENDS = ["memory", "disk", "lmdb", "redis"]
+pytest_plugins = ["helpers.redis_server"]  # fixtures: redis_url, redis_prefix, private_redis
 
 
 @pytest.fixture
@@ -38,15 +35,6 @@ def vclock(request: pytest.FixtureRequest) -> trio.testing.MockClock:
 def wall(vclock: trio.testing.MockClock) -> Callable[[], float]:
     """The service's wall clock: seconds since the epoch, moving with Trio's virtual time."""
     return lambda: EPOCH + trio.current_time()
-
-
-def store_options(backend: str, tmp_path: Path) -> dict[str, Any]:
-    """What ``open_session_service`` needs, besides ``backend``, to open a fresh store."""
-    if backend == "memory":
-        return {}
-    if backend == "redis":
-        return {"url": find_redis(), "prefix": unique_prefix(tmp_path)}
-    return {"path": str(tmp_path / f"{backend}-store")}
 
 
 @pytest.fixture(params=BACKENDS)

@@ -37,8 +37,8 @@ from ..record.codec import decode_session, encode_session, pack
 from ..record.errors import SessionError, SessionNotFound, StoreError
 from ..record.session import Session
 from ..stores import canonical_backend, make_store
-from ..wire.client import connect
 from ..wire.address import DEFAULT_ADDRESS
+from ..wire.client import connect
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1

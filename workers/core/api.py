@@ -127,12 +127,14 @@ class Method:
             )
 
     def decode_params(self, params: list[Any]) -> list[Any]:
-        """What arrived, checked for length and decoded, for the daemon's implementation."""
+        """What arrived, checked for length and decoded, with the defaults of the parameters
+        left out: every parameter, in order, for the daemon's implementation."""
         self.check_params(params)
-        return [
+        decoded = [
             value if p.decode is None else p.decode(value)
             for p, value in zip(self.params, params, strict=False)
         ]
+        return decoded + [p.default for p in self.params[len(params) :]]
 
     def encode_params(self, arguments: Mapping[str, Any]) -> list[Any]:
         """The wire parameters for ``arguments`` (every parameter by name, defaults applied):
@@ -242,7 +244,7 @@ def _sessions_from_wire(records: object) -> list[Session]:
         raise InvalidRequest(f"import_sessions: {exc}") from None
 
 
-_ID = Param("id", annotation="str")
+_ID = Param("session_id", annotation="str")
 
 #: Every method of the service, by name. ``update`` takes a patch (``set`` map, ``unset`` keys,
 #: ``expected_version``): a function cannot travel. ``list_page`` pages with a cursor.
@@ -288,10 +290,11 @@ METHODS: Final[dict[str, Method]] = {
             (
                 _ID,
                 Param("set", None, annotation="dict[str, Any] | None", encode=_patch),
-                Param("unset", (), annotation="Iterable[str]", encode=_keys,
-                      decode=_unset_from_wire),
+                Param(
+                    "unset", (), annotation="Iterable[str]", encode=_keys, decode=_unset_from_wire
+                ),
                 Param("expected_version", None, keyword_only=True, annotation="int | None"),
-            ),  # fmt: skip
+            ),
             Result.SESSION,
             Kind.OPERATION,
             builds="patch",
@@ -354,9 +357,13 @@ METHODS: Final[dict[str, Method]] = {
         Method(
             "import_sessions",
             (
-                Param("sessions", annotation="Iterable[Session]", encode=_records,
-                      decode=_sessions_from_wire),
-            ),  # fmt: skip
+                Param(
+                    "sessions",
+                    annotation="Iterable[Session]",
+                    encode=_records,
+                    decode=_sessions_from_wire,
+                ),
+            ),
             returns="int",
             doc="Store sessions from a backup as they are; ids in use are skipped. How many.",
         ),

@@ -50,12 +50,12 @@ The store is opened in ``init`` and closed in ``terminate`` (which runs after a 
 each incarnation holds the store's single-owner lock exactly while it lives.
 
 Time: a batch's "now" is the wall clock, never earlier than any "now" the service has used
-before (:meth:`ManagerSettings.now_ms`; the mark lives in the settings, so it survives manager
-restarts). A wall clock that jumps backwards therefore changes nothing: no session expired at
-the latest time the service saw becomes live again, none is deleted, no ``last_accessed`` moves
-back; time simply stands still until the clock catches up. A forward jump is taken as real
-time passing: sessions whose idle timeout lies before the new time are expired, as they would
-be after that much idleness.
+before (:meth:`ServiceClock.now_ms`; the mark lives in the service's clock, so it survives
+manager restarts). A wall clock that jumps backwards therefore changes nothing: no session
+expired at the latest time the service saw becomes live again, none is deleted, no
+``last_accessed`` moves back; time simply stands still until the clock catches up. A forward
+jump is taken as real time passing: sessions whose idle timeout lies before the new time are
+expired, as they would be after that much idleness.
 
 The mark also survives process restarts: a batch whose "now" is at least ``MARK_EVERY_MS``
 past the mark last persisted commits a :class:`~workers.stores.base.Mark` with it (in the
@@ -94,17 +94,29 @@ RETRY_BASE = 0.001
 RETRY_CAP = 0.05
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ManagerSettings:
+    """How a manager works: fixed for the life of the service."""
+
     limits: Limits
-    #: Wall clock in seconds since the epoch (injectable for tests).
-    clock: Callable[[], float]
     #: Most operations in one batch (one store transaction).
     max_batch: int = 256
     #: Sessions kept in the read cache (0: none; only for a store owned alone).
     cache_size: int = 0
     #: Seconds an access-time refresh may wait before it is written (0: with its batch).
     access_write_delay: float = 0.0
+
+
+@dataclass(slots=True)
+class ServiceClock:
+    """The service's "now": the wall clock, never going backwards, and its persisted mark.
+
+    Owned by the service, not by a manager incarnation, so the high-water mark survives
+    manager restarts (see the module docstring, "Time").
+    """
+
+    #: Wall clock in seconds since the epoch (injectable for tests).
+    clock: Callable[[], float]
     #: The latest "now" handed out by :meth:`now_ms`.
     high_water_ms: int = 0
     #: The high water last committed to the store (a Mark write), or read from it.
@@ -121,6 +133,11 @@ class ManagerSettings:
         if self.high_water_ms - self.persisted_ms < MARK_EVERY_MS:
             return None
         return Mark(self.high_water_ms)
+
+    def restored(self, mark: int) -> None:
+        """Start no earlier than ``mark``, the mark a store held when it was opened."""
+        self.high_water_ms = max(self.high_water_ms, mark)
+        self.persisted_ms = max(self.persisted_ms, mark)
 
 
 @dataclass(slots=True)
@@ -146,9 +163,10 @@ _HOUSEKEEP = "housekeeping is due"
 class SessionManager(Actor):
     """Owns one store; see the module docstring. Requests are Operation instances."""
 
-    async def init(self, store: Store, settings: ManagerSettings) -> None:
+    async def init(self, store: Store, settings: ManagerSettings, clock: ServiceClock) -> None:
         self.store = store
         self.settings = settings
+        self.clock = clock
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -166,9 +184,7 @@ class SessionManager(Actor):
         self.max_unwritten = max(settings.cache_size, settings.max_batch)
         await store.open()
         # After a process restart, "now" starts no earlier than the latest time persisted.
-        mark = await store.load_mark()
-        settings.high_water_ms = max(settings.high_water_ms, mark)
-        settings.persisted_ms = max(settings.persisted_ms, mark)
+        clock.restored(await store.load_mark())
 
     async def terminate(self, reason: object) -> None:
         try:
@@ -203,7 +219,7 @@ class SessionManager(Actor):
             return None
         view = self._view()  # before the mark check: it moves the clock's high water
         if store is None:
-            if not self.mark_asked and settings.mark() is not None:
+            if not self.mark_asked and self.clock.mark() is not None:
                 self.mark_asked = True
                 self.send_after(0, _HOUSEKEEP)
         try:
@@ -276,7 +292,7 @@ class SessionManager(Actor):
         settings = self.settings
         # Memory is bounded: past max_unwritten waiting refreshes, new ones go with their batch.
         defer_ms = self.defer_ms if len(self.unwritten) < self.max_unwritten else 0
-        return View(self.store, settings.now_ms(), settings.limits, defer_ms, self.stored_access)
+        return View(self.store, self.clock.now_ms(), settings.limits, defer_ms, self.stored_access)
 
     def _known(self, view: View, ids: Iterable[str]) -> list[str]:
         """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
@@ -301,13 +317,13 @@ class SessionManager(Actor):
 
     def _with_mark(self, writes: list[Write]) -> tuple[list[Write], Mark | None]:
         """``writes`` with the clock mark added when one is due (it rides on their commit)."""
-        mark = self.settings.mark()
+        mark = self.clock.mark()
         return (writes, None) if mark is None else ([*writes, mark], mark)
 
     async def _persist_mark(self) -> None:
         """Commit the clock mark alone if it is due; a failure is logged, and a later batch
         tries again (the mark only moves up)."""
-        mark = self.settings.mark()
+        mark = self.clock.mark()
         if mark is None:
             return
         try:
@@ -320,7 +336,7 @@ class SessionManager(Actor):
     def _marked(self, mark: Mark | None) -> None:
         """Note that ``mark`` (if any) was committed."""
         if mark is not None:
-            self.settings.persisted_ms = mark.ms
+            self.clock.persisted_ms = mark.ms
 
     def _remember(self, view: View, outcomes: list[bool]) -> None:
         """Keep the cache and the unwritten refreshes in step with a committed batch."""

@@ -48,8 +48,8 @@ from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_
 from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
 from ..record.session import DEFAULT, Session, build_session, check_id, new_id, ttl_to_ms
 from ..stores import Store, canonical_backend, make_store
-from .api import METHODS, Kind
-from .manager import ManagerSettings, SessionManager
+from .api import METHODS, Kind, Method
+from .manager import ManagerSettings, ServiceClock, SessionManager
 from .operations import (
     CleanupExpired,
     Count,
@@ -118,10 +118,6 @@ class SessionService:
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
-        #: The builder of every method that is one manager operation, from the method table.
-        self._builders: dict[str, Callable[..., Operation]] = {
-            m.name: getattr(self, m.builder) for m in METHODS.values() if m.kind is Kind.OPERATION
-        }
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -139,9 +135,10 @@ class SessionService:
     def _ttl(self, ttl: object) -> int | None:
         return self._default_timeout_ms if ttl is DEFAULT else ttl_to_ms(ttl)
 
-    # -- the builders: one per operation method, arguments checked in the caller's task ------
+    # -- the builders: one per operation method of the table, arguments checked in the
+    # caller's task; every parameter is given (the table fills in the defaults) -------------
 
-    def _build_create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> Create:
+    def _build_create(self, metadata: dict[str, Any] | None, ttl: Any) -> Create:
         timeout_ms = self._ttl(ttl)
         return Create(canonical_metadata(metadata, self._max_metadata_bytes), timeout_ms)
 
@@ -152,17 +149,13 @@ class SessionService:
         return Peek(check_id(session_id))
 
     def _build_patch(
-        self,
-        session_id: str,
-        set: dict[str, Any] | None = None,
-        unset: Iterable[str] = (),
-        expected_version: int | None = None,
+        self, session_id: str, set: dict[str, Any] | None, unset: Iterable[str], version: int | None
     ) -> Patch:
         changes = canonical_metadata(set, self._max_metadata_bytes)
         keys = tuple(unset)
         if not all(isinstance(k, str) for k in keys):
             raise InvalidMetadata("unset takes metadata keys, which are strings")
-        return Patch(check_id(session_id), changes, keys, expected_version)
+        return Patch(check_id(session_id), changes, keys, version)
 
     def _build_touch(self, session_id: str) -> Touch:
         return Touch(check_id(session_id))
@@ -176,17 +169,18 @@ class SessionService:
     def _build_rotate(self, session_id: str) -> Rotate:
         return Rotate(check_id(session_id))
 
-    def operation(self, method: str, *args: Any) -> Operation:
-        """The manager operation behind method ``method`` of the method table, for
-        :meth:`submit` and :meth:`run`.
+    def operation(self, method: str | Method, *args: Any) -> Operation:
+        """The manager operation behind ``method``, for :meth:`submit` and :meth:`run`.
 
-        ``method`` is a name of :data:`~workers.core.api.METHODS` of kind ``OPERATION``, and
-        ``args`` are its parameters in the table's order, checked exactly as the method checks
-        them, raising the same errors (nothing has been sent when it raises).
+        ``method`` is an entry of kind ``OPERATION`` of a method table (or its name in
+        :data:`~workers.core.api.METHODS`); it is built by the builder the entry names, with
+        ``args``, its parameters in the table's order, checked exactly as the method checks
+        them and raising the same errors (nothing has been sent when it raises).
         """
-        build = self._builders.get(method)
-        if build is None:
-            raise InvalidRequest(f"{method!r} is not one of the operations {sorted(self._builders)}")
+        entry = METHODS.get(method) if isinstance(method, str) else method
+        if entry is None or entry.kind is not Kind.OPERATION:
+            raise InvalidRequest(f"{method!r:.80} is not a method that is one operation")
+        build: Callable[..., Operation] = getattr(self, entry.builder)
         return build(*args)
 
     async def run(self, op: Operation) -> Any:
@@ -439,7 +433,6 @@ async def run_session_service(
     owned_on_disk = backend in DEFERS_ACCESS and not store.shared
     settings = ManagerSettings(
         Limits(max_metadata_bytes, max_sessions, id_factory),
-        clock or time.time,
         max_batch,
         cache_size=(DEFAULT_CACHE_SIZE if owned_on_disk else 0)
         if cache_size is None
@@ -449,7 +442,9 @@ async def run_session_service(
         else access_write_delay,
     )
     children = [
-        SessionManager.child_spec("manager", store, settings, name=service._manager),
+        SessionManager.child_spec(
+            "manager", store, settings, ServiceClock(clock or time.time), name=service._manager
+        ),
         Sweeper.child_spec(
             "cleanup", service.cleanup_expired, cleanup_interval, name=service.actors["cleanup"]
         ),

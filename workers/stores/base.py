@@ -103,6 +103,20 @@ def apply_in_order(
     return results
 
 
+def check_writes(writes: Iterable[object]) -> None:
+    """Refuse a batch holding anything but writes, before any of it is applied (a commit is all
+    or nothing)."""
+    for write in writes:
+        if not isinstance(write, Put | Delete | Mark):
+            raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
+
+
+def check_limit(limit: int) -> None:
+    """Refuse a page or sweep size below 1 (a page of nothing would never advance a scan)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+
+
 @runtime_checkable
 class Store(Protocol):
     """A place sessions live. See the module docstring for how a manager drives it."""
@@ -113,7 +127,8 @@ class Store(Protocol):
     shared: bool
 
     async def open(self) -> None:
-        """Acquire and open the store; raise StoreError naming the cause when it cannot."""
+        """Acquire and open the store; raise StoreError naming the cause when it cannot, or
+        when it is open already."""
 
     async def close(self) -> None:
         """Flush and release the store. Safe to call twice and after a failed open."""

@@ -152,25 +152,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import diskcache
-import trio
 from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
 from .base import Delete, Mark, Put, Write, apply_in_order, write_id
-from .files import DirectoryLock, quarantine
-from .thread import StoreThread
+from .files import DirectoryLock, Durability, OnCorrupt, check_file_options, quarantine_locked
+from .thread import ThreadedStore
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-Durability = Literal["process", "power"]
-OnCorrupt = Literal["quarantine", "fail"]
 
 #: Settings key of the format marker, and the format this module writes.
 FORMAT_KEY = "sessions_format"
@@ -261,11 +258,12 @@ class SessionDisk(diskcache.Disk):
         pass
 
 
-class DiskStore:
+class DiskStore(ThreadedStore):
     """A durable, single-owner store in the directory ``path``. See the module docstring."""
 
     backend = "disk"
     shared = False
+    errors = (sqlite3.Error, diskcache.Timeout, OSError)
 
     def __init__(
         self,
@@ -275,10 +273,7 @@ class DiskStore:
         on_corrupt: OnCorrupt = "quarantine",
         **diskcache_settings: Any,
     ) -> None:
-        if durability not in _SYNCHRONOUS:
-            raise ValueError(f"durability is 'process' or 'power', not {durability!r}")
-        if on_corrupt not in ("quarantine", "fail"):
-            raise ValueError(f"on_corrupt is 'quarantine' or 'fail', not {on_corrupt!r}")
+        check_file_options(durability, on_corrupt)
         refused = sorted(set(diskcache_settings) - TUNABLE_SETTINGS)
         if refused:
             raise ValueError(
@@ -295,74 +290,24 @@ class DiskStore:
             "sqlite_synchronous": _SYNCHRONOUS[durability],
             FORMAT_KEY: FORMAT,
         }
-        self._thread: StoreThread | None = None
+        self.label = f"disk store {self.path}"
         self._cache: diskcache.Cache | None = None
         self._lock: DirectoryLock | None = None
         self._checkpoints: _Checkpointer | None = None
 
-    async def open(self) -> None:
-        """Lock the directory and open (or create) the database. Does nothing if already open."""
-        if self._thread is not None:
-            return
-        thread = StoreThread(f"disk store {self.path}")
-        try:
-            await thread.run(self._open_on_thread)
-        except BaseException:
-            thread.stop()
-            raise
-        self._thread = thread
-
-    async def close(self) -> None:
-        """Close the database and release the lock. Safe to call twice and after a failed open."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        try:
-            # Shielded: a manager is often closed from a cancelled scope, and a close skipped
-            # here would keep the flock, locking every later owner in this process out.
-            with trio.CancelScope(shield=True):
-                await thread.run(self._close_on_thread)
-        finally:
-            thread.stop()
-
-    async def load(self, ids: Sequence[str]) -> dict[str, Session]:
-        return await self._run(self._load, list(ids))
-
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        outcomes = await self._run(self._commit, list(writes))
+        outcomes = await super().commit(writes)
         if self._checkpoints is not None:
             self._checkpoints.notify()
         return outcomes
 
-    async def load_mark(self) -> int:
-        return await self._run(self._load_mark)
-
-    async def scan(
-        self, now_ms: int, cursor: str | None, limit: int
-    ) -> tuple[list[Session], str | None]:
-        _check_limit(limit)
-        return await self._run(self._scan, now_ms, cursor, limit)
-
-    async def expired(self, now_ms: int, limit: int) -> list[str]:
-        _check_limit(limit)
-        return await self._run(self._expired, now_ms, limit)
-
-    async def count(self, now_ms: int) -> int:
-        return await self._run(self._count, now_ms)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(cache, *args)`` on the store thread; SQLite's failures become StoreError."""
-        thread, cache = self._thread, self._cache
-        if thread is None or cache is None:
-            raise StoreError(f"disk store {self.path} is not open")
-        try:
-            return await thread.run(fn, cache, *args)
-        except (sqlite3.Error, diskcache.Timeout, OSError) as exc:
-            raise StoreError(f"disk store {self.path}: {exc or type(exc).__name__}") from exc
-
     # Everything below runs on the store thread.
 
-    def _open_on_thread(self) -> None:
+    def _db(self) -> diskcache.Cache:
+        assert self._cache is not None, "the store thread runs calls only while it is open"
+        return self._cache
+
+    def _open(self) -> None:
         lock = DirectoryLock(self.path)
         try:
             lock.acquire()
@@ -399,22 +344,9 @@ class DiskStore:
                 f"disk store {self.path} cannot be used: {problem}; it was left as it is "
                 "(on_corrupt='fail'): move it aside or restore a backup"
             )
-        # Renamed with its LOCK file, still locked by us, so no one can open it meanwhile.
-        moved = quarantine(self.path)
-        fresh = DirectoryLock(self.path)
-        try:
-            fresh.acquire()
-        finally:
-            lock.release()
-        logger.error(
-            "disk store %s cannot be used (%s): moved it aside to %s and started an empty store",
-            self.path,
-            problem,
-            moved,
-        )
-        return fresh
+        return quarantine_locked(self.path, lock, "disk store", problem)
 
-    def _close_on_thread(self) -> None:
+    def _close(self) -> None:
         cache, self._cache = self._cache, None
         lock, self._lock = self._lock, None
         checkpoints, self._checkpoints = self._checkpoints, None
@@ -427,10 +359,10 @@ class DiskStore:
             if lock is not None:
                 lock.release()
 
-    @staticmethod
-    def _load(cache: diskcache.Cache, ids: list[str]) -> dict[str, Session]:
+    def _load(self, ids: list[str]) -> dict[str, Session]:
         # One query per _LOAD_CHUNK ids rather than a Cache.get each: a sweep loads hundreds of
         # sessions at a time, and diskcache's per-call Python cost more than SQLite's lookups.
+        cache = self._db()
         disk = cache.disk
         found: dict[str, Session] = {}
         for start in range(0, len(ids), _LOAD_CHUNK):
@@ -441,18 +373,16 @@ class DiskStore:
                 found[sid] = _decode(sid, disk.fetch(mode, filename, value, False))
         return found
 
-    @staticmethod
-    def _commit(cache: diskcache.Cache, writes: list[Write]) -> list[bool]:
+    def _commit(self, writes: list[Write]) -> list[bool]:
         # Check and encode everything before the transaction: a bad batch changes nothing, and
         # the write lock is held for SQLite work only.
+        cache = self._db()
         prepared: list[tuple[Put, bytes] | Delete | Mark] = []
         for write in writes:
             if isinstance(write, Put):
                 prepared.append((write, encode_session(write.session)))
-            elif isinstance(write, Delete | Mark):
-                prepared.append(write)
             else:
-                raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
+                prepared.append(write)
         if not prepared:
             return []
         with cache.transact():  # one transaction: all of the batch, or none of it on error
@@ -470,16 +400,16 @@ class DiskStore:
                 ),
             )
 
-    @staticmethod
-    def _load_mark(cache: diskcache.Cache) -> int:
+    def _load_mark(self) -> int:
+        cache = self._db()
         rows = _select(cache, "SELECT value FROM Settings WHERE key = ?", (MARK_KEY,))
         return int(rows[0][0]) if rows else 0
 
-    @staticmethod
     def _scan(
-        cache: diskcache.Cache, now_ms: int, cursor: str | None, limit: int
+        self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:
         # The cursor is the last id read; ids are never empty, so "" reads from the first one.
+        cache = self._db()
         rows = _select(cache, _PAGE, (cursor or "", limit))
         disk = cache.disk
         page: list[Session] = []
@@ -493,15 +423,15 @@ class DiskStore:
             return page, None
         return page, disk.get(rows[-1][0], rows[-1][1])
 
-    @staticmethod
-    def _expired(cache: diskcache.Cache, now_ms: int, limit: int) -> list[str]:
+    def _expired(self, now_ms: int, limit: int) -> list[str]:
+        cache = self._db()
         disk = cache.disk
         return [disk.get(key, raw) for key, raw in _select(cache, _EXPIRED_IDS, (now_ms, limit))]
 
-    @staticmethod
-    def _count(cache: diskcache.Cache, now_ms: int) -> int:
+    def _count(self, now_ms: int) -> int:
         # len() is diskcache's trigger-maintained row count: O(1). The expired rows are counted
         # on the tag index, so this costs O(expired), and sweeps keep that small.
+        cache = self._db()
         ((expired,),) = _select(cache, _EXPIRED_COUNT, (now_ms,))
         return len(cache) - expired
 
@@ -614,12 +544,6 @@ def _decode(sid: str, data: bytes) -> Session:
     if session.id != sid:
         raise StoreError(f"the record stored under {sid!r} is session {session.id!r}")
     return session
-
-
-def _check_limit(limit: int) -> None:
-    # SQLite reads LIMIT -1 as "no limit", and a page of nothing would never advance a scan.
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit!r}")
 
 
 def _select(cache: diskcache.Cache, statement: str, params: tuple[Any, ...]) -> list[Any]:

@@ -1,4 +1,4 @@
-"""What the file-backed stores (disk, lmdb) share: the single-owner lock and quarantine.
+"""What the file-backed stores (disk, lmdb) share: options, the single-owner lock, quarantine.
 
 The lock is ``flock`` on a ``LOCK`` file inside the store directory, holding the owner's pid.
 ``flock`` locks belong to an open file, so a second owner is refused whether it is another
@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from ..record.errors import StoreError
 
+log = logging.getLogger(__name__)
+
 LOCK_NAME = "LOCK"
+
+Durability = Literal["process", "power"]
+OnCorrupt = Literal["quarantine", "fail"]
+
+
+def check_file_options(durability: object, on_corrupt: object) -> None:
+    """Refuse a ``durability`` or ``on_corrupt`` the file stores do not know."""
+    if durability not in ("process", "power"):
+        raise ValueError(f"durability is 'process' or 'power', not {durability!r}")
+    if on_corrupt not in ("quarantine", "fail"):
+        raise ValueError(f"on_corrupt is 'quarantine' or 'fail', not {on_corrupt!r}")
 
 
 class DirectoryLock:
@@ -59,3 +74,26 @@ def quarantine(path: Path, now: datetime.datetime | None = None) -> Path:
         n += 1
     path.rename(target)
     return target
+
+
+def quarantine_locked(path: Path, lock: DirectoryLock, what: str, problem: str) -> DirectoryLock:
+    """Move the unusable store at ``path`` aside and return the lock of a fresh, empty one.
+
+    The directory is renamed with our lock inside it, still held, so no other owner can slip
+    into the damaged store; the fresh directory is locked before the old lock goes. An ERROR
+    names both paths and the ``problem``.
+    """
+    moved = quarantine(path)
+    fresh = DirectoryLock(path)
+    try:
+        fresh.acquire()
+    finally:
+        lock.release()
+    log.error(
+        "%s %s cannot be used (%s): moved it aside to %s and started an empty store",
+        what,
+        path,
+        problem,
+        moved,
+    )
+    return fresh

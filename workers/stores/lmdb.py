@@ -48,21 +48,21 @@ before it returns. :meth:`~LmdbStore.close` syncs in both modes.
 
 Memory
 ------
-LMDB reads through a read-only shared mapping of ``data.mdb``: a record is read where it lies
-in the page cache, never copied. Every page read stays mapped into this process, and Linux
-maps up to 16 neighbouring pages that are in the page cache along with it at each fault
-(fault-around, 64 KiB; ``readahead=False``, which is ``MADV_RANDOM``, does not turn it off).
-So under reads at random a process serving a 1M-session store (about 450 MB) had all of it in
-its resident memory (``RssFile``) within seconds, though it had loaded nothing: the pages are
-the kernel's page cache, shared, clean and reclaimable, the same pages a file read with
-``read(2)`` leaves cached, which no process's RSS counts. :class:`_MappedPages` keeps that
-figure bounded by dropping the mapping's pages (``MADV_DONTNEED``) after every
-``unmap_every`` records read or written (512, a write counting three): the page cache keeps them,
-and a page read again is mapped again by a minor fault. Serving 1M sessions at random it kept
-``RssFile`` at 40-90 MB, against 380-480 MB. The price is a fault for nearly every page read,
-as ``read(2)`` would copy it: about a fifth of the throughput under reads at random across 1M
-sessions (16,000-17,000 against 21,000-23,000 operations a second, A/B). ``unmap_every=None``
-keeps every page mapped instead, for a store whose resident size does not matter.
+LMDB reads through a read-only shared mapping of ``data.mdb``: a record is read where it lies in the
+page cache, never copied. Every page read stays mapped into this process, and Linux maps up to 16
+neighbouring pages that are in the page cache along with it at each fault (fault-around, 64 KiB;
+``readahead=False``, which is ``MADV_RANDOM``, does not turn it off). So under reads at random a
+process serving a 1M-session store (about 450 MB) had all of it in its resident memory (``RssFile``)
+within seconds, though it had loaded nothing: the pages are the kernel's page cache, shared, clean
+and reclaimable, the same pages a file read with ``read(2)`` leaves cached, which no process's RSS
+counts. :class:`~workers.stores.mapped_pages.MappedPages` keeps that figure bounded by dropping the
+mapping's pages (``MADV_DONTNEED``) after every ``unmap_every`` records read or written (512, a
+write counting three): the page cache keeps them, and a page read again is mapped again by a minor
+fault. Serving 1M sessions at random it kept ``RssFile`` at 40-90 MB, against 380-480 MB. The price
+is a fault for nearly every page read, as ``read(2)`` would copy it: about a fifth of the throughput
+under reads at random across 1M sessions (16,000-17,000 against 21,000-23,000 operations a second,
+A/B). ``unmap_every=None`` keeps every page mapped instead, for a store whose resident size does not
+matter.
 
 What stays in ``RssAnon``: LMDB copies every page a write transaction changes into a buffer of
 its own and, after the commit, keeps those buffers for reuse until the environment is closed,
@@ -87,24 +87,21 @@ reads it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import lmdb
-import trio
 
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
 from .base import Delete, Mark, Put, Write, apply_in_order, write_id
-from .files import DirectoryLock, quarantine
-from .thread import StoreThread
+from .files import DirectoryLock, Durability, OnCorrupt, check_file_options, quarantine_locked
+from .mapped_pages import MappedPages
+from .thread import ThreadedStore
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +135,7 @@ class _Corrupt(Exception):
     """The store's files are damaged or not ours (internal: handled by ``on_corrupt``)."""
 
 
-class LmdbStore:
+class LmdbStore(ThreadedStore):
     """Sessions in an LMDB environment in directory ``path``, owned by one store object.
 
     :param durability: ``"process"``: survives a crash of the process (the default);
@@ -153,21 +150,19 @@ class LmdbStore:
 
     backend = "lmdb"
     shared = False
+    errors = (lmdb.Error, OSError)
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        durability: Literal["process", "power"] = "process",
-        on_corrupt: Literal["quarantine", "fail"] = "quarantine",
+        durability: Durability = "process",
+        on_corrupt: OnCorrupt = "quarantine",
         map_size: int = 64 * _MIB,
         max_map_size: int = 16 * 1024 * _MIB,
         unmap_every: int | None = 512,
     ) -> None:
-        if durability not in ("process", "power"):
-            raise ValueError(f"durability is 'process' or 'power', not {durability!r}")
-        if on_corrupt not in ("quarantine", "fail"):
-            raise ValueError(f"on_corrupt is 'quarantine' or 'fail', not {on_corrupt!r}")
+        check_file_options(durability, on_corrupt)
         if unmap_every is not None and (isinstance(unmap_every, bool) or unmap_every < 1):
             raise ValueError(f"unmap_every is a positive int or None, not {unmap_every!r}")
         if not 0 < map_size <= max_map_size:
@@ -179,93 +174,15 @@ class LmdbStore:
         self.on_corrupt = on_corrupt
         self.map_size = map_size
         self.max_map_size = max_map_size
-        self._thread: StoreThread | None = None
+        self.label = f"lmdb store {self.path}"
         self._lock: DirectoryLock | None = None
         self._env: lmdb.Environment | None = None
         self._meta: Any = None
         self._sessions: Any = None
         self._expiry: Any = None
-        self._mapped = _MappedPages(self.path / DATA_FILE, unmap_every)
+        self._mapped = MappedPages(self.path / DATA_FILE, unmap_every)
 
-    def __repr__(self) -> str:
-        return f"LmdbStore({str(self.path)!r}, durability={self.durability!r})"
-
-    # -- the Store protocol ------------------------------------------------------------------
-
-    async def open(self) -> None:
-        """Lock the directory and open (or create) the environment on a fresh store thread.
-
-        Raises :class:`StoreError` when another owner holds the store, and for a damaged store
-        with ``on_corrupt="fail"``.
-        """
-        if self._thread is not None:
-            raise StoreError(f"{self!r} is already open")
-        self._thread = StoreThread(f"lmdb-store:{self.path}")
-        try:
-            await self._run(self._open)
-        except BaseException:
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        """Sync and close the environment, release the lock and stop the thread. Idempotent.
-
-        Runs to the end even when the caller is cancelled: a lock left behind would refuse the
-        next owner (a restarted manager in this very process).
-        """
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        with trio.CancelScope(shield=True):
-            try:
-                await thread.run(self._close)
-            except (lmdb.Error, OSError) as exc:
-                raise StoreError(f"lmdb store {self.path}: closing failed: {exc}") from exc
-            finally:
-                thread.stop()
-
-    async def load(self, ids: Iterable[str]) -> dict[str, Session]:
-        """The stored sessions among ``ids`` (expired ones included), in one read transaction."""
-        return await self._run(self._load, list(ids))
-
-    async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        """Apply ``writes`` in order in one write transaction; per write, whether it took effect."""
-        _check_writes(writes)
-        if not writes:
-            return []
-        return await self._run(self._commit, list(writes))
-
-    async def load_mark(self) -> int:
-        """The clock high-water mark (the highest Mark committed), 0 if none."""
-        return await self._run(self._load_mark)
-
-    async def scan(
-        self, now_ms: int, cursor: str | None, limit: int
-    ) -> tuple[list[Session], str | None]:
-        """Up to ``limit`` live sessions with ids after ``cursor``, in id order."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        return await self._run(self._scan, now_ms, cursor, limit)
-
-    async def expired(self, now_ms: int, limit: int) -> list[str]:
-        """Up to ``limit`` ids of sessions expired at ``now_ms``, soonest expired first."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        return await self._run(self._expired, now_ms, limit)
-
-    async def count(self, now_ms: int) -> int:
-        """The number of live sessions at ``now_ms`` (reads only the expired index entries)."""
-        return await self._run(self._count, now_ms)
-
-    # -- on the store thread -----------------------------------------------------------------
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._thread is None:
-            raise StoreError(f"{self!r} is not open")
-        try:
-            return await self._thread.run(fn, *args)
-        except (lmdb.Error, OSError) as exc:
-            raise StoreError(f"lmdb store {self.path}: {exc}") from exc
+    # -- on the store thread (ThreadedStore runs these) --------------------------------------
 
     def _open(self) -> None:
         self._lock = DirectoryLock(self.path)
@@ -278,7 +195,7 @@ class LmdbStore:
                     f"lmdb store {self.path} is unusable ({exc}); move it aside or open it with "
                     "on_corrupt='quarantine'"
                 ) from None
-            self._quarantine(str(exc))
+            self._lock = quarantine_locked(self.path, self._lock, "lmdb store", str(exc))
             self._open_environment()
 
     def _open_environment(self) -> None:
@@ -343,24 +260,6 @@ class LmdbStore:
         except _CORRUPT as exc:
             raise _Corrupt(str(exc)) from None
         self._meta, self._sessions, self._expiry = handles
-
-    def _quarantine(self, reason: str) -> None:
-        # The directory moves with our lock inside it, still held, so no other owner can slip
-        # into the damaged store; the fresh directory is locked before the old lock goes.
-        old_lock = self._lock
-        moved = quarantine(self.path)
-        log.error(
-            "lmdb store %s is unusable (%s): moved it to %s and starting empty",
-            self.path,
-            reason,
-            moved,
-        )
-        self._lock = DirectoryLock(self.path)
-        try:
-            self._lock.acquire()
-        finally:
-            if old_lock is not None:
-                old_lock.release()
 
     def _close(self) -> None:
         env, self._env = self._env, None
@@ -521,88 +420,6 @@ class LmdbStore:
             stored = txn.stat(self._sessions)["entries"]
             expired = sum(1 for _ in self._expired_keys(txn, now_ms))
         return stored - expired
-
-
-class _MappedPages:
-    """Keeps the pages of the data file mapped into this process few: see "Memory".
-
-    Counts the records read or written, and after ``every`` of them drops every page of the
-    data file's mapping with ``madvise(MADV_DONTNEED)``. Only the page tables change: the
-    pages stay in the page cache, and the next read of one maps it again (a minor fault, a
-    microsecond or two). Safe at any moment on the store thread, inside a transaction too:
-    without ``writemap`` LMDB only reads the mapping, so dropped pages come back unchanged.
-
-    The mapping's address is read from ``/proc/self/maps`` at each drop, by the data file's
-    inode, never remembered: LMDB maps the file anew when the map grows, and a stale address
-    would make ``MADV_DONTNEED`` zero whatever memory took its place. Where there is no
-    ``/proc`` (not Linux) nothing is dropped.
-    """
-
-    def __init__(self, data: Path, every: int | None) -> None:
-        self._data = data
-        #: Records read (a write counts three) between drops; None: never. Each page read maps
-        #: up to 16 neighbours that are in the page cache too (fault-around): measured at 1M
-        #: sessions, 512 keeps 40-90 MB mapped, 2048 about 220 MB.
-        self.every = every
-        self._count = 0
-        #: Drops done so far (for tests and diagnostics).
-        self.drops = 0
-
-    def touched(self, records: int) -> None:
-        self._count += records
-        if self.every is not None and self._count >= self.every:
-            self.drop()
-
-    def drop(self) -> None:
-        self._count = 0
-        if self.every is None or _madvise is None:
-            return
-        for start, length in _mappings_of(self._data):
-            _madvise(start, length, mmap.MADV_DONTNEED)
-        self.drops += 1
-
-
-def _load_madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_madvise = _load_madvise()
-
-
-def _mappings_of(path: Path) -> list[tuple[int, int]]:
-    """(start, length) of every mapping of the file ``path`` in this process."""
-    try:
-        stat = os.stat(path)
-        with open("/proc/self/maps", "rb") as maps:
-            lines = maps.read().splitlines()
-    except OSError:
-        return []
-    inode = str(stat.st_ino).encode()
-    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}".encode()
-    found = []
-    for line in lines:
-        # address perms offset dev inode [path]
-        fields = line.split(maxsplit=5)
-        if len(fields) >= 5 and fields[4] == inode and fields[3] == device:
-            low, _, high = fields[0].partition(b"-")
-            found.append((int(low, 16), int(high, 16) - int(low, 16)))
-    return found
-
-
-def _check_writes(writes: Sequence[Write]) -> None:
-    # Refused before anything is applied: a commit is all or nothing.
-    for write in writes:
-        if not isinstance(write, Put | Delete | Mark):
-            raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
 
 
 def _expiry_prefix(ms: int) -> bytes:

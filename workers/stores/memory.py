@@ -6,8 +6,8 @@ so a manager crash never wipes a session. Nothing survives the process.
 
 Layout
 ------
-Sessions are held as :class:`~workers.record.session.Session` objects, not encoded bytes: a load is a
-dict lookup with no decoding, and the records cost what the manager's own would. A
+Sessions are held as :class:`~workers.record.session.Session` objects, not encoded bytes: a load
+is a dict lookup with no decoding, and the records cost what the manager's own would. A
 :class:`~workers.stores.base.Put` hands its session over to the store and ``load`` / ``scan``
 return the stored objects themselves, so both sides treat them as read-only. That is safe
 because the manager stores only metadata it canonicalised (a fresh copy nobody else holds) and
@@ -66,7 +66,7 @@ from itertools import islice
 
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, write_id
+from .base import Delete, Put, Write, apply_in_order, check_limit, check_writes, write_id
 
 #: Number of dicts the sessions are spread over: the granularity of a scan's resume sort.
 _BUCKETS = 1024
@@ -96,6 +96,8 @@ class MemoryStore:
 
     async def open(self) -> None:
         """Make the store usable; the sessions of earlier incarnations are all still here."""
+        if self._open:
+            raise StoreError("the memory store is already open")
         self._open = True
 
     async def close(self) -> None:
@@ -120,10 +122,7 @@ class MemoryStore:
 
     def commit_now(self, writes: Sequence[Write]) -> list[bool]:
         self._check_open()
-        # Refuse a malformed batch before applying any of it: a commit is all or nothing.
-        for write in writes:
-            if not isinstance(write, Put | Delete | Mark):
-                raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
+        check_writes(writes)
         return apply_in_order(writes, write_id, self._apply)
 
     async def load_mark(self) -> int:
@@ -142,7 +141,7 @@ class MemoryStore:
         self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:
         self._check_open()
-        _check_limit(limit)
+        check_limit(limit)
         bucket_index, after = _parse_cursor(cursor)
         page: list[Session] = []
         for index in range(bucket_index, _BUCKETS):
@@ -158,7 +157,7 @@ class MemoryStore:
 
     async def expired(self, now_ms: int, limit: int) -> list[str]:
         self._check_open()
-        _check_limit(limit)
+        check_limit(limit)
         if self._settled(now_ms):
             self._advance(now_ms, enough=limit)
             return list(islice(self._expired, limit))
@@ -262,12 +261,6 @@ class MemoryStore:
             if session.timeout_ms is not None and sid not in expired
         ]
         heapq.heapify(self._heap)
-
-
-def _check_limit(limit: int) -> None:
-    # A page of nothing would never advance a scan, and a sweep asking for none is a bug.
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit!r}")
 
 
 def _parse_cursor(cursor: str | None) -> tuple[int, str]:

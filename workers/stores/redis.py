@@ -51,9 +51,9 @@ Failures
 --------
 When Redis cannot be reached, does not answer within ``connect_timeout`` +
 ``command_timeout``, or is loading its data set, a call raises
-:class:`~workers.record.errors.ServiceUnavailable` promptly and never hangs; other Redis errors (out of
-memory under ``maxmemory-policy noeviction``, a read-only replica, a broken record) raise
-:class:`~workers.record.errors.StoreError`. The connection pool reconnects by itself: the first call
+:class:`~workers.ServiceUnavailable` promptly and never hangs; other Redis errors (out of memory
+under ``maxmemory-policy noeviction``, a read-only replica, a broken record) raise
+:class:`~workers.StoreError`. The connection pool reconnects by itself: the first call
 after Redis is back succeeds. A commit is never retried by the store, since a commit whose
 reply was lost may have been applied; reads are retried once on a dropped connection.
 
@@ -94,7 +94,7 @@ from coredis.retry import NoRetryPolicy
 from ..record.codec import decode_session, encode_session
 from ..record.errors import ServiceUnavailable, StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write
+from .base import Mark, Put, Write, check_limit, check_writes
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +344,7 @@ class RedisStore:
         """Apply ``writes`` in order, atomically, with one script call; per write, whether it
         took effect. Never retried: on :class:`ServiceUnavailable` the batch may or may not have
         been applied."""
-        for write in writes:
-            if not isinstance(write, Put | Delete | Mark):
-                raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
+        check_writes(writes)
         if not writes:
             return []
         keys: list[str] = [self._ids_key, self._expiry_key]
@@ -380,8 +378,7 @@ class RedisStore:
         self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:
         """Up to ``limit`` live sessions with ids after ``cursor``, in id order."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+        check_limit(limit)
         page: list[Session] = []
         after = cursor
         while True:
@@ -407,8 +404,7 @@ class RedisStore:
 
     async def expired(self, now_ms: int, limit: int) -> list[str]:
         """Up to ``limit`` ids of sessions expired at ``now_ms``, soonest expired first."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+        check_limit(limit)
         members = await self._call(
             "ZRANGE",
             lambda c: c.zrange(

@@ -1,5 +1,9 @@
 """One long-lived worker thread per store, so blocking I/O never runs on the Trio thread.
 
+:class:`StoreThread` is the thread; :class:`ThreadedStore` is the Store protocol for a store
+whose library blocks (diskcache, lmdb), written once: every call checked, then run on the
+store's thread, the library's own failures turned into :class:`~workers.StoreError`.
+
 ``trio.to_thread.run_sync`` would also keep I/O off the Trio thread, but it may hand each call
 to a different thread. Stores want one: SQLite connections (diskcache) are per thread, an LMDB
 write transaction must stay on the thread that began it, and one thread serialises the store's
@@ -13,11 +17,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import outcome
 import trio
+
+from ..record.errors import StoreError
+from ..record.session import Session
+from .base import Write, check_limit, check_writes
 
 T = TypeVar("T")
 
@@ -54,3 +62,116 @@ class StoreThread:
     def stop(self) -> None:
         """Let the thread exit after the jobs already queued. Idempotent."""
         self._jobs.put(_STOP)
+
+
+class ThreadedStore:
+    """The Store protocol for a blocking library, on one :class:`StoreThread` per open store.
+
+    A subclass writes the blocking side, each run on the thread: ``_open`` and ``_close``
+    (taking and releasing whatever the store holds), and ``_load``, ``_commit``, ``_load_mark``,
+    ``_scan``, ``_expired`` and ``_count`` with the arguments of the protocol's methods. Here
+    they are checked (a bad limit or a batch of non-writes is refused before anything runs),
+    run in order, and the exceptions named by :attr:`errors` become :class:`StoreError`.
+    """
+
+    #: The store's name in messages and its thread's name.
+    label: str
+    #: What the library raises for its own failures (I/O, a full map...).
+    errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
+
+    _thread: StoreThread | None = None
+
+    def __repr__(self) -> str:
+        return f"<{self.label}>"
+
+    async def open(self) -> None:
+        """Start the thread and open the store on it; StoreError naming the cause if it fails
+        (everything taken is released again), or if the store is open already."""
+        if self._thread is not None:
+            raise StoreError(f"{self.label} is already open")
+        self._thread = StoreThread(self.label)
+        try:
+            await self._run(self._open)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the store and stop its thread. Idempotent; also after a failed open.
+
+        Runs to the end even when the caller is cancelled: a close skipped here would keep the
+        store's lock, refusing every later owner (a restarted manager in this very process).
+        """
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await thread.run(self._close)
+            except self.errors as exc:
+                raise StoreError(f"{self.label}: closing failed: {exc}") from exc
+            finally:
+                thread.stop()
+
+    async def load(self, ids: Iterable[str]) -> dict[str, Session]:
+        return await self._run(self._load, list(ids))
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        check_writes(writes)
+        if not writes:
+            return []
+        return await self._run(self._commit, list(writes))
+
+    async def load_mark(self) -> int:
+        return await self._run(self._load_mark)
+
+    async def scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        check_limit(limit)
+        return await self._run(self._scan, now_ms, cursor, limit)
+
+    async def expired(self, now_ms: int, limit: int) -> list[str]:
+        check_limit(limit)
+        return await self._run(self._expired, now_ms, limit)
+
+    async def count(self, now_ms: int) -> int:
+        return await self._run(self._count, now_ms)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the store thread; the library's failures become StoreError."""
+        thread = self._thread
+        if thread is None:
+            raise StoreError(f"{self.label} is not open")
+        try:
+            return await thread.run(fn, *args)
+        except self.errors as exc:
+            raise StoreError(f"{self.label}: {exc or type(exc).__name__}") from exc
+
+    # The blocking side, run on the thread: see the class docstring.
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def _load(self, ids: list[str]) -> dict[str, Session]:
+        raise NotImplementedError
+
+    def _commit(self, writes: list[Write]) -> list[bool]:
+        raise NotImplementedError
+
+    def _load_mark(self) -> int:
+        raise NotImplementedError
+
+    def _scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        raise NotImplementedError
+
+    def _expired(self, now_ms: int, limit: int) -> list[str]:
+        raise NotImplementedError
+
+    def _count(self, now_ms: int) -> int:
+        raise NotImplementedError

@@ -104,8 +104,9 @@ def _all_pages(list_page: Method) -> Plan:
     sessions: list[Session] = []
     cursor = None
     while True:
-        page, cursor = yield list_page, list_page.encode_params(
-            {"cursor": cursor, "limit": PAGE_SIZE}
+        page, cursor = yield (
+            list_page,
+            list_page.encode_params({"cursor": cursor, "limit": PAGE_SIZE}),
         )
         sessions += page
         if cursor is None:
@@ -344,15 +345,18 @@ async def connect(
     token: str | None = None,
     reconnect_timeout: float = 5.0,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    client_class: type[Client] = Client,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon at ``address`` (``tcp://HOST:PORT`` or ``unix:///path``).
 
     Raises ``ServiceUnavailable`` when the daemon cannot be reached within
     ``reconnect_timeout`` seconds, ``AuthenticationFailed`` for a wrong or missing token.
+    ``client_class`` may be a subclass of :class:`Client` with a ``methods`` table of its own,
+    for a daemon that answers more methods than this release's table.
     """
     try:
         async with trio.open_nursery() as nursery:
-            client = Client(
+            client = client_class(
                 parse_address(address),
                 nursery,
                 token=token,

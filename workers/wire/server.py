@@ -21,9 +21,9 @@ Rules
 5. ``crash_actor(name)`` (fault injection, for chaos tests) exists only on a daemon started
    with ``allow_fault_injection``; any other daemon refuses it exactly as an unknown method.
    It crashes the service's ``manager`` or ``cleanup`` actor through
-   :meth:`SessionService.crash_actor <workers.core.service.SessionService.crash_actor>`. The tree is rest_for_one and the listener is its last
-   child, so the crash restarts the listener too and every connection drops, the caller's
-   included: the answer may be lost (the client then raises ``ServiceUnavailable``).
+   ``SessionService.crash_actor``. The tree is rest_for_one and the listener is its last child,
+   so the crash restarts the listener too and every connection drops, the caller's included:
+   the answer may be lost (the client then raises ``ServiceUnavailable``).
 
 Theory of operation
 -------------------
@@ -243,7 +243,7 @@ class Server:
             method = self.method(name)
             args = method.decode_params(params)
             if method.kind is Kind.OPERATION:
-                result = await self.service.run(self.service.operation(name, *args))
+                result = await self.service.run(self.service.operation(method, *args))
             elif method.kind is Kind.SERVICE:
                 result = await getattr(self.service, name)(*args)
             else:
@@ -275,7 +275,7 @@ class Server:
             on_reply(value, None if error is None else _wire_error(name, error))
 
         try:
-            op = self.service.operation(name, *method.decode_params(params))
+            op = self.service.operation(method, *method.decode_params(params))
         except Exception as exc:  # arguments the method refused
             on_reply(None, _wire_error(name, exc))
         else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import EPOCH
+from helpers import EPOCH
 from trio.testing import MockClock
 
 from workers import (

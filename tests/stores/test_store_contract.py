@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from store_factories import STORE_FACTORIES, StoreFactory
+from helpers.store_factories import STORE_FACTORIES, StoreFactory
 
 from workers.record.errors import StoreError
 from workers.record.session import Session
@@ -135,6 +135,12 @@ async def test_close_is_safe_twice_and_before_open(harness: Harness) -> None:
     store = await harness.open()
     await store.close()
     await store.close()
+
+
+async def test_opening_an_open_store_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="already open"):
+        await store.open()
+    assert await store.count(T0) == 0  # and it is still open
 
 
 async def test_a_closed_store_refuses_calls(store: Store) -> None:

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import store_options
+from helpers import ROOT, store_options
 
 from workers import StoreError, open_session_service
 
 DURABLE = ["disk", "lmdb"]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=DURABLE)
@@ -47,6 +46,7 @@ async def test_a_second_owner_is_refused_naming_the_holder(durable: dict[str, An
         assert (await sessions.peek(sid)).id == sid
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_naming_the_holder(tmp_path: Path) -> None:
     path = tmp_path / "store"
     script = textwrap.dedent(
@@ -100,6 +100,7 @@ trio.run(main, sys.argv[1], sys.argv[2])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", DURABLE)
 def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, backend: str) -> None:
     path = str(tmp_path / "store")

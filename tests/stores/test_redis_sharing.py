@@ -24,14 +24,15 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from redis_server import RedisServer, unique_prefix
+from helpers import ROOT
+from helpers.redis_server import RedisServer, unique_prefix
 
 from workers import ServiceUnavailable, SessionNotFound, open_session_service
 from workers.stores.redis import RedisStore
 
-pytest_plugins = ["redis_server"]  # fixtures: redis_url, redis_prefix, private_redis
+#: Every test here starts processes (see the slow marker in pyproject.toml).
+pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 #: Real seconds: a peer starting, a prompt failure, a contended batch of increments.
 PROMPT = 20.0
 
@@ -41,6 +42,7 @@ PEER = r"""
 import json, os, sys
 import trio
 from workers import StoreError, open_session_service
+
 
 async def commands(stream):
     buffer = b""

@@ -1,4 +1,4 @@
-"""The real daemon as a subprocess (``python run.py serve``), for tests that talk to it.
+"""The real daemon as a subprocess (``python -m workers serve``), for tests that talk to it.
 
 A test starts one with :class:`DaemonProcess`, waits until it accepts connections (polling the
 port or socket, never sleeping a fixed time), and stops it with a signal. Its stderr goes to a
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_PY = ROOT / "run.py"
+from . import ROOT
+
 #: How long a daemon gets to start or stop before the test fails.
 PATIENCE = 30.0
 
@@ -29,9 +29,10 @@ def free_port() -> int:
 
 
 def run_verb(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python run.py ARGS...`` to completion, capturing its output."""
+    """Run ``python -m workers ARGS...`` (``sessiond ARGS...``) to completion, capturing its
+    output."""
     return subprocess.run(
-        [sys.executable, str(RUN_PY), *args],
+        [sys.executable, "-m", "workers", *args],
         capture_output=True,
         text=True,
         timeout=PATIENCE,
@@ -41,7 +42,8 @@ def run_verb(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 class DaemonProcess:
-    """One ``run.py serve`` subprocess on a free loopback port and a Unix socket in ``workdir``."""
+    """One ``sessiond serve`` subprocess on a free loopback port and a Unix socket in
+    ``workdir``."""
 
     def __init__(self, workdir: Path, *args: str, backend: str = "disk") -> None:
         self.workdir = workdir
@@ -70,7 +72,7 @@ class DaemonProcess:
         """Start the daemon; with ``wait``, return once both addresses accept connections."""
         with open(self._log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(RUN_PY), "serve", *self.args],
+                [sys.executable, "-m", "workers", "serve", *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

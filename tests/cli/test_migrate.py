@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from redis_server import find_redis, unique_prefix
-from store_factories import STORE_FACTORIES
+from helpers.redis_server import find_redis, unique_prefix
+from helpers.store_factories import STORE_FACTORIES
 
 from workers.cli.migrate import migrate, register
 from workers.record.session import Session

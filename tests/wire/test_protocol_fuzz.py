@@ -12,10 +12,10 @@ from typing import Any
 
 import msgpack
 import pytest
+from helpers.daemon_process import DaemonProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon_process import DaemonProcess
 from workers.client import SyncClient
 
 MAX_MESSAGE = 65536
@@ -113,6 +113,7 @@ def exchange(daemon: DaemonProcess, payload: bytes, authenticate: bool) -> list[
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+@pytest.mark.slow
 @given(payload=frames, authenticate=st.booleans())
 def test_hostile_frames_get_an_error_or_a_closed_connection(
     daemon: DaemonProcess, bystander: SyncClient, payload: bytes, authenticate: bool
@@ -131,6 +132,7 @@ def bystander(daemon: DaemonProcess) -> Iterator[SyncClient]:
         yield c
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded(daemon: DaemonProcess, bystander: SyncClient) -> None:
     assert daemon.process is not None
     nested = b"\x91" * (MAX_MESSAGE - 8) + b"\xc0"

@@ -14,15 +14,13 @@ from dataclasses import replace
 import coredis
 import pytest
 import trio
-from redis_server import RedisServer, free_port
+from helpers.redis_server import RedisServer, free_port
 
 from workers.record.codec import encode_session
 from workers.record.errors import ServiceUnavailable, StoreError
 from workers.record.session import Session
 from workers.stores.base import Delete, Put
 from workers.stores.redis import RedisStore, redact_url
-
-pytest_plugins = ["redis_server"]  # fixtures: redis_url, redis_prefix, private_redis
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
@@ -223,6 +221,7 @@ async def test_concurrent_increments_from_two_stores_lose_nothing(
 # --- Redis down, frozen, back ---
 
 
+@pytest.mark.slow
 async def test_calls_fail_promptly_while_redis_is_down_and_recover(
     private_redis: RedisServer,
 ) -> None:
@@ -249,6 +248,7 @@ async def test_calls_fail_promptly_while_redis_is_down_and_recover(
         await store.close()
 
 
+@pytest.mark.slow
 async def test_a_frozen_redis_times_out_instead_of_hanging(private_redis: RedisServer) -> None:
     store = RedisStore(private_redis.url, connect_timeout=0.5, command_timeout=0.3)
     await store.open()

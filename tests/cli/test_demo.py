@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+from helpers import ROOT
+
+#: Every test here starts processes (see the slow marker in pyproject.toml).
+pytestmark = pytest.mark.slow
 
 
 def test_the_demo_prints_the_seeds_expected_output() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import EPOCH
+from helpers import EPOCH
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

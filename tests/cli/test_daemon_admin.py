@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.daemon_process import DaemonProcess, run_verb
 
-from tests.daemon_process import DaemonProcess, run_verb
 from workers.cli.admin import Failed, read_backup
 from workers.client import SyncClient
+
+#: Every test here starts processes (see the slow marker in pyproject.toml).
+pytestmark = pytest.mark.slow
 
 TOKEN = "admin-token"
 

@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from helpers.daemon_process import run_verb
 
-from tests.daemon_process import run_verb
 from workers.cli.chaos import ChaosConfig, run_chaos
 from workers.stores import Write
 from workers.stores.memory import MemoryStore
+
+#: Every test here starts processes (see the slow marker in pyproject.toml).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)

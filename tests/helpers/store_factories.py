@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from redis_server import find_redis, unique_prefix
-
 from workers.stores.base import Store
 from workers.stores.disk import DiskStore
 from workers.stores.lmdb import LmdbStore
 from workers.stores.memory import MemoryStore
 from workers.stores.redis import RedisStore
+
+from .redis_server import find_redis, unique_prefix
 
 
 @dataclass(frozen=True)

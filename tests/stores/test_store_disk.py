@@ -23,6 +23,7 @@ from typing import Any
 import diskcache
 import pytest
 import trio
+from helpers import ROOT
 
 from workers.record.errors import StoreError
 from workers.record.session import Session
@@ -33,7 +34,11 @@ from workers.stores.files import DirectoryLock
 from workers.stores.memory import MemoryStore
 
 T0 = 1_700_000_000_000
-REPO = Path(__file__).resolve().parent.parent
+
+
+async def on_store_thread(store: DiskStore, fn: Any) -> Any:
+    """``fn(cache)`` on the store's thread, where its own queries run (diskcache's connection)."""
+    return await store._run(lambda: fn(store._db()))
 
 
 def session(sid: str, **changes: Any) -> Session:
@@ -98,7 +103,7 @@ async def run_child(code: str, *args: str) -> trio.Process:
         [sys.executable, "-c", textwrap.dedent(code), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        cwd=REPO,
+        cwd=ROOT,
     )
 
 
@@ -141,6 +146,7 @@ HOLDER = """
 """
 
 
+@pytest.mark.slow
 async def test_a_second_owner_in_another_process_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "store"
     with trio.fail_after(20):
@@ -198,6 +204,7 @@ WRITER = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", ["process", "power"])
 async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, durability: str) -> None:
     path = tmp_path / "store"
@@ -217,14 +224,19 @@ async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, durabil
         assert await store.count(T0) >= 120
 
 
+@pytest.mark.slow
 async def test_power_durability_syncs_every_commit(tmp_path: Path) -> None:
     async with opened(tmp_path / "a", durability="power") as store:
-        assert await store._run(lambda cache: cache._sql("PRAGMA synchronous").fetchall()) == [
+        assert await on_store_thread(
+            store, lambda cache: cache._sql("PRAGMA synchronous").fetchall()
+        ) == [
             (2,)  # FULL
         ]
     async with opened(tmp_path / "b") as store:
         pragmas = "PRAGMA synchronous", "PRAGMA journal_mode"
-        assert await store._run(lambda cache: [cache._sql(p).fetchone()[0] for p in pragmas]) == [
+        assert await on_store_thread(
+            store, lambda cache: [cache._sql(p).fetchone()[0] for p in pragmas]
+        ) == [
             1,  # NORMAL
             "wal",
         ]
@@ -539,7 +551,7 @@ async def test_queries_use_their_indexes(tmp_path: Path) -> None:
                 ]
             ]
 
-        expired_ids, expired_count, page = await store._run(plans)
+        expired_ids, expired_count, page = await on_store_thread(store, plans)
     assert "INDEX Cache_tag_rowid (tag<?)" in expired_ids
     assert "INDEX Cache_tag_rowid (tag<?)" in expired_count
     assert "INDEX Cache_key_raw (key>?)" in page
@@ -588,7 +600,7 @@ async def test_sql_writes_keep_diskcaches_bookkeeping(tmp_path: Path) -> None:
             problems = [str(w.message) for w in cache.check()]
             return len(cache), row, cache.get("s3"), [p for p in problems if "LOCK" not in p]
 
-        count, (_, tag), gone, problems = await store._run(diskcache_view)
+        count, (_, tag), gone, problems = await on_store_thread(store, diskcache_view)
     assert count == 8 and gone is None and problems == []
     assert tag is None  # never expires: no tag, so no sweep finds it
     assert (await store_load(tmp_path, "s1")) == updated
@@ -605,6 +617,6 @@ async def test_the_database_is_not_memory_mapped_unless_asked(tmp_path: Path) ->
         return disk._select(cache, "PRAGMA mmap_size", ())[0][0]
 
     async with opened(tmp_path / "store") as store:
-        assert await store._run(mmap_size) == 0
+        assert await on_store_thread(store, mmap_size) == 0
     async with opened(tmp_path / "store", sqlite_mmap_size=1 << 20) as store:
-        assert await store._run(mmap_size) == 1 << 20
+        assert await on_store_thread(store, mmap_size) == 1 << 20

@@ -21,8 +21,8 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from helpers.daemon_process import PATIENCE, ROOT, DaemonProcess, run_verb
 
-from tests.daemon_process import PATIENCE, ROOT, DaemonProcess, run_verb
 from workers import AuthenticationFailed, InvalidRequest
 from workers.client import SyncClient, connect
 from workers.record.errors import (
@@ -143,18 +143,21 @@ async def whole_api(c: Any) -> None:
         await c.delete(i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_whole_api_through_the_async_client(daemon: DaemonProcess, transport: str) -> None:
     async with connect(getattr(daemon, transport), token=TOKEN) as c:
         await whole_api(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_whole_api_through_the_sync_client(daemon: DaemonProcess, transport: str) -> None:
     with SyncClient(getattr(daemon, transport), token=TOKEN) as c:
         await whole_api(Threaded(c))
 
 
+@pytest.mark.slow
 async def test_pipelined_calls_on_one_connection(daemon: DaemonProcess) -> None:
     async with connect(daemon.tcp, token=TOKEN) as c:
         ids: list[str] = []
@@ -173,6 +176,7 @@ async def test_pipelined_calls_on_one_connection(daemon: DaemonProcess) -> None:
             await c.delete(sid)
 
 
+@pytest.mark.slow
 def test_unix_socket_is_private(daemon: DaemonProcess) -> None:
     assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == 0o600
 
@@ -193,6 +197,7 @@ CLIENT_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_client_processes_share_sessions(daemon: DaemonProcess) -> None:
     def client(*args: str) -> str:
         done = subprocess.run(
@@ -213,6 +218,7 @@ def test_two_client_processes_share_sessions(daemon: DaemonProcess) -> None:
             c.delete(sid)
 
 
+@pytest.mark.slow
 def test_wrong_or_missing_token_gets_nothing(daemon: DaemonProcess) -> None:
     for token in (None, "wrong", TOKEN + "x", ""):
         with pytest.raises(AuthenticationFailed):
@@ -261,6 +267,7 @@ def authenticated_socket(daemon: DaemonProcess) -> socket.socket:
         (msgpack.packb([0, 5, "count", []])[:-1], "ended inside a message"),  # truncated
     ],
 )
+@pytest.mark.slow
 async def test_bad_frames_close_only_their_connection(
     daemon: DaemonProcess, payload: bytes, expected: str
 ) -> None:
@@ -276,6 +283,7 @@ async def test_bad_frames_close_only_their_connection(
         assert await bystander.count() == before  # the same connection still works
 
 
+@pytest.mark.slow
 def test_invalid_requests_get_an_error_and_the_connection_goes_on(daemon: DaemonProcess) -> None:
     with authenticated_socket(daemon) as s:
         s.sendall(
@@ -304,6 +312,7 @@ async def until_answered(fn: Callable[[], Any]) -> Any:
                 await trio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_crash_actor_is_refused_without_the_flag(daemon: DaemonProcess) -> None:
     async with connect(daemon.tcp, token=TOKEN) as c:
         before = await c.stats()
@@ -314,6 +323,7 @@ async def test_crash_actor_is_refused_without_the_flag(daemon: DaemonProcess) ->
     assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
 
 
+@pytest.mark.slow
 async def test_crash_actor_crashes_a_service_actor_with_the_flag(
     fresh: Callable[..., DaemonProcess],
 ) -> None:
@@ -337,6 +347,7 @@ async def test_crash_actor_crashes_a_service_actor_with_the_flag(
     assert await trio.to_thread.run_sync(d.stop) == 0, d.log()
 
 
+@pytest.mark.slow
 async def test_oversized_request_is_refused_by_the_client_first(daemon: DaemonProcess) -> None:
     async with connect(daemon.tcp, token=TOKEN, max_message_size=65536) as c:
         with pytest.raises(InvalidRequest):
@@ -344,6 +355,7 @@ async def test_oversized_request_is_refused_by_the_client_first(daemon: DaemonPr
         assert await c.ping() == "pong"
 
 
+@pytest.mark.slow
 def test_connection_limit(daemon: DaemonProcess) -> None:
     clients = [SyncClient(daemon.tcp, token=TOKEN, reconnect_timeout=0) for _ in range(45)]
     try:
@@ -364,12 +376,14 @@ def test_connection_limit(daemon: DaemonProcess) -> None:
         assert c.ping() == "pong"  # the slots came back
 
 
+@pytest.mark.slow
 def test_a_token_is_required_off_loopback(tmp_path: Path) -> None:
     done = run_verb("serve", "--host", "0.0.0.0", "--path", str(tmp_path / "s"))
     assert done.returncode == 2
     assert "requires a token" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_locked_store_is_refused_with_one_clear_line(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
@@ -381,6 +395,7 @@ def test_a_locked_store_is_refused_with_one_clear_line(
     assert "locked by another owner" in errors[0]
 
 
+@pytest.mark.slow
 async def test_client_reconnects_after_a_restart(fresh: Callable[..., DaemonProcess]) -> None:
     d = fresh()
     async with connect(d.tcp, reconnect_timeout=30) as c:
@@ -410,6 +425,7 @@ async def burst(
                 nursery.start_soon(writer, c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 async def test_stopping_during_a_burst_loses_no_acknowledged_write(
     fresh: Callable[..., DaemonProcess], signum: int
@@ -431,6 +447,7 @@ async def test_stopping_during_a_burst_loses_no_acknowledged_write(
     assert set(acknowledged) <= stored
 
 
+@pytest.mark.slow
 async def test_second_signal_exits_at_once(fresh: Callable[..., DaemonProcess]) -> None:
     d = fresh("--shutdown-grace", "60")
     with SyncClient(d.tcp) as c:
@@ -455,8 +472,8 @@ async def test_restart_budget_exhausted_exits_non_zero_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from workers.cli import serve as daemon
-    from workers.wire import server
     from workers.cli.config import load_settings
+    from workers.wire import server
 
     async def crashing_run(
         self: server.Server, *, task_status: Any = trio.TASK_STATUS_IGNORED
