@@ -191,3 +191,12 @@ def test_cli_refuses_the_same_store_twice(
     path = f"disk:{tmp_path / 'disk'}"
     assert cli("--from", path, "--to", path) == 1
     assert "same store" in capsys.readouterr().err
+
+
+def test_a_source_that_is_not_there_is_an_error_and_nothing_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    assert cli("--from", f"disk:{typo}", "--to", f"lmdb:{tmp_path / 'copy'}") == 1
+    assert f"no disk store at {typo}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
