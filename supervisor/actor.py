@@ -124,6 +124,18 @@ class Actor:
         """This incarnation's own :class:`ActorRef`."""
         return self.__process.ref
 
+    @property
+    def callers(self) -> int:
+        """How many tasks are in :meth:`ActorRef.call` to this incarnation right now: sent and
+        waiting for the answer, or answered inline and not yet resumed.
+
+        In :meth:`handle_call_inline` it counts the caller being answered, so 1 means that
+        caller is alone, and 0 means the request came from :meth:`ActorRef.send_request`
+        (whose sender does not wait: a loop that may have more requests to send right away).
+        An actor that batches work may answer inline only what gains nothing from company.
+        """
+        return self.__process.callers
+
     def defer_reply(self) -> ReplySlot:
         """Answer the current call later (OTP's ``{noreply, State}`` and ``gen_server:reply``).
 
@@ -154,6 +166,19 @@ class Actor:
         else:
             timer.cancel()
         return timer
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run ``fn(*args)`` as a task of this incarnation, alongside its serving loop.
+
+        Like a process linked to the actor in OTP: it is cancelled when the incarnation dies,
+        and an exception from it crashes the actor, as from a handler (callers get
+        :class:`ServerDown`, ``terminate`` runs, the supervisor sees the crash). It runs
+        between the actor's handlers, never inside one, so what it changes of the actor's
+        state must be consistent at every await of theirs. For work the actor must not wait
+        for in its handlers: an I/O call whose answer it handles when it comes.
+        """
+        process = self.__process
+        process.nursery.start_soon(process.linked, fn, args)
 
     def stop(self) -> None:
         """Exit normally (reason ``"normal"``) once the current message has been handled.
@@ -240,28 +265,33 @@ class ActorRef:
         process = self._process
         if not process.alive:
             raise NoProc(f"{self!r} is not running")
-        if process.idle and process.inline is not None:
-            # Trio's pattern for an operation that may finish at once: a cancel point before
-            # it, a schedule point after it, so a caller looping on calls still lets others run.
-            await checkpoint_if_cancelled()  # never yields, so the actor is still idle
-            answer = process.answer_inline(request)
-            if answer is not None:
-                await cancel_shielded_checkpoint()
-                return answer.unwrap()
-        # The hot path: one slot, one deadline in the heap, one send, one park.
-        task = current_task()
-        if task is process.task:
-            raise RuntimeError(f"{self!r} called itself; that would deadlock")
-        slot = ReplySlot(task)
-        deadline = process.now() + timeout
-        process.deadlines.watch(slot, deadline)
+        process.callers += 1
         try:
-            process.post_nowait((request, slot))
-        except trio.WouldBlock:
-            await process.send_when_room(request, slot, deadline)
-            return await slot._wait()
-        # Nothing ran since the send, so the slot is still unsettled.
-        return await slot._park()
+            if process.idle and process.inline is not None:
+                # Trio's pattern for an operation that may finish at once: a cancel point
+                # before it, a schedule point after it, so a caller looping on calls still
+                # lets others run.
+                await checkpoint_if_cancelled()  # never yields, so the actor is still idle
+                answer = process.answer_inline(request)
+                if answer is not None:
+                    await cancel_shielded_checkpoint()
+                    return answer.unwrap()
+            # The hot path: one slot, one deadline in the heap, one send, one park.
+            task = current_task()
+            if task is process.task:
+                raise RuntimeError(f"{self!r} called itself; that would deadlock")
+            slot = ReplySlot(task)
+            deadline = process.now() + timeout
+            process.deadlines.watch(slot, deadline)
+            try:
+                process.post_nowait((request, slot))
+            except trio.WouldBlock:
+                await process.send_when_room(request, slot, deadline)
+                return await slot._wait()
+            # Nothing ran since the send, so the slot is still unsettled.
+            return await slot._park()
+        finally:
+            process.callers -= 1
 
     def send_request(
         self,
@@ -331,6 +361,7 @@ class _Process:
         "_recv",
         "actor",
         "alive",
+        "callers",
         "current",
         "deadlines",
         "died",
@@ -354,6 +385,7 @@ class _Process:
         self.name = name
         self.ref = ActorRef(self)
         self.alive = False
+        self.callers = 0  # tasks in ActorRef.call to this incarnation (Actor.callers)
         self.reason: ExitReason = "normal"  # meaningful once alive is False
         self.stopping = False
         self.current: ReplySlot | None = None  # the call handle_call is answering
@@ -408,6 +440,12 @@ class _Process:
             raise
         if waited.cancelled_caught:
             slot.fail(CallTimeout(f"{self.ref!r}'s mailbox stayed full until the timeout"))
+
+    async def linked(self, fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self.inject_crash(exc)
 
     async def deliver_after(self, timer: TimerHandle, delay: float, message: Any) -> None:
         with timer._scope:

@@ -70,10 +70,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import outcome
+import trio
 
 from supervisor import Actor, ReplySlot, TimerHandle
 
@@ -156,10 +157,33 @@ class _Retry:
     items: list[_Queued]
 
 
+@dataclass(slots=True)
+class _Batch:
+    """A batch applied to its view, waiting for (or past) its commit."""
+
+    #: (item, result, first write, end of its writes) per operation that applied.
+    applied: list[tuple[_Queued, Any, int, int]]
+    #: The operations that failed on their own, with their errors: answered after the
+    #: commit, since what made them fail may be this batch's or the batch before's writes.
+    failed: list[tuple[_Queued, SessionError]]
+    view: View
+    #: The view's writes, with the clock mark when one is due.
+    writes: list[Write]
+    mark: Mark | None
+    #: Set when the commit is over; ``ok`` says whether every write took effect, ``retry`` holds
+    #: the operations whose writes lost a race (a shared store), to be run again.
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+    retry: list[_Queued] = field(default_factory=list)
+
+
 #: Messages to self: the deferred access-time refreshes are due to be written (a timer), and
 #: housekeeping was asked for from a caller's task (it only wakes the manager).
 _WRITE_ACCESS = "write access times"
 _HOUSEKEEP = "housekeeping is due"
+#: The most writes one operation answered inline makes (rotate: a delete and a put), plus
+#: the clock mark: what must be able to go now before an operation that writes runs inline.
+_OP_WRITES = 3
 
 
 class SessionManager(Actor):
@@ -175,12 +199,16 @@ class SessionManager(Actor):
         #: time the store holds for each.
         self.unwritten: dict[str, Session] = {}
         self.stored_access: dict[str, int] = {}
+        #: The batch whose commit is out (see "Pipelining"), and the sessions it writes, as
+        #: it leaves them (None: deleted), by id.
+        self.out: _Batch | None = None
+        self.pending: dict[str, Session | None] = {}
         #: Housekeeping to do when no request is queued: the refreshes' timer fired; an inline
         #: read asked for the clock mark, or max_unwritten refreshes wait.
         self.access_due = False
         self.mark_asked = False
         self.access_timer: TimerHandle | None = None
-        #: The store, when it can be used without waiting (inline answers may write to it).
+        #: The store, when it can (at times) be used without waiting: inline answers use it.
         self.immediate = store if isinstance(store, ImmediateStore) else None
         self.defer_ms = round(settings.access_write_delay * 1000)
         self.max_unwritten = max(settings.cache_size, settings.max_batch)
@@ -212,38 +240,59 @@ class SessionManager(Actor):
             raise ValueError(f"the session manager got an unknown message {message!r}")
 
     def handle_call_inline(self, op: Operation) -> outcome.Outcome[Any] | None:
-        """Answer ``op`` now, as a batch of its own, if that needs no store I/O (see module)."""
-        settings = self.settings
+        """Answer ``op`` now, as a batch of its own, if its store I/O can run now (see module)."""
         store = self.immediate
-        if op.reads_store(settings.limits) or (
-            store is None and not (op.access_only and self.defer_ms)
-        ):
+        access_only = op.access_only
+        if op.reads_store(self.settings.limits):
             return None
-        view = self._view()  # before the mark check: it moves the clock's high water
         if store is None:
-            if not self.mark_asked and self.clock.mark() is not None:
-                self.mark_asked = True
-                self.send_after(0, _HOUSEKEEP)
+            if not (access_only and self.defer_ms):
+                return None
+        elif not access_only and not self._writes_now(store, _OP_WRITES):
+            return None  # it writes, and the store cannot take its write now
+        view = self._view()
         try:
             op.prepare(view)
-            missing = self._known(view, op.ids())
+            ids = op.ids()
+            pending = self.pending
+            if pending and any(session_id in pending for session_id in ids):
+                return None  # its session is in the commit that is out: the next batch waits
+            missing = self._known(view, ids) if ids else ids
             if missing:
-                if store is None:
+                if store is None or not store.loads_now(len(missing)):
                     return None
-                view.sessions.update(store.load_now(missing))
+                view.sessions.update(self._loaded(store.load_now(missing)))
             result = op.apply(view)
-            if store is None and view.writes:
-                return None  # a refresh that must be written now (apply had no other effect)
             outcomes: list[bool] = []
-            if store is not None:  # else only deferred refreshes: nothing to write now
-                writes, mark = self._with_mark(view.writes)
-                if writes:
-                    outcomes = store.commit_now(writes)[: len(view.writes)]
-                    self._marked(mark)
+            writes, mark = self._with_mark(view.writes)
+            if writes:
+                if store is not None and (
+                    (not access_only and len(writes) <= _OP_WRITES)
+                    or self._writes_now(store, len(writes))
+                ):
+                    outcomes = store.commit_now(writes)
+                    if mark is not None:
+                        del outcomes[-1]
+                        self._marked(mark)
+                elif view.writes:
+                    return None  # access-only (checked above): apply changed nothing but the view
+                else:
+                    self._ask_for_mark()  # only the mark is due: the manager writes it
         except SessionError as exc:
+            self._ask_for_mark()
             return outcome.Error(exc)
-        self._remember(view, outcomes)
+        if self.cache.capacity or self.unwritten or view.touched:
+            self._remember(view, outcomes)
         return outcome.Value(op.finish(result, outcomes))
+
+    def _writes_now(self, store: ImmediateStore, count: int) -> bool:
+        """Whether an inline answer may commit ``count`` writes: when the store can take them
+        now and, for a store whose commit has a cost of its own (group commit: a transaction,
+        a write to the file), when the caller is alone (``callers`` is 1: a caller waiting in
+        its own task, and no other). With company, the writes go through the mailbox and are
+        committed together; a request sent by ``send_request`` (the daemon's reactor, which
+        may have more right behind it) counts as company."""
+        return (self.callers == 1 or not store.group_commit) and store.commits_now(count)
 
     async def handle_drained(self) -> None:
         while self.queue or self.access_due or self.mark_asked:
@@ -259,6 +308,7 @@ class SessionManager(Actor):
         after ``access_write_delay``.
         """
         access_due, self.access_due, self.mark_asked = self.access_due, False, False
+        await self._drain()
         try:
             if access_due and self.unwritten:
                 await self._write_access_times()
@@ -272,9 +322,27 @@ class SessionManager(Actor):
             await self._persist_mark()
         self._arm_access_timer()
 
+    def _ask_for_mark(self) -> None:
+        """Have the manager write the clock mark, if one is due (from a caller's task)."""
+        if not self.mark_asked and self.clock.mark() is not None:
+            self.mark_asked = True
+            self.send_after(0, _HOUSEKEEP)
+
     def _arm_access_timer(self) -> None:
         if self.unwritten and not self.access_timer:
             self.access_timer = self.send_after(self.settings.access_write_delay, _WRITE_ACCESS)
+
+    async def _drain(self) -> None:
+        """Wait until no commit is out."""
+        while self.out is not None:
+            await self.out.done.wait()
+
+    async def _commit(self, writes: list[Write]) -> list[bool]:
+        """Commit ``writes`` now if the store can, else on its terms (nothing may be out)."""
+        store = self.immediate
+        if store is not None and store.commits_now(len(writes)):
+            return store.commit_now(writes)
+        return await self.store.commit(writes)
 
     async def _write_access_times(self) -> None:
         """Commit every deferred access-time refresh (each a Put of an unchanged version)."""
@@ -284,7 +352,7 @@ class SessionManager(Actor):
         size = self.settings.max_batch
         for start in range(0, len(sessions), size):
             chunk = sessions[start : start + size]
-            await self.store.commit([Put(s, s.version) for s in chunk])
+            await self._commit([Put(s, s.version) for s in chunk])
             for s in chunk:
                 if self.unwritten.get(s.id) is s:
                     del self.unwritten[s.id]
@@ -297,10 +365,14 @@ class SessionManager(Actor):
         return View(self.store, self.clock.now_ms(), settings.limits, defer_ms, self.stored_access)
 
     def _known(self, view: View, ids: Iterable[str]) -> list[str]:
-        """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
-        ``view``; the ids that must be loaded from the store."""
+        """Put the sessions ``ids`` held in memory (the commit that is out, unwritten
+        refreshes, the cache) into ``view``; the ids that must be loaded from the store."""
         missing = []
+        pending = self.pending
         for session_id in ids:
+            if session_id in pending:
+                view.sessions[session_id] = pending[session_id]
+                continue
             session = self.unwritten.get(session_id) or self.cache.get(session_id)
             if session is None:
                 missing.append(session_id)
@@ -308,14 +380,21 @@ class SessionManager(Actor):
                 view.sessions[session_id] = session
         return missing
 
+    def _loaded(self, loaded: dict[str, Session]) -> dict[str, Session]:
+        for session in loaded.values():
+            self.cache.put(session)
+        return loaded
+
     async def _load(self, view: View, ids: set[str]) -> None:
-        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store."""
+        """Put the sessions ``ids`` into ``view``: from memory, else from the store."""
         missing = self._known(view, ids)
         if missing:
-            loaded = await self.store.load(missing)
-            for session in loaded.values():
-                self.cache.put(session)
-            view.sessions.update(loaded)
+            store = self.immediate
+            if store is not None and store.loads_now(len(missing)):
+                loaded = store.load_now(missing)
+            else:
+                loaded = await self.store.load(missing)
+            view.sessions.update(self._loaded(loaded))
 
     def _with_mark(self, writes: list[Write]) -> tuple[list[Write], Mark | None]:
         """``writes`` with the clock mark added when one is due (it rides on their commit)."""
@@ -329,7 +408,7 @@ class SessionManager(Actor):
         if mark is None:
             return
         try:
-            await self.store.commit([mark])
+            await self._commit([mark])
         except SessionError as exc:
             log.warning("could not persist the clock mark: %s", exc)
         else:
@@ -357,6 +436,10 @@ class SessionManager(Actor):
         for session_id, stored_ms in view.touched.items():
             session = view.sessions.get(session_id)
             if session is not None and written.get(session_id) is not session:
+                known = self.unwritten.get(session_id)
+                if known is not None and known.version == session.version:
+                    if known.last_accessed >= session.last_accessed:
+                        continue  # an inline read refreshed it later, while this batch was out
                 self.unwritten[session_id] = session
                 self.stored_access.setdefault(session_id, stored_ms)
                 self.cache.put(session)
@@ -369,14 +452,17 @@ class SessionManager(Actor):
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
         limits = self.settings.limits
+        if any(q.op.reads_store(limits) for q in batch):
+            await self._drain()  # it reads the store as a whole: nothing may be out
+            if self.unwritten:
+                try:
+                    await self._write_access_times()
+                except SessionError as exc:
+                    return _fail_all(batch, exc)
+        base = self.out  # the batch whose writes this one sees before they are committed
         view = self._view()
-        if self.unwritten and any(q.op.reads_store(limits) for q in batch):
-            try:
-                await self._write_access_times()
-            except SessionError as exc:
-                return _fail_all(batch, exc)
-
         ready: list[_Queued] = []
+        failed: list[tuple[_Queued, SessionError]] = []
         for item in batch:
             op = item.op
             try:
@@ -384,13 +470,14 @@ class SessionManager(Actor):
                 if op.reads_store(limits):
                     await op.read(view)
             except SessionError as exc:
-                item.slot.fail(exc)
+                failed.append((item, exc))
             else:
                 ready.append(item)
         try:
             await self._load(view, {i for q in ready for i in q.op.ids()})
         except SessionError as exc:
-            return _fail_all(ready, exc)
+            _fail_all(ready, exc)
+            return _answer_failed(failed)
 
         applied = []
         for item in ready:
@@ -398,27 +485,73 @@ class SessionManager(Actor):
             try:
                 result = item.op.apply(view)
             except SessionError as exc:
-                item.slot.fail(exc)
+                failed.append((item, exc))
             else:
                 applied.append((item, result, start, len(view.writes)))
 
-        outcomes: list[bool] = []
+        if base is not None:
+            await base.done.wait()
+            if base.retry:
+                # Some of its writes lost a race, and this batch saw them: it goes with the
+                # operations retried, after them (one _Retry list, not delivered yet).
+                base.retry.extend(batch)
+                return
+            if not base.ok:
+                # Not all of it was written, and this batch saw its writes: run it again from
+                # what is stored.
+                self.queue[:0] = batch
+                return
+        writes, mark = self._with_mark(view.writes)
+        done = _Batch(applied, failed, view, writes, mark)
         if not view.writes:
-            # A batch of reads only: the mark gets a commit of its own, at most one a second.
+            # Reads only: answered now; the mark, if due, gets a commit of its own whose
+            # failure is only logged (it rides on a later batch).
+            self._finish(done, [])
             await self._persist_mark()
-        else:
-            writes, mark = self._with_mark(view.writes)
+            return
+        store = self.immediate
+        if store is not None and store.commits_now(len(writes)):
             try:
-                outcomes = await self.store.commit(writes)
+                outcomes = store.commit_now(writes)
             except SessionError as exc:
-                return _fail_all([item for item, *_ in applied], exc)
+                return self._failed(done, exc)
             self._marked(mark)
-            outcomes = outcomes[: len(view.writes)]
+            return self._finish(done, outcomes)
+        # The commit goes out; the next batch is gathered and applied meanwhile.
+        self.out = done
+        for write in view.writes:
+            session_id = write_id(write)
+            self.pending[session_id] = view.sessions.get(session_id)
+        self.spawn(self._commit_out, done)
 
+    async def _commit_out(self, done: _Batch) -> None:
+        """The commit of a batch that is out, then its answers (see "Pipelining")."""
+        try:
+            outcomes = await self.store.commit(done.writes)
+        except SessionError as exc:
+            self._failed(done, exc)
+        else:
+            done.ok = all(outcomes)
+            self._marked(done.mark)
+            self._finish(done, outcomes)
+        finally:
+            self.pending.clear()
+            self.out = None
+            done.done.set()
+
+    def _failed(self, done: _Batch, exc: SessionError) -> None:
+        """The store failed the batch's commit: nothing of it was written."""
+        _fail_all([item for item, *_ in done.applied] + [item for item, _ in done.failed], exc)
+
+    def _finish(self, done: _Batch, outcomes: list[bool]) -> None:
+        """Answer the batch whose commit gave ``outcomes`` (retry the writes that lost a race)."""
+        view = done.view
+        outcomes = outcomes[: len(view.writes)]
         self._remember(view, outcomes)
+        _answer_failed(done.failed)
         lost = _lost_races(view.writes, outcomes)
-        retry: list[_Queued] = []
-        for item, result, start, end in applied:
+        retry = done.retry
+        for item, result, start, end in done.applied:
             mine = outcomes[start:end]
             if not any(lost[start:end]):
                 item.slot.reply(item.op.finish(result, mine))
@@ -433,6 +566,11 @@ class SessionManager(Actor):
             # load, one commit). Other requests are served meanwhile.
             n = max(item.attempts for item in retry)
             self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
+
+
+def _answer_failed(failed: list[tuple[_Queued, SessionError]]) -> None:
+    for item, exc in failed:
+        item.slot.fail(exc)
 
 
 def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:

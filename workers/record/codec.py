@@ -71,6 +71,13 @@ def canonical_metadata(metadata: object, max_bytes: int) -> dict[str, Any]:
         raise SessionTooLarge(
             f"metadata is {len(data)} bytes encoded, above max_metadata_bytes={max_bytes}"
         )
+    scalars = _SCALARS
+    for key, value in metadata.items():
+        if type(key) is not str or type(value) not in scalars:
+            break
+    else:
+        # Flat, of plain types: msgpack would give back an equal dict of the same types.
+        return dict(metadata)
     try:
         stored = unpack(data)
     except ValueError as exc:  # a nested map with non-string keys

@@ -156,8 +156,11 @@ diskcache 4 and is pinned by this module's tests:
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -170,7 +173,7 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, write_id
+from .base import Delete, Mark, Put, Write, check_writes
 from .files import Durability, OnCorrupt, StoreFiles, check_file_options, create_private
 from .thread import ThreadedStore
 
@@ -215,6 +218,7 @@ _EXPIRED_COUNT = "SELECT COUNT(*) FROM Cache WHERE tag < ?"
 _PAGE = "SELECT key, raw, mode, filename, value FROM Cache WHERE key > ? ORDER BY key LIMIT ?"
 #: Sessions by id; ``{marks}`` is one ``?`` per id, at most _LOAD_CHUNK of them.
 _LOAD = "SELECT key, raw, mode, filename, value FROM Cache WHERE key IN ({marks}) AND raw = 1"
+_LOAD_ONE = "SELECT key, raw, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 _LOAD_CHUNK = 500
 # The writes, as diskcache's own add / set / delete write a row (its _row_insert, _row_update,
 # __delitem__) for a str key (raw = 1) and an inline value (size 0, no file, no expire_time);
@@ -224,13 +228,21 @@ _INSERT = (
     "size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, 0, ?, NULL, ?) "
     "ON CONFLICT (key, raw) DO NOTHING"
 )
-_CURRENT = "SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_CURRENT = "SELECT rowid, key, mode, filename, value FROM Cache WHERE key IN ({marks}) AND raw = 1"
 _UPDATE = (
     "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, access_count = 0, "
     "tag = ?, size = 0, mode = ?, filename = NULL, value = ? WHERE rowid = ?"
 )
-_DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
-_DELETE_EXPIRED = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag < ?"
+#: A Delete: (id, time, time) removes a session expired at that time; (id, MAX, NULL) any.
+_DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND (tag < ? OR (? IS NULL AND tag IS NULL))"
+#: diskcache's settings that are per connection: ours takes them as diskcache's own would.
+_CONNECTION_SETTINGS = frozenset({"sqlite_synchronous", "sqlite_cache_size", "sqlite_mmap_size"})
+#: Seconds the store thread's commits wait for SQLite's lock (only another process could hold
+#: it); on the caller's thread they never wait (see _Database.mode).
+_BUSY_TIMEOUT = 60.0
+#: Writes, and seconds, between two checkpoints (see _Checkpointer).
+CHECKPOINT_WRITES = 1000
+CHECKPOINT_AGE = 1.0
 
 
 class SessionDisk(diskcache.Disk):
@@ -271,11 +283,16 @@ class SessionDisk(diskcache.Disk):
 
 
 class DiskStore(ThreadedStore):
-    """A durable, single-owner store in the directory ``path``. See the module docstring."""
+    """A durable, single-owner store in the directory ``path``. See the module docstring.
+
+    ``inline=False`` runs every call on the store's thread (see "Threads").
+    """
 
     backend = "disk"
     shared = False
     errors = (sqlite3.Error, diskcache.Timeout, OSError)
+    #: A commit of this many sessions takes 50-150 us (each one a page of the id index).
+    inline_max = 8
 
     def __init__(
         self,
@@ -285,6 +302,7 @@ class DiskStore(ThreadedStore):
         on_corrupt: OnCorrupt = "quarantine",
         create: bool = True,
         read_only: bool = False,
+        inline: bool = True,
         **diskcache_settings: Any,
     ) -> None:
         check_file_options(durability, on_corrupt)
@@ -305,7 +323,8 @@ class DiskStore(ThreadedStore):
             FORMAT_KEY: FORMAT,
         }
         self.label = f"disk store {self.path}"
-        self._cache: diskcache.Cache | None = None
+        self._init_inline(inline)
+        self._database: _Database | None = None
         #: Make the store if the directory does not hold one (otherwise: StoreError).
         self.create = create and not read_only
         #: Open without writing anything (see "Read-only"): commits are refused.
@@ -314,16 +333,46 @@ class DiskStore(ThreadedStore):
         self._checkpoints: _Checkpointer | None = None
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        outcomes = await super().commit(writes)
-        if self._checkpoints is not None:
-            self._checkpoints.notify()
+        check_writes(writes)
+        if not writes:
+            return []
+        outcomes = await self._run(self._commit_on_thread, list(writes))
+        self._committed(len(writes))
         return outcomes
 
-    # Everything below runs on the store thread.
+    def commit_now(self, writes: Sequence[Write]) -> list[bool]:
+        outcomes = super().commit_now(writes)
+        self._committed(len(writes))
+        return outcomes
 
-    def _db(self) -> diskcache.Cache | _ReadOnlyCache:
-        assert self._cache is not None, "the store thread runs calls only while it is open"
-        return self._cache
+    def _committed(self, writes: int) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.notify(writes)
+
+    def _may_run_now(self, commit: bool) -> bool:
+        database = self._database
+        if database is None:
+            return False
+        checkpoints = self._checkpoints
+        if checkpoints is None:
+            # Read-only (nothing changes the database), or no checkpoint thread: then the
+            # store's connection checkpoints by itself, and that syncs, so only the thread may.
+            return self.read_only and not commit
+        if checkpoints.running:
+            return False
+        # An fsync per commit, or SQLite's sync of the WAL header when this commit would
+        # start the write-ahead log again: for the store thread.
+        if commit and (self.durability != "process" or database.wal_restart_due()):
+            return False
+        database.mode(inline=True)
+        return True
+
+    # Everything below runs on the store thread, or, for _load and _commit, on the caller's
+    # thread when _may_run_now allowed it: one user of the connection at a time either way.
+
+    def _db(self) -> _Database:
+        assert self._database is not None, "the store runs calls only while it is open"
+        return self._database
 
     def _open(self) -> None:
         files = self._files
@@ -332,7 +381,7 @@ class DiskStore(ThreadedStore):
             problem = _inspect(self.path / DBNAME)
             if problem is not None:
                 self._set_aside(problem)
-            cache = self._connect()
+            database = self._connect()
             if not self.read_only:
                 files.mark_and_narrow()
         except (sqlite3.Error, OSError) as exc:
@@ -341,26 +390,32 @@ class DiskStore(ThreadedStore):
         except BaseException:
             files.release()
             raise
-        self._cache = cache
+        self._database = database
         if not self.read_only:
             self._checkpoints = _Checkpointer(self.path / DBNAME, _SYNCHRONOUS[self.durability])
 
-    def _connect(self) -> diskcache.Cache | _ReadOnlyCache:
+    def _connect(self) -> _Database:
+        db = self.path / DBNAME
         if self.read_only:
-            return _ReadOnlyCache(self.path / DBNAME)
-        create_private(self.path / DBNAME)  # 0600; SQLite gives its -wal and -shm the same
+            return _Database(db, read_only=True)
+        create_private(db)  # 0600; SQLite gives its -wal and -shm the same
         try:
-            return self._new_cache()
+            return self._with_settings()
         except sqlite3.DatabaseError as exc:
             if not _is_corruption(exc):
                 raise
             # Damage past what _inspect reads (a settings or index page, say).
             self._set_aside(f"corrupt SQLite database: {exc}")
-            create_private(self.path / DBNAME)
-            return self._new_cache()
+            create_private(db)
+            return self._with_settings()
 
-    def _new_cache(self) -> diskcache.Cache:
-        return diskcache.Cache(str(self.path), disk=SessionDisk, **self._settings)
+    def _with_settings(self) -> _Database:
+        """diskcache makes (or puts right) the schema and the settings; then our connection."""
+        cache = diskcache.Cache(str(self.path), disk=SessionDisk, **self._settings)
+        try:
+            return _Database(self.path / DBNAME, read_only=False)
+        finally:
+            cache.close()  # after ours opened, so the write-ahead log stays as it is
 
     def _set_aside(self, problem: str) -> None:
         """Apply ``on_corrupt`` to an unusable database (read-only opens never move anything)."""
@@ -373,71 +428,66 @@ class DiskStore(ThreadedStore):
         self._files.quarantine(problem)
 
     def _close(self) -> None:
-        cache, self._cache = self._cache, None
+        database, self._database = self._database, None
         checkpoints, self._checkpoints = self._checkpoints, None
         try:
             if checkpoints is not None:
                 checkpoints.stop()  # first, so that the store's connection is the last one
-            if cache is not None:
-                cache.close()  # the last connection checkpoints the WAL into cache.db
+            if database is not None:
+                database.close()  # the last connection checkpoints the WAL into cache.db
         finally:
             self._files.release()
 
     def _load(self, ids: list[str]) -> dict[str, Session]:
         # One query per _LOAD_CHUNK ids rather than a Cache.get each: a sweep loads hundreds of
         # sessions at a time, and diskcache's per-call Python cost more than SQLite's lookups.
-        cache = self._db()
-        disk = cache.disk
+        database = self._db()
+        disk = database.disk
+        execute = database.execute
         found: dict[str, Session] = {}
         for start in range(0, len(ids), _LOAD_CHUNK):
             chunk = ids[start : start + _LOAD_CHUNK]
-            query = _LOAD.format(marks=",".join("?" * len(chunk)))
-            for key, raw, mode, filename, value in _select(cache, query, tuple(chunk)):
+            query = _LOAD_ONE if len(chunk) == 1 else _LOAD.format(marks=",".join("?" * len(chunk)))
+            for key, raw, mode, filename, value in execute(query, chunk).fetchall():
                 sid = disk.get(key, raw)
                 found[sid] = _decode(sid, disk.fetch(mode, filename, value, False))
         return found
 
+    def _commit_on_thread(self, writes: list[Write]) -> list[bool]:
+        self._db().mode(inline=False)
+        return self._commit(writes)
+
     def _commit(self, writes: list[Write]) -> list[bool]:
-        # Check and encode everything before the transaction: a bad batch changes nothing, and
-        # the write lock is held for SQLite work only.
         if self.read_only:
             raise StoreError(f"{self.label} is open read-only: nothing can be written")
-        cache = self._db()
-        prepared: list[tuple[Put, bytes] | Delete | Mark] = []
-        for write in writes:
-            if isinstance(write, Put):
-                prepared.append((write, encode_session(write.session)))
-            else:
-                prepared.append(write)
-        if not prepared:
-            return []
-        with cache.transact():  # one transaction: all of the batch, or none of it on error
-            execute = cache._sql  # the store thread's connection, inside that transaction
-            now = time.time()
-            return apply_in_order(
-                prepared,
-                lambda item: item[0].session.id if isinstance(item, tuple) else write_id(item),
-                lambda item: (
-                    _apply_put(execute, cache.disk, now, *item)
-                    if isinstance(item, tuple)
-                    else _apply_delete(execute, item)
-                    if isinstance(item, Delete)
-                    else _apply_mark(execute, item)
-                ),
-            )
+        database = self._db()
+        # Check and encode everything before the transaction: a bad batch changes nothing, and
+        # the write lock is held for SQLite work only.
+        runs = _runs(database.disk, writes)
+        execute = database.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = _apply_runs(database, runs, time.time())
+            execute("COMMIT")
+        except BaseException:
+            if database.in_transaction:
+                execute("ROLLBACK")
+            raise
+        return outcomes
 
     def _load_mark(self) -> int:
-        cache = self._db()
-        rows = _select(cache, "SELECT value FROM Settings WHERE key = ?", (MARK_KEY,))
+        rows = (
+            self._db().execute("SELECT value FROM Settings WHERE key = ?", (MARK_KEY,)).fetchall()
+        )
         return int(rows[0][0]) if rows else 0
 
     def _scan(
         self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:
         # The cursor is the last id read; ids are never empty, so "" reads from the first one.
-        cache = self._db()
-        rows = _select(cache, _PAGE, (cursor or "", limit))
-        disk = cache.disk
+        database = self._db()
+        rows = database.execute(_PAGE, (cursor or "", limit)).fetchall()
+        disk = database.disk
         page: list[Session] = []
         for key, raw, mode, filename, value in rows:
             sid = disk.get(key, raw)
@@ -450,42 +500,151 @@ class DiskStore(ThreadedStore):
         return page, disk.get(rows[-1][0], rows[-1][1])
 
     def _expired(self, now_ms: int, limit: int) -> list[str]:
-        cache = self._db()
-        disk = cache.disk
-        return [disk.get(key, raw) for key, raw in _select(cache, _EXPIRED_IDS, (now_ms, limit))]
+        database = self._db()
+        disk = database.disk
+        rows = database.execute(_EXPIRED_IDS, (now_ms, limit)).fetchall()
+        return [disk.get(key, raw) for key, raw in rows]
 
     def _count(self, now_ms: int) -> int:
-        # len() is diskcache's trigger-maintained row count: O(1). The expired rows are counted
-        # on the tag index, so this costs O(expired), and sweeps keep that small.
-        cache = self._db()
-        ((expired,),) = _select(cache, _EXPIRED_COUNT, (now_ms,))
-        return len(cache) - expired
+        # The row count in Settings is kept by diskcache's triggers: O(1). The expired rows are
+        # counted on the tag index, so this costs O(expired), and sweeps keep that small.
+        database = self._db()
+        ((expired,),) = database.execute(_EXPIRED_COUNT, (now_ms,)).fetchall()
+        return len(database) - expired
 
 
-def _apply_put(
-    execute: Callable[..., sqlite3.Cursor],
-    disk: diskcache.Disk,
-    now: float,
-    put: Put,
-    record: bytes,
-) -> bool:
-    """``Cache.add`` or ``Cache.set`` of a session, in SQL (see the module docstring)."""
-    session = put.session
-    # SessionDisk still decides what may go in: a str key, an inline bytes value.
-    key, _ = disk.put(session.id)
-    _, mode, _, value = disk.store(record, False)
-    if put.expected_version is None:
-        cursor = execute(_INSERT, (key, now, now, session.expires_at, mode, value))
-        return cursor.rowcount == 1
-    row = execute(_CURRENT, (key,)).fetchone()
-    if row is None:
-        return False
-    rowid, stored_mode, filename, stored = row
-    current = _decode(key, disk.fetch(stored_mode, filename, stored, False))
-    if current.version != put.expected_version:
-        return False
-    execute(_UPDATE, (now, now, session.expires_at, mode, value, rowid))
-    return True
+# --- commits: runs of writes of one kind, each in as few SQLite calls as it allows ---
+
+_INSERT_RUN, _UPDATE_RUN, _DELETE_RUN, _MARK_RUN = range(4)
+
+
+def _runs(disk: diskcache.Disk, writes: list[Write]) -> list[tuple[int, list[Any]]]:
+    """``writes`` as runs of consecutive writes of one kind, each Put with its checked key and
+    encoded record: ``(kind, [(put, key, mode, value)...])`` for Puts, ``(kind, [write...])``
+    for the others. Runs keep the batch's order (a later write to an id sees the earlier)."""
+    runs: list[tuple[int, list[Any]]] = []
+    last = -1
+    items: list[Any] = []
+    for write in writes:
+        if isinstance(write, Put):
+            kind = _INSERT_RUN if write.expected_version is None else _UPDATE_RUN
+            # SessionDisk still decides what may go in: a str key, an inline bytes value.
+            key, _ = disk.put(write.session.id)
+            _, mode, _, value = disk.store(encode_session(write.session), False)
+            item: Any = (write, key, mode, value)
+        else:
+            kind = _DELETE_RUN if isinstance(write, Delete) else _MARK_RUN
+            item = write
+        if kind != last:
+            items = []
+            runs.append((kind, items))
+            last = kind
+        items.append(item)
+    return runs
+
+
+def _apply_runs(database: _Database, runs: list[tuple[int, list[Any]]], now: float) -> list[bool]:
+    """Apply the runs inside the caller's transaction; per write, whether it took effect (the
+    failed-write rule of ``stores/base.py`` across the whole batch)."""
+    outcomes: list[bool] = []
+    failed: set[str] = set()
+    for kind, items in runs:
+        if kind == _INSERT_RUN:
+            done = _insert_run(database, items, now, failed)
+        elif kind == _UPDATE_RUN:
+            done = _update_run(database, items, now, failed)
+        elif kind == _DELETE_RUN:
+            done = _delete_run(database, items, failed)
+        else:
+            done = [_apply_mark(database.execute, mark) for mark in items]
+        outcomes += done
+    return outcomes
+
+
+def _all_or_each(
+    database: _Database,
+    statement: str,
+    rows: list[tuple[Any, ...]],
+    ids: list[str],
+    failed: set[str],
+    each: Callable[[int], bool],
+) -> list[bool]:
+    """Run ``statement`` over ``rows`` with one ``executemany`` when every row should take
+    effect (the usual case: fresh ids, sweeps of expired sessions); if one did not, undo that
+    and find out which with ``each(i)``, row by row, under the failed-write rule."""
+    if len(rows) > 1 and failed.isdisjoint(ids):
+        database.execute("SAVEPOINT run")
+        changed = database.executemany(statement, rows).rowcount
+        if changed == len(rows):
+            database.execute("RELEASE run")
+            return [True] * len(rows)
+        database.execute("ROLLBACK TO run")
+        database.execute("RELEASE run")
+    outcomes = []
+    for i, sid in enumerate(ids):
+        ok = sid not in failed and each(i)
+        if not ok:
+            failed.add(sid)
+        outcomes.append(ok)
+    return outcomes
+
+
+def _insert_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
+    rows = [(key, now, now, put.session.expires_at, mode, value) for put, key, mode, value in items]
+    ids = [key for _, key, _, _ in items]
+    execute = database.execute
+
+    def each(i: int) -> bool:
+        return execute(_INSERT, rows[i]).rowcount == 1
+
+    return _all_or_each(database, _INSERT, rows, ids, failed, each)
+
+
+def _update_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
+    """Puts over stored versions: the versions are read in one query, checked in order (a
+    later Put of an id expects what the earlier one wrote), and the rows that pass are
+    written with one ``executemany``."""
+    disk = database.disk
+    keys = list({key for _, key, _, _ in items})
+    stored: dict[str, tuple[int, int]] = {}  # key -> (rowid, version)
+    for start in range(0, len(keys), _LOAD_CHUNK):
+        chunk = keys[start : start + _LOAD_CHUNK]
+        query = _CURRENT.format(marks=",".join("?" * len(chunk)))
+        for rowid, key, mode, filename, value in database.execute(query, chunk).fetchall():
+            stored[key] = (rowid, _decode(key, disk.fetch(mode, filename, value, False)).version)
+    outcomes: list[bool] = []
+    rows = []
+    for put, key, mode, value in items:
+        current = stored.get(key)
+        ok = key not in failed and current is not None and current[1] == put.expected_version
+        if ok:
+            assert current is not None
+            session = put.session
+            rows.append((now, now, session.expires_at, mode, value, current[0]))
+            stored[key] = (current[0], session.version)
+        else:
+            failed.add(key)
+        outcomes.append(ok)
+    if rows:
+        database.executemany(_UPDATE, rows)
+    return outcomes
+
+
+def _delete_run(database: _Database, items: list[Delete], failed: set[str]) -> list[bool]:
+    # The tag is the session's expires_at, so "expired at t" (t > expires_at) is ``tag < t``:
+    # the stored record need not be read and decoded, and NULL (never expires) never matches.
+    # A conditional and a plain delete take the same statement: the plain one compares with
+    # a time past every tag, and the IS NULL leg takes the sessions that never expire.
+    rows = [
+        (d.id, _SQLITE_MAX_INT if d.if_expired_at is None else d.if_expired_at, d.if_expired_at)
+        for d in items
+    ]
+    execute = database.execute
+
+    def each(i: int) -> bool:
+        return execute(_DELETE, rows[i]).rowcount > 0
+
+    return _all_or_each(database, _DELETE, rows, [d.id for d in items], failed, each)
 
 
 def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
@@ -499,47 +658,141 @@ def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
     return True
 
 
-def _apply_delete(execute: Callable[..., sqlite3.Cursor], delete: Delete) -> bool:
-    # The tag is the session's expires_at, so "expired at t" (t > expires_at) is ``tag < t``:
-    # the stored record need not be read and decoded, and NULL (never expires) never matches.
-    if delete.if_expired_at is None:
-        return execute(_DELETE, (delete.id,)).rowcount > 0
-    return execute(_DELETE_EXPIRED, (delete.id, delete.if_expired_at)).rowcount > 0
+class _Database:
+    """The store's one SQLite connection to diskcache's database, and what goes with it.
 
+    Every query and write of the store runs here, on the store thread or, when allowed, on
+    the caller's thread: never on both at once (``check_same_thread=False`` only because the
+    thread that uses it changes). The connection takes diskcache's per-connection settings
+    (the ``sqlite_*`` rows of its Settings table: synchronous, cache size, mmap size), as
+    diskcache's own connections do.
 
-class _ReadOnlyCache:
-    """What the store's queries use of a diskcache ``Cache`` (its connection's ``_sql``, its
-    ``disk`` and its row count), over a read-only SQLite connection.
-
-    diskcache's ``Cache()`` writes its settings when it opens, so a read-only open cannot use
-    it. Without a write-ahead log left over (a clean close removes it) the database is opened
-    ``immutable``, so SQLite makes no -wal or -shm file either; with one (a crash), read-only,
-    so that the committed transactions in it are seen.
+    Read-only, it is a read-only connection of its own (see "Read-only"): without a
+    write-ahead log left over (a clean close removes it) the database is opened ``immutable``,
+    so SQLite makes no -wal or -shm file either; with one (a crash), read-only, so that the
+    committed transactions in it are seen.
     """
 
-    def __init__(self, db: Path) -> None:
-        wal = db.with_name(f"{db.name}-wal")
-        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
-        self._con = sqlite3.connect(f"{db.as_uri()}?{mode}", uri=True, isolation_level=None)
-        self._sql = self._con.execute
+    def __init__(self, db: Path, *, read_only: bool) -> None:
+        if read_only:
+            wal = db.with_name(f"{db.name}-wal")
+            mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+            con = sqlite3.connect(
+                f"{db.as_uri()}?{mode}", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            con = sqlite3.connect(
+                db, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+            )
+        try:
+            self.execute = con.execute
+            self.executemany = con.executemany
+            for key, value in con.execute("SELECT key, value FROM Settings").fetchall():
+                if key in _CONNECTION_SETTINGS:
+                    con.execute(f"PRAGMA {key[len('sqlite_') :]} = {int(value)}")
+            self._inline = False
+            self.wal = None if read_only else _WalIndex(db.with_name(f"{db.name}-shm"))
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
         self.disk = SessionDisk(str(db.parent))
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._con.in_transaction
+
     def __len__(self) -> int:
-        row = self._sql("SELECT value FROM Settings WHERE key = 'count'").fetchone()
+        row = self.execute("SELECT value FROM Settings WHERE key = 'count'").fetchone()
         return 0 if row is None else int(row[0])
 
+    def mode(self, *, inline: bool) -> None:
+        """Set the connection up for the thread about to use it. On the store thread, a commit
+        that takes the WAL past 1000 pages checkpoints (SQLite's default: it bounds the WAL
+        whatever the checkpoint thread manages) and a lock held by another process is waited
+        for; on the caller's thread neither (a checkpoint syncs; a wait would stall)."""
+        if inline != self._inline:
+            self.execute(f"PRAGMA wal_autocheckpoint = {0 if inline else 1000}")
+            self.execute(f"PRAGMA busy_timeout = {0 if inline else round(_BUSY_TIMEOUT * 1000)}")
+            self._inline = inline
+
+    def wal_restart_due(self) -> bool:
+        """Whether the next commit may write the WAL's header, which SQLite syncs (see
+        :class:`_WalIndex`)."""
+        return self.wal is None or self.wal.restart_due()
+
     def close(self) -> None:
-        self._con.close()
+        try:
+            if self.wal is not None:
+                self.wal.close()
+        finally:
+            self._con.close()
+
+
+class _WalIndex:
+    """Reads two numbers of SQLite's wal-index (the ``-shm`` file), to know when a commit would
+    write the write-ahead log's header.
+
+    SQLite writes the WAL's header, and syncs it (with ``synchronous=NORMAL`` too: a WAL
+    reused without it can be corrupted by a power loss), when a commit finds every frame of
+    the log already copied into the database: it then starts the log again from its start.
+    That is the one sync a commit in WAL mode makes besides checkpoints, and it must not run
+    on the Trio thread. The wal-index records both numbers: ``mxFrame``, the frames in the log
+    (0: empty), and ``nBackfill``, the frames copied into the database so far; the log starts
+    again when they are equal. Its layout is part of SQLite's documented file format
+    (https://sqlite.org/walformat.html: the header's ``mxFrame`` at byte 16, ``nBackfill`` at
+    byte 96, in native byte order, ``iVersion`` 3007000 at byte 0). It is read without SQLite's
+    locks, which is exact here: it is read only while no commit and no checkpoint runs.
+    Anything unexpected (a version this code does not know, a header not initialised) answers
+    "due", which is always safe: the commit then runs on the store thread.
+    """
+
+    _VERSION = 3007000
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._map: mmap.mmap | None = mmap.mmap(fd, _WAL_INDEX_BYTES, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            self._map = None  # too short or not mappable: always "due"
+        finally:
+            os.close(fd)
+
+    def restart_due(self) -> bool:
+        index = self._map
+        if index is None:
+            return True
+        version, init, max_frame = _WAL_HEADER.unpack_from(index, 0)
+        if version != self._VERSION or not init:
+            return True
+        (backfilled,) = _WAL_BACKFILL.unpack_from(index, 96)
+        return backfilled >= max_frame
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+
+
+#: iVersion (u32 at 0), isInit (u8 at 12), mxFrame (u32 at 16); nBackfill (u32 at 96).
+_WAL_HEADER = struct.Struct("=I8xB3xI")
+_WAL_BACKFILL = struct.Struct("=I")
+_WAL_INDEX_BYTES = 136
 
 
 class _Checkpointer:
     """Runs SQLite's WAL checkpoints on a thread and a connection of their own.
 
-    Woken by each commit (``notify``), it runs a PASSIVE checkpoint, which copies the frames
-    committed so far into the database without waiting for, or blocking, the store thread's
-    readers and writer. Commits that come while it works are covered by the next one. A
-    failure is logged and tried again at the next commit; meanwhile the store thread's own
-    checkpoints (every 1000 pages, SQLite's default) do the work, as they did without this.
+    The store's connection does not checkpoint by itself on the caller's thread (a checkpoint
+    copies pages and syncs). Instead, commits tell this thread how many writes they made
+    (``notify``), and once :data:`CHECKPOINT_WRITES` have been made, or
+    :data:`CHECKPOINT_AGE` seconds have passed since the last checkpoint, it runs a PASSIVE
+    one, which copies the frames committed so far into the database without waiting for, or
+    blocking, the store's connection; the GIL is released while it copies and syncs. While it
+    runs (:attr:`running`, set by ``notify`` on the Trio thread and cleared here) the store
+    runs every call on its own thread, so the Trio thread never meets a checkpoint half way
+    (whose end would make its next commit start the WAL again: see :class:`_WalIndex`). A
+    failure is logged and tried again at the next checkpoint; commits on the store thread
+    still checkpoint by themselves every 1000 pages, as SQLite does by default.
     """
 
     def __init__(self, db: Path, synchronous: int) -> None:
@@ -547,6 +800,10 @@ class _Checkpointer:
         self._synchronous = synchronous
         self._due = threading.Event()
         self._stopping = threading.Event()
+        #: Whether a checkpoint is due or under way (read on the Trio thread).
+        self.running = False
+        self._writes = 0
+        self._last = -math.inf
         #: Checkpoints run so far, and an Event set after each (for tests and diagnostics).
         self.runs = 0
         self.ran = threading.Event()
@@ -555,9 +812,18 @@ class _Checkpointer:
         )
         self._thread.start()
 
-    def notify(self) -> None:
-        """A commit added frames to the WAL. Thread-safe; costs one Event.set."""
-        self._due.set()
+    def notify(self, writes: int) -> None:
+        """A commit of ``writes`` writes added frames to the WAL; start a checkpoint if one is
+        due. Called on the Trio thread only (so ``running`` only becomes True there)."""
+        self._writes += writes
+        if self.running:
+            return
+        now = time.monotonic()
+        if self._writes >= CHECKPOINT_WRITES or now - self._last >= CHECKPOINT_AGE:
+            self._writes = 0
+            self._last = now
+            self.running = True
+            self._due.set()
 
     def stop(self) -> None:
         """Finish the checkpoint under way, if any, close the connection and end the thread."""
@@ -570,6 +836,7 @@ class _Checkpointer:
             con = sqlite3.connect(self._db, isolation_level=None)
         except sqlite3.Error as exc:
             logger.error("disk store %s: no checkpoint thread (%s)", self._db.parent, exc)
+            self.running = True  # for good: the store's own connection checkpoints instead
             return
         try:
             # Per connection, and a checkpoint's syncs follow the checkpointing connection's.
@@ -577,7 +844,7 @@ class _Checkpointer:
             while True:
                 self._due.wait()
                 if self._stopping.is_set():
-                    return
+                    break
                 self._due.clear()
                 try:
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -585,6 +852,8 @@ class _Checkpointer:
                     logger.warning("disk store %s: checkpoint failed: %s", self._db.parent, exc)
                 else:
                     self.runs += 1
+                finally:
+                    self.running = False
                     self.ran.set()
         finally:
             con.close()
@@ -595,16 +864,6 @@ def _decode(sid: str, data: bytes) -> Session:
     if session.id != sid:
         raise StoreError(f"the record stored under {sid!r} is session {session.id!r}")
     return session
-
-
-def _select(cache: diskcache.Cache, statement: str, params: tuple[Any, ...]) -> list[Any]:
-    """Run a read-only query on the cache's own SQLite connection (diskcache internals).
-
-    ``Cache._sql`` is the ``execute`` of the calling thread's connection: the store thread's,
-    so the query sees the store's own committed writes. Trade-off: a private attribute, which
-    a diskcache release could rename; the disk store tests would catch that at once.
-    """
-    return cache._sql(statement, params).fetchall()
 
 
 def _inspect(db_path: Path) -> str | None:

@@ -23,11 +23,22 @@ store. :meth:`LmdbStore.scan` walks ``sessions`` in id order; its cursor is the 
 
 Transactions and threads
 ------------------------
-Every call runs on the store's :class:`~workers.stores.thread.StoreThread`, started by
-:meth:`~LmdbStore.open` and stopped by :meth:`~LmdbStore.close`: LMDB write transactions belong
-to the thread that began them, and one thread means LMDB never waits on a lock of ours.
-:meth:`~LmdbStore.commit` runs a batch of writes as one write transaction, so a batch is
-committed whole or not at all (group commit: one sync per batch under ``durability="power"``).
+Every async call runs on the store's :class:`~workers.stores.thread.StoreThread`, started by
+:meth:`~LmdbStore.open` and stopped by :meth:`~LmdbStore.close`: an LMDB write transaction
+belongs to the thread that began it, and the store's calls never overlap, so LMDB never waits
+on a lock. :meth:`~LmdbStore.commit` runs a batch of writes as one write transaction, so a
+batch is committed whole or not at all (group commit: one sync per batch under
+``durability="power"``).
+
+A load of a few sessions, and a commit of a few writes under ``durability="process"``, may run
+on the caller's thread instead (``load_now``, ``commit_now``: see
+:mod:`workers.stores.thread`): a read from the memory map, a write transaction whose pages
+go to the page cache with ``write(2)`` and no fsync, in a few microseconds, where the hop to
+the thread and back costs 40-90. What bounds a stall there is :mod:`workers.stores.stall`: a
+page read from a slow disk, or a write the kernel throttles, turns the fast path off for a
+while. With ``durability="power"`` every commit syncs, so commits always run on the thread.
+Dropping mapped pages (below) is always a job of the thread's, done after the call that
+asked for it, so it never runs on the caller's thread.
 
 The map size is LMDB's fixed upper bound on the file. It starts at ``map_size`` and doubles
 (``Environment.set_mapsize``, then the batch is run again) whenever a batch does not fit, up to
@@ -151,11 +162,15 @@ class LmdbStore(ThreadedStore):
     :param max_map_size: the map never grows past this; a batch that needs more fails.
     :param unmap_every: records read (a write counts three) between drops of the data file's
         mapped pages (see "Memory"); None never drops them.
+    :param inline: run small loads and commits on the caller's thread when they may (see
+        "Transactions and threads"); False runs every call on the store's thread.
     """
 
     backend = "lmdb"
     shared = False
     errors = (lmdb.Error, OSError)
+    #: A commit of this many sessions takes 30-80 us.
+    inline_max = 32
 
     def __init__(
         self,
@@ -168,6 +183,7 @@ class LmdbStore(ThreadedStore):
         unmap_every: int | None = 512,
         create: bool = True,
         read_only: bool = False,
+        inline: bool = True,
     ) -> None:
         check_file_options(durability, on_corrupt)
         if unmap_every is not None and (isinstance(unmap_every, bool) or unmap_every < 1):
@@ -182,6 +198,7 @@ class LmdbStore(ThreadedStore):
         self.map_size = map_size
         self.max_map_size = max_map_size
         self.label = f"lmdb store {self.path}"
+        self._init_inline(inline)
         #: Make the store if the directory does not hold one (otherwise: StoreError).
         self.create = create and not read_only
         #: Open without writing anything (LMDB's read-only mode): commits are refused.
@@ -191,9 +208,16 @@ class LmdbStore(ThreadedStore):
         self._meta: Any = None
         self._sessions: Any = None
         self._expiry: Any = None
-        self._mapped = MappedPages(self.path / DATA_FILE, unmap_every)
+        self._mapped = MappedPages(self.path / DATA_FILE, unmap_every, self._drop_later)
 
-    # -- on the store thread (ThreadedStore runs these) --------------------------------------
+    def _may_run_now(self, commit: bool) -> bool:
+        return self._env is not None and not (commit and self.durability == "power")
+
+    def _drop_later(self) -> None:
+        self._in_background(self._mapped.drop)
+
+    # -- on the store thread (ThreadedStore runs these), or for _load and _commit on the
+    # caller's thread when _may_run_now allows it ------------------------------------------
 
     def _open(self) -> None:
         files = self._files
@@ -286,7 +310,8 @@ class LmdbStore(ThreadedStore):
                     if not self.read_only:
                         env.sync(True)
                 finally:
-                    env.close()
+                    with self._mapped.remapping():
+                        env.close()
         finally:
             self._files.release()
 
@@ -327,7 +352,8 @@ class LmdbStore(ThreadedStore):
             )
         new_size = min(size * 2, self.max_map_size)
         log.info("lmdb store %s: map size %d -> %d bytes", self.path, size, new_size)
-        self._env.set_mapsize(new_size)
+        with self._mapped.remapping():  # never while a drop reads where the map lies
+            self._env.set_mapsize(new_size)
 
     def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
         touched = self._mapped.touched
