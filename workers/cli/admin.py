@@ -1,7 +1,7 @@
 """The admin verbs: ``ping list inspect stats cleanup delete backup restore check``.
 
 Each works against a running daemon (``--address``, default ``tcp://127.0.0.1:7878`` or
-``SESSIOND_ADDRESS``; ``--token`` or ``SESSIOND_TOKEN``). All but ``ping`` also work on a
+``SESSIOND_ADDRESS``; ``--token-file`` or ``SESSIOND_TOKEN``). All but ``ping`` also work on a
 stopped store: give ``--path`` (and ``--backend`` when it is not ``disk``) or ``--url`` for redis,
 and the verb opens the store itself; the store's single-owner lock refuses this while a
 daemon owns it. Output is a human table by default, JSON with ``--json`` (``list --json`` prints
@@ -39,6 +39,7 @@ from ..record.session import Session
 from ..stores import canonical_backend, make_store
 from ..wire.address import DEFAULT_ADDRESS
 from ..wire.client import connect
+from .config import read_token_file
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1
@@ -73,7 +74,8 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Any]:
         ) as service:
             yield service
     else:
-        async with connect(args.address, token=args.token, reconnect_timeout=args.timeout) as c:
+        token = read_token_file(args.token_file) if args.token_file else args.token
+        async with connect(args.address, token=token, reconnect_timeout=args.timeout) as c:
             yield c
 
 
@@ -407,7 +409,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"the daemon: tcp://HOST:PORT or unix:///path (default {DEFAULT_ADDRESS})",
         )
         parser.add_argument(
-            "--token", default=os.environ.get("SESSIOND_TOKEN"), help="the daemon's token"
+            "--token-file",
+            default=os.environ.get("SESSIOND_TOKEN_FILE"),
+            help="a file holding the daemon's token (preferred, as is SESSIOND_TOKEN)",
+        )
+        parser.add_argument(
+            "--token",
+            default=os.environ.get("SESSIOND_TOKEN"),
+            help="the daemon's token itself: visible to every local user in ps",
         )
         parser.add_argument(
             "--timeout", type=float, default=2.0, help="seconds to reach the daemon (default 2)"
