@@ -104,9 +104,11 @@ MAX_MSGID: Final = 2**32 - 1
 #: The notification a side sends, with params ``[[name, message]]``, before closing on an error.
 ERROR_NOTIFICATION: Final = "error"
 
-#: The framing scanner's first buffer; it grows as a message needs, and a scanner that grew
-#: past this is replaced once its message is out, so a big message's buffer does not stay.
-_SCAN_BUFFER: Final = 64 * 1024
+#: The framing scanner's first buffer (what a small request needs); it grows as reads need.
+_SCAN_FIRST: Final = 4096
+#: A scanner whose message in progress grew past this is replaced once its message is out, so
+#: that a big message's buffer does not stay with the connection.
+_SCAN_KEEP: Final = 64 * 1024
 
 
 class RemoteProtocolError(ProtocolError):
@@ -351,7 +353,7 @@ class Connection:
 
     @staticmethod
     def _new_scanner() -> msgpack.Unpacker:
-        return msgpack.Unpacker(read_size=_SCAN_BUFFER)
+        return msgpack.Unpacker(read_size=_SCAN_FIRST)
 
     @property
     def max_message_size(self) -> int:
@@ -403,7 +405,7 @@ class Connection:
                 self._buffer, self._offset = bytearray(self._buffer[self._offset :]), 0
             self._buffer += data
         self._scanner.feed(data)
-        self._scanner_grew |= len(self._buffer) - self._offset > _SCAN_BUFFER
+        self._scanner_grew |= len(self._buffer) - self._offset > _SCAN_KEEP
 
     def next_event(self) -> Event | _NeedData:
         """The next event, or :data:`NEED_DATA`; raises :class:`RemoteProtocolError` once broken."""
