@@ -41,6 +41,7 @@ base clock plus an offset you move with :meth:`~JumpingClock.jump`, to test cloc
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
@@ -111,7 +112,10 @@ class FaultyStore:
     def __getattr__(self, name: str) -> Any:
         if name in _NOT_FORWARDED:
             raise AttributeError(f"{type(self).__name__} has no {name}")
-        return getattr(self.inner, name)  # a backend's extras (path, ...)
+        extra = getattr(self.inner, name)  # a backend's extras (path, ...)
+        if name == "load_touching":  # a shared store's load that refreshes: faults of "load"
+            return functools.partial(self._run, "load", via=name)
+        return extra
 
     # -- arming faults -------------------------------------------------------------------
 
@@ -239,10 +243,10 @@ class FaultyStore:
             return failure
         return copy.copy(error)
 
-    async def _run(self, method: str, *args: Any) -> Any:
+    async def _run(self, method: str, *args: Any, via: str | None = None) -> Any:
         self.calls[method] += 1
         await self._strike(method, after=False)
-        result = await getattr(self.inner, method)(*args)
+        result = await getattr(self.inner, via or method)(*args)
         await self._strike(method, after=True)
         return result
 
