@@ -19,7 +19,8 @@ the service with ``store=``::
             await sessions.create({})
 
 Where a fault strikes: ``methods`` names store methods (``"commit"``, ``("load", "scan")``;
-default every method but ``open`` and ``close``); ``calls`` picks the n-th calls of those methods
+default every method but ``open`` and ``close``; a shared store's ``load_touching`` is a
+``"load"``); ``calls`` picks the n-th calls of those methods
 (counted from 1 in :attr:`FaultyStore.calls`); ``probability`` strikes at random, from
 ``random.Random(seed)``, so a failing run can be replayed; ``times`` limits how often it strikes;
 ``after=True`` runs the real call first and fails on the way back (a crash after a commit: the
@@ -47,7 +48,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -67,7 +68,9 @@ class Fault:
     """One injected fault; :meth:`FaultyStore.fail` and friends return it.
 
     Change ``remaining`` or call :meth:`FaultyStore.remove` to retire it. ``strikes`` counts how
-    often it struck.
+    often it struck, and ``struck`` is set when it first does: ``await fault.struck.wait()``
+    lets a test act while a hung call is under way (say, another writer's update between a
+    manager's load and its commit).
     """
 
     methods: frozenset[str]
@@ -79,6 +82,7 @@ class Fault:
     remaining: float = math.inf
     after: bool = False
     strikes: int = 0
+    struck: trio.Event = field(default_factory=trio.Event)
 
 
 #: An ImmediateStore's synchronous forms: a faulty store's calls may hang, so it never is one
@@ -220,6 +224,7 @@ class FaultyStore:
             ):
                 fault.remaining -= 1
                 fault.strikes += 1
+                fault.struck.set()
                 due.append(fault)
         return due
 

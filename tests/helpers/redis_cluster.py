@@ -23,8 +23,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -85,6 +87,19 @@ def info(port: int, section: str) -> dict[str, str]:
     """``INFO section`` as a dict."""
     lines = command(port, "INFO", section).splitlines()
     return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def data_commands(port: int) -> Counter[str]:
+    """Calls of each command on the Redis at ``port`` since ``CONFIG RESETSTAT``, less the
+    housekeeping clients do (INFO, CLUSTER, PING...). Commands a script runs count too, and a
+    replica counts the writes its master sends it."""
+    housekeeping = {"info", "config", "cluster", "ping", "hello", "client", "command"}
+    counts: Counter[str] = Counter()
+    for name, stats in info(port, "commandstats").items():
+        command_name = name.removeprefix("cmdstat_")
+        if command_name.partition("|")[0] not in housekeeping:
+            counts[command_name] = int(re.search(r"calls=(\d+)", stats).group(1))  # type: ignore[union-attr]
+    return +counts
 
 
 def wait_until(check: Callable[[], bool], what: str, patience: float = PATIENCE) -> None:
@@ -178,6 +193,17 @@ class LocalCluster:
             for n in self.cluster_nodes(self.ports[0])
             if "master" in n["flags"] and n["slots"] and "fail" not in n["flags"]
         )
+
+    def master_of_slot(self, slot: int) -> int:
+        """The port of the master serving hash slot ``slot`` now."""
+        for node in self.cluster_nodes(self.ports[0]):
+            if "master" not in node["flags"]:
+                continue
+            for served in node["slots"]:
+                first, _, last = served.partition("-")
+                if not first.startswith("[") and int(first) <= slot <= int(last or first):
+                    return node["port"]
+        raise LookupError(f"no master serves slot {slot}")
 
     def replica_of(self, master: int) -> int:
         rows = self.cluster_nodes(master)
@@ -333,6 +359,7 @@ __all__ = [
     "LocalSentinel",
     "RespError",
     "command",
+    "data_commands",
     "info",
     "redis_cluster",
     "redis_sentinel",
