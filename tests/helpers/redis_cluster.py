@@ -270,6 +270,11 @@ class LocalSentinel:
         self.replica.start()
         wait_until(self._replica_in_sync, "the replica to sync")
         self.sentinel.start()
+        with contextlib.suppress(RespError):  # Redis 7: sentinels that poll more often
+            # A demoted primary is made a replica 4 publish periods after it was seen (8 s).
+            command(
+                self.sentinel.port, "SENTINEL", "DEBUG", "INFO-PERIOD", 500, "PUBLISH-PERIOD", 250
+            )
         wait_until(self._sentinel_sees_replica, "the sentinel to find the replica")
 
     def primary_port(self) -> int:

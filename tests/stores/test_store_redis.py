@@ -23,6 +23,7 @@ from workers.record.errors import ServiceUnavailable, StoreError
 from workers.record.session import Session, new_id
 from workers.stores.base import Delete, Put
 from workers.stores.redis import RedisStore, bucket_tags, redact_url
+from workers.stores.redis_sentinel import PAUSE_LIMIT, FailoverWatch, master_of
 from workers.stores.redis_urls import parse_url
 
 T0 = 1_700_000_000_000
@@ -333,3 +334,36 @@ async def test_a_frozen_redis_times_out_instead_of_hanging(private_redis: RedisS
         assert await store.commit([Put(session("c"), None)]) == [True]
     finally:
         await store.close()
+
+
+# --- following a Sentinel failover (sans-IO) ---
+
+
+def test_sentinel_events_name_their_primary() -> None:
+    assert master_of("+switch-master", "sessions 10.0.0.1 6379 10.0.0.2 6379") == "sessions"
+    promoting = "slave 10.0.0.2:6379 10.0.0.2 6379 @ sessions 10.0.0.1 6379"
+    assert master_of("+failover-state-send-slaveof-noone", promoting) == "sessions"
+    assert master_of("-failover-abort-no-good-slave", "master other 10.0.0.9 6379") == "other"
+    assert master_of("+switch-master", "") is None
+
+
+async def test_writes_wait_from_a_promotion_to_the_switch(autojump_clock: object) -> None:
+    disconnected: list[bool] = []
+    watch = FailoverWatch("sessions", lambda: disconnected.append(True))
+    watch.check_writable("here")
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ other b 2")
+    watch.check_writable("here")  # another primary's failover
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ sessions b 2")
+    with pytest.raises(ServiceUnavailable, match="failing over"):
+        watch.check_writable("here")
+    watch.event("+switch-master", "sessions b 2 a 1")
+    assert disconnected == [True]
+    watch.check_writable("here")
+    # An aborted failover, and one whose end is never heard, stop refusing writes too.
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ sessions b 2")
+    watch.event("-failover-abort-slave-timeout", "master sessions b 2")
+    watch.check_writable("here")
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ sessions b 2")
+    await trio.sleep(PAUSE_LIMIT)
+    watch.check_writable("here")
+    assert disconnected == [True]

@@ -162,6 +162,7 @@ from .base import (
     write_id,
 )
 from .redis_scripts import COMMIT_SCRIPT, COUNT_SCRIPT, TOUCH_SCRIPT
+from .redis_sentinel import FailoverWatch, leaf
 from .redis_urls import parse_url, redact_url
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,15 @@ class Bucket:
     sessions: str
     #: Only bucket 0's: the clock mark.
     mark: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """What the system task runs: ``managers`` entered in order (the last one is the client
+    commands go to), and ``follow`` alongside while they are open."""
+
+    managers: tuple[Any, ...]
+    follow: Callable[[], Awaitable[None]] | None = None
 
 
 @functools.cache
@@ -296,6 +306,8 @@ class RedisStore:
         self._start_error: BaseException | None = None
         self._scripts: dict[str, Any] = {}
         self._limiter = trio.CapacityLimiter(PARALLEL_BUCKETS)
+        #: What a sentinel store hears of failovers (see redis_sentinel).
+        self._watch: FailoverWatch | None = None
         self._closing: trio.Event | None = None
         self._closed: trio.Event | None = None
 
@@ -316,7 +328,7 @@ class RedisStore:
         if self._closing is not None:
             raise StoreError(f"{self!r} is already open")
         try:
-            enter = self._client_factory()
+            client = self._client_factory()
         except (ValueError, TypeError, RedisError) as exc:
             raise StoreError(f"cannot use Redis URL {self._where}: {exc}") from None
         self._closing, self._closed = trio.Event(), trio.Event()
@@ -324,7 +336,7 @@ class RedisStore:
         self._start_error = None
         trio.lowlevel.spawn_system_task(
             self._own_client,
-            enter,
+            client,
             ready,
             self._closing,
             self._closed,
@@ -370,6 +382,8 @@ class RedisStore:
     ) -> dict[str, Session]:
         """:meth:`load`, refreshing the sessions in ``touch`` as it reads them, one script a
         bucket (:class:`~workers.stores.base.TouchingStore`, and "Writes" above)."""
+        if touch and self._watch is not None:
+            self._watch.check_writable(self._where)
         by_bucket = self._group(list(dict.fromkeys(ids)))
         calls = [
             functools.partial(self._load_bucket, bucket, bucket_ids, touch, now_ms)
@@ -397,6 +411,8 @@ class RedisStore:
         check_writes(writes)
         if not writes:
             return []
+        if self._watch is not None:
+            self._watch.check_writable(self._where)
         groups: dict[Bucket, list[int]] = {}
         for i, write in enumerate(writes):
             b = 0 if isinstance(write, Mark) else self.bucket_of(write_id(write))
@@ -623,8 +639,8 @@ class RedisStore:
 
     # -- the client ----------------------------------------------------------------------------
 
-    def _client_factory(self) -> Callable[[contextlib.AsyncExitStack], Awaitable[Any]]:
-        """How the system task enters the client this URL needs (see "coredis and Trio")."""
+    def _client_factory(self) -> _Client:
+        """The client this URL needs, for the system task to enter (see "coredis and Trio")."""
         target = self.target
         timeouts = {
             "connect_timeout": self.connect_timeout,
@@ -635,7 +651,7 @@ class RedisStore:
         no_retry = NoRetryPolicy()
         if target.kind == "server":
             client = coredis.Redis.from_url(target.url, retry_policy=no_retry, **timeouts)
-            return functools.partial(_entered, (client,))
+            return _Client((client,))
         nodes = [TCPLocation(host, port) for host, port in target.nodes]
         credentials = {"username": target.username, "password": target.password}
         if target.kind == "cluster":
@@ -646,7 +662,7 @@ class RedisStore:
                 **credentials,
                 **timeouts,
             )
-            return functools.partial(_entered, (cluster,))
+            return _Client((cluster,))
         sentinel = coredis.Sentinel(
             nodes,
             sentinel_kwargs={"password": target.sentinel_password, **timeouts},
@@ -656,28 +672,31 @@ class RedisStore:
             **timeouts,
         )
         primary = sentinel.primary_for(target.service)
-        return functools.partial(_entered, (sentinel, primary))
+        watch = FailoverWatch(target.service, primary.connection_pool.disconnect)
+        self._watch = watch
+        return _Client((sentinel, primary), functools.partial(watch.run, sentinel.sentinels))
 
     async def _own_client(
-        self,
-        enter: Callable[[contextlib.AsyncExitStack], Awaitable[Any]],
-        ready: trio.Event,
-        closing: trio.Event,
-        closed: trio.Event,
+        self, client: _Client, ready: trio.Event, closing: trio.Event, closed: trio.Event
     ) -> None:
         try:
             async with contextlib.AsyncExitStack() as stack:
-                client = await enter(stack)
-                self._client = client
-                ready.set()
-                await closing.wait()
+                for manager in client.managers:
+                    await stack.enter_async_context(manager)
+                async with trio.open_nursery() as nursery:
+                    if client.follow is not None:
+                        nursery.start_soon(client.follow)
+                    self._client = client.managers[-1]
+                    ready.set()
+                    await closing.wait()
+                    nursery.cancel_scope.cancel()
         except Exception as exc:
             # An exception out of a system task would crash the whole Trio run: keep it for
             # open, or report it here; the store's calls fail with StoreError from now on.
             if ready.is_set():
-                log.error("the Redis client of %r stopped: %s", self, _leaf(exc))
+                log.error("the Redis client of %r stopped: %s", self, leaf(exc))
             else:
-                self._start_error = _leaf(exc)
+                self._start_error = leaf(exc)
         finally:
             self._client = None
             ready.set()
@@ -801,14 +820,6 @@ class RedisStore:
         return StoreError(f"Redis at {self._where} failed {what}: {text}")
 
 
-async def _entered(managers: Sequence[Any], stack: contextlib.AsyncExitStack) -> Any:
-    """Enter ``managers`` on ``stack`` in order; the last one is the client to send commands
-    with."""
-    for manager in managers:
-        await stack.enter_async_context(manager)
-    return managers[-1]
-
-
 async def _cluster_enabled(host: str, port: int, timeout: float) -> bool | None:
     """Whether the Redis at host:port runs in cluster mode; None if it does not answer."""
     try:
@@ -819,13 +830,6 @@ async def _cluster_enabled(host: str, port: int, timeout: float) -> bool | None:
                 return (await client.info("cluster")).get("cluster_enabled") == 1
     except Exception:  # anything at all: this only picks the message of another error
         return None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first plain exception inside ``exc``'s exception groups (coredis's task groups)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _all(results: Sequence[T | SessionError]) -> list[T]:
