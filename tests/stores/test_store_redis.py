@@ -127,16 +127,20 @@ def test_the_three_url_forms_parse() -> None:
     ],
 )
 def test_bad_urls_are_refused_without_their_secrets(url: str, says: str) -> None:
-    with pytest.raises(ValueError, match=says) as caught:
+    with pytest.raises(StoreError, match=says) as caught:
         RedisStore(url)
     assert "secret" not in str(caught.value)
+    with pytest.raises(ValueError, match=says):
+        parse_url(url)
 
 
 def test_a_cluster_prefix_may_not_hold_a_hash_tag() -> None:
-    with pytest.raises(ValueError, match="hash tag"):
+    with pytest.raises(StoreError, match="hash tag"):
         RedisStore("redis+cluster://a:1", prefix="{sessions}:")
-    with pytest.raises(ValueError, match="buckets is 16 here and 8 in the URL"):
+    with pytest.raises(StoreError, match="buckets is 16 here and 8 in the URL"):
         RedisStore("redis+cluster://a:1?buckets=8", buckets=16)
+    with pytest.raises(StoreError, match="buckets is between"):
+        RedisStore("redis+cluster://a:1?buckets=0")
 
 
 def test_cluster_buckets_cover_the_slots_evenly() -> None:

@@ -163,7 +163,7 @@ from .base import (
 )
 from .redis_scripts import COMMIT_SCRIPT, COUNT_SCRIPT, TOUCH_SCRIPT
 from .redis_sentinel import FailoverWatch, leaf
-from .redis_urls import parse_url, redact_url
+from .redis_urls import RedisTarget, parse_url, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -262,30 +262,15 @@ class RedisStore:
             raise ValueError("timeouts must be positive and expiry_grace not negative")
         self.url = url
         self._where = redact_url(url)
-        self.target = parse_url(url)
-        settings = dict(self.target.settings)
-        for name, value in (
-            ("buckets", buckets),
-            ("wait_replicas", wait_replicas),
-            ("wait_timeout", wait_timeout),
-        ):
-            if value is not None:
-                if name in settings and settings[name] != value:
-                    raise ValueError(f"{name} is {value!r} here and {settings[name]!r} in the URL")
-                settings[name] = value
+        try:
+            self.target = parse_url(url)
+            settings = _settings(self.target, prefix, buckets, wait_replicas, wait_timeout)
+        except ValueError as exc:
+            raise StoreError(f"cannot use Redis URL {self._where}: {exc}") from None
         cluster = self.target.kind == "cluster"
-        self.buckets: int = settings.get("buckets", CLUSTER_BUCKETS if cluster else 1)
-        if not 1 <= self.buckets <= SLOTS:
-            raise ValueError(f"buckets is between 1 and {SLOTS}, got {self.buckets}")
-        if cluster and ("{" in prefix or "}" in prefix):
-            raise ValueError(
-                f"a cluster store's prefix must not hold a hash tag ({prefix!r}): the store "
-                "spreads its buckets over the cluster with tags of its own"
-            )
-        self.wait_replicas: int = settings.get("wait_replicas", 0)
-        self.wait_timeout: float = settings.get("wait_timeout", 1.0)
-        if self.wait_replicas < 0 or self.wait_timeout <= 0:
-            raise ValueError("wait_replicas must not be negative, wait_timeout must be positive")
+        self.buckets: int = settings["buckets"]
+        self.wait_replicas: int = settings["wait_replicas"]
+        self.wait_timeout: float = settings["wait_timeout"]
         self.prefix = prefix
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -830,6 +815,41 @@ async def _cluster_enabled(host: str, port: int, timeout: float) -> bool | None:
                 return (await client.info("cluster")).get("cluster_enabled") == 1
     except Exception:  # anything at all: this only picks the message of another error
         return None
+
+
+def _settings(
+    target: RedisTarget,
+    prefix: str,
+    buckets: int | None,
+    wait_replicas: int | None,
+    wait_timeout: float | None,
+) -> dict[str, Any]:
+    """The store's settings from its arguments and the URL's query; ValueError if wrong."""
+    cluster = target.kind == "cluster"
+    settings = {
+        "buckets": CLUSTER_BUCKETS if cluster else 1,
+        "wait_replicas": 0,
+        "wait_timeout": 1.0,
+        **target.settings,
+    }
+    given = {"buckets": buckets, "wait_replicas": wait_replicas, "wait_timeout": wait_timeout}
+    for name, value in given.items():
+        if value is not None:
+            if name in target.settings and target.settings[name] != value:
+                raise ValueError(
+                    f"{name} is {value!r} here and {target.settings[name]!r} in the URL"
+                )
+            settings[name] = value
+    if not 1 <= settings["buckets"] <= SLOTS:
+        raise ValueError(f"buckets is between 1 and {SLOTS}, got {settings['buckets']}")
+    if cluster and ("{" in prefix or "}" in prefix):
+        raise ValueError(
+            f"a cluster store's prefix must not hold a hash tag ({prefix!r}): the store "
+            "spreads its buckets over the cluster with tags of its own"
+        )
+    if settings["wait_replicas"] < 0 or settings["wait_timeout"] <= 0:
+        raise ValueError("wait_replicas must not be negative, wait_timeout must be positive")
+    return settings
 
 
 def _all(results: Sequence[T | SessionError]) -> list[T]:
