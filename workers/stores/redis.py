@@ -136,7 +136,6 @@ from urllib.parse import urlsplit
 
 import coredis
 import trio
-from coredis.connection import TCPLocation
 from coredis.exceptions import (
     ClusterCrossSlotError,
     RedisClusterError,
@@ -163,7 +162,7 @@ from .base import (
 )
 from .redis_scripts import COMMIT_SCRIPT, COUNT_SCRIPT, TOUCH_SCRIPT
 from .redis_sentinel import FailoverWatch, leaf
-from .redis_urls import RedisTarget, parse_url, redact_url
+from .redis_urls import RedisTarget, clients_for, parse_url, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -626,40 +625,20 @@ class RedisStore:
 
     def _client_factory(self) -> _Client:
         """The client this URL needs, for the system task to enter (see "coredis and Trio")."""
-        target = self.target
-        timeouts = {
-            "connect_timeout": self.connect_timeout,
-            "stream_timeout": self.command_timeout,
-        }
         # Retrying a command whose reply was lost could apply a commit twice; the store
         # decides itself what is safe to retry.
-        no_retry = NoRetryPolicy()
-        if target.kind == "server":
-            client = coredis.Redis.from_url(target.url, retry_policy=no_retry, **timeouts)
-            return _Client((client,))
-        nodes = [TCPLocation(host, port) for host, port in target.nodes]
-        credentials = {"username": target.username, "password": target.password}
-        if target.kind == "cluster":
-            cluster = coredis.RedisCluster(
-                startup_nodes=nodes,
-                retry_policy=no_retry,
-                non_atomic_cross_slot=False,  # every command the store sends is in one slot
-                **credentials,
-                **timeouts,
-            )
-            return _Client((cluster,))
-        sentinel = coredis.Sentinel(
-            nodes,
-            sentinel_kwargs={"password": target.sentinel_password, **timeouts},
-            retry_policy=no_retry,
-            db=target.db,
-            **credentials,
-            **timeouts,
+        managers = clients_for(
+            self.target,
+            connect_timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            retry_policy=NoRetryPolicy(),
         )
-        primary = sentinel.primary_for(target.service)
-        watch = FailoverWatch(target.service, primary.connection_pool.disconnect)
+        if self.target.kind != "sentinel":
+            return _Client(managers)
+        sentinel, primary = managers
+        watch = FailoverWatch(self.target.service, primary.connection_pool.disconnect)
         self._watch = watch
-        return _Client((sentinel, primary), functools.partial(watch.run, sentinel.sentinels))
+        return _Client(managers, functools.partial(watch.run, sentinel.sentinels))
 
     async def _own_client(
         self, client: _Client, ready: trio.Event, closing: trio.Event, closed: trio.Event

@@ -15,13 +15,21 @@ The password may also be given as a ``?password=`` query parameter, and the sent
 parameters too (``buckets``, ``wait_replicas``, ``wait_timeout``), so that a daemon or a
 ``migrate`` location can set them with the URL alone. Any other query parameter of a
 ``redis://`` URL goes to coredis (``db``, ``client_name``...); the other forms refuse them.
+
+:func:`clients_for` builds the coredis clients a URL needs (the store's, and the benchmarks'
+floor: the same client, bare).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import coredis
+from coredis.connection import TCPLocation
 
 #: Query parameters that hold secrets: shown as ``***``.
 SECRET_PARAMETERS = frozenset(("password", "sentinel_password"))
@@ -158,3 +166,51 @@ def redact_url(url: str) -> str:
         for piece in parts.query.split("&")
     )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def clients_for(target: RedisTarget, **options: Any) -> tuple[Any, ...]:
+    """The coredis objects to enter, in order, for ``target``; commands go to the last one.
+
+    ``options``: ``connect_timeout``, ``command_timeout``, ``retry_policy``.
+    """
+    timeouts = {
+        name: options[given]
+        for name, given in (
+            ("connect_timeout", "connect_timeout"),
+            ("stream_timeout", "command_timeout"),
+        )
+        if options.get(given) is not None
+    }
+    retry = {"retry_policy": options["retry_policy"]} if "retry_policy" in options else {}
+    if target.kind == "server":
+        return (coredis.Redis.from_url(target.url, **retry, **timeouts),)
+    nodes = [TCPLocation(host, port) for host, port in target.nodes]
+    credentials = {"username": target.username, "password": target.password}
+    if target.kind == "cluster":
+        cluster = coredis.RedisCluster(
+            startup_nodes=nodes,
+            non_atomic_cross_slot=False,  # every command the store sends is in one slot
+            **retry,
+            **credentials,
+            **timeouts,
+        )
+        return (cluster,)
+    sentinel = coredis.Sentinel(
+        nodes,
+        sentinel_kwargs={"password": target.sentinel_password, **timeouts},
+        db=target.db,
+        **retry,
+        **credentials,
+        **timeouts,
+    )
+    return sentinel, sentinel.primary_for(target.service)
+
+
+@asynccontextmanager
+async def connected(url: str, **options: Any) -> AsyncIterator[Any]:
+    """A coredis client for ``url``, entered (see :func:`clients_for`)."""
+    async with AsyncExitStack() as stack:
+        managers = clients_for(parse_url(url), **options)
+        for manager in managers:
+            await stack.enter_async_context(manager)
+        yield managers[-1]
