@@ -33,6 +33,7 @@ from helpers.redis_cluster import command, data_commands, info
 from helpers.redis_server import RedisServer, unique_prefix
 
 from workers import ServiceUnavailable, SessionNotFound, StoreError, open_session_service
+from workers.faults import FaultyStore
 from workers.stores.redis import RedisStore
 
 #: Every test here starts processes (see the slow marker in pyproject.toml).
@@ -400,7 +401,9 @@ async def test_a_frozen_redis_fails_calls_promptly_and_recovers(
 
 async def test_a_full_redis_keeps_serving_reads(caplog: pytest.LogCaptureFixture) -> None:
     with RedisServer(args=["--maxmemory-policy", "noeviction"]) as server:
-        async with open_session_service(**outage_options(server)) as service:
+        options = outage_options(server)
+        store = FaultyStore(RedisStore(server.url, prefix=options["prefix"]))
+        async with open_session_service(store=store, cleanup_interval=1e9) as service:
             sids = [await service.create({"user_id": f"user-{i}"}) for i in range(5)]
             used = int(info(server.port, "memory")["used_memory"])
             command(server.port, "CONFIG", "SET", "maxmemory", used + 1_000_000)
@@ -428,6 +431,30 @@ async def test_a_full_redis_keeps_serving_reads(caplog: pytest.LogCaptureFixture
             with pytest.raises(StoreError, match="full"):
                 await service.rotate(sids[0])
             assert (await service.peek(sids[0])).metadata == {"user_id": "user-0"}
+
+            # In one batch with a write that fails, a read of the same session fails too (it
+            # would show what was not written); a read of another session is answered.
+            answers: dict[str, Any] = {}
+
+            async def ask(name: str, call: Any) -> None:
+                try:
+                    answers[name] = await call()
+                except StoreError as exc:
+                    answers[name] = exc
+
+            held = store.hang("load", times=1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "held", lambda: service.peek(sids[2]))
+                await held.struck.wait()  # the manager waits in that batch's load
+                nursery.start_soon(ask, "update", lambda: service.patch(sids[0], {"x": 1}))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(ask, "same", lambda: service.peek(sids[0]))
+                nursery.start_soon(ask, "other", lambda: service.peek(sids[1]))
+                await trio.testing.wait_all_tasks_blocked()
+                store.remove(held)  # the three queued requests now make one batch
+            assert isinstance(answers["update"], StoreError)
+            assert isinstance(answers["same"], StoreError)
+            assert answers["other"].metadata == {"user_id": "user-1"}
             assert service.restarts == 0
 
             command(server.port, "CONFIG", "SET", "maxmemory", 0)  # room again
