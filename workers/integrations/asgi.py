@@ -28,9 +28,11 @@ What a request does to its session
   rather than vanish.
 * **Concurrent requests of one user.** Changes are written as a patch of the keys this request
   set or removed, with ``expected_version`` of the session it loaded. If another request wrote
-  the session meanwhile, the patch is applied again to the session as it now is: the other
-  request's keys are kept, and for a key both requests changed this request's value wins (it
-  is the later write) and an INFO line names the key. Nothing is overwritten wholesale.
+  the session meanwhile (``VersionConflict``), the same patch is applied to the session as it
+  now is (the service applies a patch atomically, so this is a merge however many requests
+  race): the other requests' keys are kept, and for a key both changed this request's value
+  wins (it is the later write) and an INFO line names the key. Nothing is overwritten
+  wholesale, and no request fails for losing a race.
 * **rotate() and clear().** ``rotate()`` moves the session to a new id at the end of the
   request: the mapping is stored under a fresh id first, then the old session is deleted, so a
   failure in between leaves the visitor's old session as it was. ``clear()`` empties the
@@ -77,8 +79,6 @@ Message = MutableMapping[str, Any]
 
 #: Starlette's default cookie lifetime: two weeks.
 DEFAULT_MAX_AGE: Final = 14 * 24 * 3600
-#: Times a write that lost a race is merged and tried again before the request gives up (503).
-MAX_MERGES: Final = 8
 #: What makes a request 503 instead of an error page: the store could not do its part.
 UNAVAILABLE: Final = (ServiceUnavailable, StoreError, CapacityExceeded)
 _SAME_SITE: Final = {"lax": "Lax", "strict": "Strict", "none": "None"}
@@ -185,36 +185,34 @@ class RequestSession(MutableMapping[str, Any]):
         return None
 
     async def _patch(self, stored: Session, changed: dict[str, Any], removed: list[str]) -> None:
-        version = stored.version
         try:
-            for _ in range(MAX_MERGES + 1):
-                try:
-                    await self.service.patch(stored.id, changed, removed, expected_version=version)
-                    return
-                except VersionConflict:
-                    current = await self.service.peek(stored.id)
-                version = current.version
-                both = [
-                    key
-                    for key in (*changed, *removed)
-                    if _packed(current.metadata, key) != self._loaded.get(key)
-                ]
-                if both:
-                    log.info(
-                        "session %s: keys %s were also changed by a concurrent request; "
-                        "this request's values are kept",
-                        stored.id,
-                        both,
-                    )
+            try:
+                await self.service.patch(
+                    stored.id, changed, removed, expected_version=stored.version
+                )
+                return
+            except VersionConflict:  # another request wrote the session since it was loaded
+                current = await self.service.peek(stored.id)
+            both = [
+                key
+                for key in (*changed, *removed)
+                if _packed(current.metadata, key) != self._loaded.get(key)
+            ]
+            if both:
+                log.info(
+                    "session %s: keys %s were also changed by a concurrent request; "
+                    "this request's values are kept",
+                    stored.id,
+                    both,
+                )
+            # The patch names only this request's keys and the service applies it atomically:
+            # applied to the session as it now is, it is the merge, whoever else writes.
+            await self.service.patch(stored.id, changed, removed)
         except SessionNotFound:
             log.info(
                 "session %s was deleted or expired during the request; its changes are dropped",
                 stored.id,
             )
-            return
-        raise ServiceUnavailable(
-            f"session {stored.id}: the write lost {MAX_MERGES + 1} races with concurrent requests"
-        )
 
 
 def _packed(metadata: dict[str, Any], key: str) -> bytes | None:
