@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import EPOCH
-from helpers.daemon_process import DaemonProcess
+from helpers.daemon_process import DaemonProcess, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -101,10 +101,8 @@ def set_cookie(response: httpx.Response) -> SimpleCookie | None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path_factory.mktemp("daemon"), "--token", TOKEN)
-    d.start()
-    yield d
-    assert d.stop() == 0, d.log()
+    with serving(tmp_path_factory.mktemp("daemon"), "--token", TOKEN) as d:
+        yield d
 
 
 @pytest.fixture(params=["asyncio", "trio"])

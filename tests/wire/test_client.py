@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers.daemon_process import DaemonProcess
+from helpers.daemon_process import DaemonProcess, serving
 
 from workers import InvalidRequest
 from workers.client import SyncClient, connect
@@ -42,10 +42,8 @@ def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One daemon (disk store, with a token) shared by the tests that do not stop it."""
-    d = DaemonProcess(tmp_path_factory.mktemp("daemon"), "--token", TOKEN)
-    d.start()
-    yield d
-    assert d.stop() == 0, d.log()
+    with serving(tmp_path_factory.mktemp("daemon"), "--token", TOKEN) as d:
+        yield d
 
 
 @pytest.fixture
