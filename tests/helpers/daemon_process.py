@@ -33,15 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_verb(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m workers ARGS...`` (``sessiond ARGS...``) to completion, capturing its
-    output."""
+def run_verb(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m workers ARGS...`` (``sessiond ARGS...``) in ``cwd`` to completion,
+    capturing its output."""
     return subprocess.run(
         [sys.executable, "-m", "workers", *args],
         capture_output=True,
         text=True,
         timeout=PATIENCE,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
     )
 
