@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import sniffio
 import trio
 
 from supervisor import (
@@ -535,7 +536,23 @@ async def open_session_service(**options: Any) -> AsyncIterator[SessionService]:
     Takes the options of :func:`run_session_service`. Errors from starting the tree (a store
     that cannot be opened: ``StoreError``) and from the tree giving up
     (``SupervisorShutdown``) are raised bare, not wrapped in an exception group.
+
+    Under asyncio the tree runs in Trio's guest mode on asyncio's own loop, and the object
+    yielded has the same methods as asyncio coroutines (:mod:`workers.core.guest`).
     """
+    if sniffio.current_async_library() == "trio":
+        manager = open_trio_service(**options)
+    else:
+        from .guest import open_guest_service  # loaded only by asyncio programs
+
+        manager = open_guest_service(**options)  # type: ignore[assignment]
+    async with manager as service:
+        yield service
+
+
+@asynccontextmanager
+async def open_trio_service(**options: Any) -> AsyncIterator[SessionService]:
+    """:func:`open_session_service` for Trio code."""
     try:
         async with trio.open_nursery() as nursery:
             service = await nursery.start(partial(run_session_service, **options))
