@@ -22,7 +22,7 @@ from workers.cli.migrate import migrate, register
 from workers.record.session import Session
 from workers.stores import make_store
 from workers.stores.base import Put, Store
-from workers.stores.files import DirectoryLock
+from workers.stores.files import StoreFiles
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
@@ -186,8 +186,8 @@ def test_cli_fails_with_a_message_when_a_store_cannot_open(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fill_disk_store(tmp_path / "disk", LIVE)
-    lock = DirectoryLock(tmp_path / "lmdb")  # a running service owns the target
-    lock.acquire()
+    lock = StoreFiles(tmp_path / "lmdb", "lmdb", ())  # a running service owns the target
+    lock.open(create=True, read_only=False)
     try:
         assert cli("--from", f"disk:{tmp_path / 'disk'}", "--to", f"lmdb:{tmp_path / 'lmdb'}") == 1
     finally:
@@ -209,3 +209,12 @@ def test_cli_refuses_the_same_store_twice(
     path = f"disk:{tmp_path / 'disk'}"
     assert cli("--from", path, "--to", path) == 1
     assert "same store" in capsys.readouterr().err
+
+
+def test_a_source_that_is_not_there_is_an_error_and_nothing_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    assert cli("--from", f"disk:{typo}", "--to", f"lmdb:{tmp_path / 'copy'}") == 1
+    assert f"no disk store at {typo}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

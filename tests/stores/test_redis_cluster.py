@@ -23,6 +23,8 @@ from helpers.redis_cluster import LocalCluster, LocalSentinel, command, data_com
 from helpers.redis_server import unique_prefix
 
 from workers import SessionService, StoreError, open_session_service
+from workers.record.session import Session, new_id
+from workers.stores.base import Put
 from workers.stores.redis import RedisStore, bucket_tags
 
 pytestmark = pytest.mark.slow
@@ -157,13 +159,20 @@ async def test_a_master_that_refuses_writes_fails_only_its_own_buckets(
 
 async def test_a_bucket_count_other_than_the_data_s_is_refused(redis_cluster: LocalCluster) -> None:
     prefix = unique_prefix()
+    layout_key = f"{prefix}layout"
+    on = redis_cluster.master_of_slot(binascii.crc_hqx(layout_key.encode(), 0) % 16384)
     first = RedisStore(redis_cluster.url, prefix=prefix, buckets=16)
     await first.open()
+    assert command(on, "EXISTS", layout_key) == 0  # opening writes nothing
+    await first.commit([Put(Session(new_id(), 1, 1, None, {}, 1), None)])
     await first.close()
+    assert command(on, "GET", layout_key) == "buckets=16"
     other = RedisStore(redis_cluster.url, prefix=prefix)
     with pytest.raises(StoreError, match="buckets=16, not buckets=64"):
         await other.open()
-    assert RedisStore(redis_cluster.url, prefix=prefix, buckets=16).buckets == 16
+    again = RedisStore(redis_cluster.url, prefix=prefix, buckets=16)
+    await again.open()
+    await again.close()
 
 
 # --- URLs of the wrong form ---

@@ -149,6 +149,8 @@ class ServiceClock:
 
     #: Wall clock in seconds since the epoch (injectable for tests).
     clock: Callable[[], float]
+    #: Whether marks are written at all (a read-only service writes nothing).
+    persist: bool = True
     #: The latest "now" handed out by :meth:`now_ms`.
     high_water_ms: int = 0
     #: The high water last committed to the store (a Mark write), or read from it.
@@ -165,6 +167,8 @@ class ServiceClock:
     def mark(self) -> Mark | None:
         """A Mark write for the batch when the high water moved on by MARK_EVERY_MS since the
         last one (it rides on the batch's single commit: no transaction of its own)."""
+        if not self.persist:
+            return None
         if self.high_water_ms - max(self.persisted_ms, self.tried_ms) < MARK_EVERY_MS:
             return None
         return Mark(self.high_water_ms)

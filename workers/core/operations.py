@@ -43,7 +43,7 @@ from ..record.errors import (
     UpdateFailed,
     VersionConflict,
 )
-from ..record.session import Session, check_id, new_id
+from ..record.session import MAX_VERSION, Session, check_id, new_id
 from ..stores import base as writes
 from ..stores.base import BucketedStore, Store, Write
 
@@ -334,6 +334,8 @@ def _check_version(session: Session, expected_version: int | None) -> None:
 
 
 def _store_new_metadata(view: View, session: Session, metadata: object) -> Session:
+    if session.version >= MAX_VERSION:
+        raise UpdateFailed(f"session {session.id!r} is at the highest version, {MAX_VERSION}")
     new = replace(
         session.accessed(view.now_ms),
         metadata=canonical_metadata(metadata, view.limits.max_metadata_bytes),

@@ -33,7 +33,8 @@ cluster it is ``<prefix>{<tag>}``, a hash tag per bucket, so that every key of a
 one hash slot and each script (which must touch one slot) covers a whole bucket. The tags are
 chosen so that bucket ``b`` falls in the ``b``-th 1/``buckets`` of the 16384 slots: buckets
 spread over the masters as evenly as the slots do, and sessions with them. A cluster store also
-writes ``<prefix>layout`` (its bucket count) and refuses to open data laid out with another.
+records ``<prefix>layout`` (its bucket count) before its first commit, and refuses to open data
+laid out with another.
 
 The bucket of a session is ``crc32(id) % buckets``: a pure function of the id, so any process
 finds any session. The trade-off is in ``rotate``, which must keep a session in its bucket to
@@ -280,8 +281,9 @@ class RedisStore:
             Bucket(b, f"{head}ids", f"{head}expiry", f"{head}s:", f"{heads[0]}mark")
             for b, head in enumerate(heads)
         ]
-        #: Where a cluster store records its bucket count (see "Layout").
+        #: Where a cluster store records its bucket count (see "Layout"), and whether it has.
         self._layout_key = f"{prefix}layout"
+        self._layout_recorded = not cluster
         # Whatever coredis does inside, one call never takes longer than this.
         self._deadline = connect_timeout + command_timeout + 1.0
         if self.wait_replicas:
@@ -397,6 +399,8 @@ class RedisStore:
             return []
         if self._watch is not None:
             self._watch.check_writable(self._where)
+        if not self._layout_recorded:
+            await self._check_layout(record=True)
         groups: dict[Bucket, list[int]] = {}
         for i, write in enumerate(writes):
             b = 0 if isinstance(write, Mark) else self.bucket_of(write_id(write))
@@ -700,18 +704,22 @@ class RedisStore:
             f"redis+cluster://{hosts}[,HOST:PORT...] (seed nodes), not a single-server URL"
         )
 
-    async def _check_layout(self) -> None:
-        """Record this cluster store's bucket count, or check it against the recorded one."""
+    async def _check_layout(self, *, record: bool = False) -> None:
+        """Check this cluster store's bucket count against the one its data was written with;
+        with ``record``, record it first if there is none (before the first commit: opening
+        writes nothing, so a store only read never leaves a key behind)."""
         key, layout = self._layout_key, f"buckets={self.buckets}"
-        await self._call(
-            "SET", lambda c: c.set(key, layout, condition=coredis.PureToken.NX), retry=True
-        )
+        if record:
+            await self._call(
+                "SET", lambda c: c.set(key, layout, condition=coredis.PureToken.NX), retry=True
+            )
         stored = await self._call("GET", lambda c: c.get(key), retry=True)
         if stored is not None and stored.decode() != layout:
             raise StoreError(
                 f"the sessions under {self.prefix!r} at {self._where} are laid out with "
                 f"{stored.decode()}, not {layout}: every service on them needs the same buckets"
             )
+        self._layout_recorded = stored is not None
 
     async def _call(self, what: str, command: Callable[[Any], Awaitable[T]], *, retry: bool) -> T:
         """Run ``command(client)``, mapping failures to the service's errors.
