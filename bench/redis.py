@@ -17,7 +17,6 @@ Figures from a machine where other work runs at the same time are indicative onl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import random
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 import trio
 
 from bench.records import Record, throughput
-from bench.report import print_table
+from bench.report import count_command_line
 from bench.sessions import METADATA, callers_rate, new_record
 from tests.helpers.redis_cluster import LocalCluster, LocalSentinel
 from tests.helpers.redis_server import RedisServer
@@ -114,10 +113,7 @@ def run(ops: int = 5000) -> list[Record]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", type=int, default=5000, help="operations per measurement")
-    args = parser.parse_args()
-    print_table(run(args.ops))
+    count_command_line(__doc__, run, "--ops", 5000, "operations per measurement")
 
 
 if __name__ == "__main__":
