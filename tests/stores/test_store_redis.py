@@ -371,3 +371,24 @@ async def test_writes_wait_from_a_promotion_to_the_switch(autojump_clock: object
     await trio.sleep(PAUSE_LIMIT)
     watch.check_writable("here")
     assert disconnected == [True]
+
+
+@pytest.mark.slow
+async def test_a_password_in_the_query_is_used_and_never_shown(private_redis: RedisServer) -> None:
+    async with coredis.Redis.from_url(private_redis.url) as admin:
+        await admin.config_set({"requirepass": "s3cret"})
+    right = f"{private_redis.url}?password=s3cret"
+    store = RedisStore(right)
+    await store.open()
+    try:
+        assert await store.commit([Put(session("a"), None)]) == [True]
+        assert "s3cret" not in repr(store)
+    finally:
+        await store.close()
+    for wrong in (
+        f"{private_redis.url}?password=wr0ng",
+        f"redis://:wr0ng@127.0.0.1:{private_redis.port}/0",
+    ):
+        with trio.fail_after(PROMPT), pytest.raises(StoreError) as caught:
+            await RedisStore(wrong, connect_timeout=0.5).open()
+        assert "wr0ng" not in str(caught.value) and "***" in str(caught.value)
