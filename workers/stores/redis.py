@@ -176,7 +176,7 @@ SLOTS = 16384
 CLUSTER_BUCKETS = 64
 #: Calls to different buckets in flight at once (count, sweep, a batch over many buckets).
 PARALLEL_BUCKETS = 16
-#: Redis error prefixes that mean "this data is elsewhere": a cluster, not a server.
+#: Redis error replies that only a cluster node sends.
 _CLUSTER_REPLIES = ("MOVED", "ASK", "CROSSSLOT", "CLUSTERDOWN", "TRYAGAIN")
 
 
@@ -188,8 +188,6 @@ class Bucket:
     ids: str
     expiry: str
     sessions: str
-    #: Only bucket 0's: the clock mark.
-    mark: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +276,10 @@ class RedisStore:
         self._grace_ms = round(expiry_grace * 1000)
         heads = [f"{prefix}{{{tag}}}" for tag in bucket_tags(self.buckets)] if cluster else [prefix]
         self._buckets = [
-            Bucket(b, f"{head}ids", f"{head}expiry", f"{head}s:", f"{heads[0]}mark")
-            for b, head in enumerate(heads)
+            Bucket(b, f"{head}ids", f"{head}expiry", f"{head}s:") for b, head in enumerate(heads)
         ]
+        #: The clock mark, in bucket 0 (its slot, on a cluster), where Mark writes are committed.
+        self._mark_key = f"{heads[0]}mark"
         #: Where a cluster store records its bucket count (see "Layout"), and whether it has.
         self._layout_key = f"{prefix}layout"
         self._layout_recorded = not cluster
@@ -399,8 +398,6 @@ class RedisStore:
             return []
         if self._watch is not None:
             self._watch.check_writable(self._where)
-        if not self._layout_recorded:
-            await self._check_layout(record=True)
         groups: dict[Bucket, list[int]] = {}
         for i, write in enumerate(writes):
             b = 0 if isinstance(write, Mark) else self.bucket_of(write_id(write))
@@ -411,6 +408,8 @@ class RedisStore:
                         f"{self.bucket_of(write.moved_from)} to {b} (BucketedStore)"
                     )
             groups.setdefault(self._buckets[b], []).append(i)
+        if not self._layout_recorded:
+            await self._check_layout(record=True)
         calls = [
             functools.partial(self._commit_bucket, bucket, [writes[i] for i in indexes])
             for bucket, indexes in groups.items()
@@ -475,7 +474,7 @@ class RedisStore:
 
     async def load_mark(self) -> int:
         """The clock high-water mark (the highest Mark any store committed here), 0 if none."""
-        key = self._buckets[0].mark
+        key = self._mark_key
         value = await self._call("GET", lambda c: c.get(key), retry=True)
         return 0 if value is None else int(value)
 
@@ -573,7 +572,7 @@ class RedisStore:
                     source,
                 ]
             elif isinstance(write, Mark):
-                keys.append(bucket.mark)
+                keys.append(self._mark_key)
                 args += ["M", "", "", "", "", "", write.ms, ""]
             else:
                 assert isinstance(write, Delete)
