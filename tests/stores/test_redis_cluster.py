@@ -82,6 +82,7 @@ async def test_sessions_spread_over_every_master(redis_cluster: LocalCluster) ->
         held[master] += command(master, "ZCARD", f"{prefix}{{{tag}}}ids")
         assert b == 0 or command(master, "EXISTS", f"{prefix}{{{tag}}}mark") == 0
     shares = {port: n / 10_000 for port, n in held.items()}
+    print(f"\nshares of 10,000 sessions by master: {sorted(shares.values())}")  # -s shows it
     assert len(shares) == 3 and sum(held.values()) == 10_000
     assert all(0.25 <= share <= 0.42 for share in shares.values()), shares
 
