@@ -58,7 +58,7 @@ from ..record.session import (
 )
 from ..stores import Store, canonical_backend, make_store
 from .api import METHODS, Kind, Method
-from .manager import ManagerSettings, ServiceClock, SessionManager
+from .manager import ManagerCounters, ManagerSettings, ServiceClock, SessionManager
 from .operations import (
     CleanupExpired,
     Count,
@@ -131,6 +131,8 @@ class SessionService:
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
+        #: What the managers count for operators (store warnings), across their restarts.
+        self.counters = ManagerCounters()
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -351,11 +353,12 @@ class SessionService:
         return self.backend
 
     async def stats(self) -> dict[str, Any]:
-        """Figures for operators: backend, live sessions, restarts, uptime."""
+        """Figures for operators: backend, live sessions, restarts, store warnings, uptime."""
         return {
             "backend": self.backend,
             "sessions": await self.count(),
             "restarts": self.restarts,
+            "store_warnings": self.counters.store_warnings,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 
@@ -487,6 +490,7 @@ async def run_session_service(
             store,
             settings,
             ServiceClock(clock or time.time, persist=not read_only),
+            service.counters,
             name=service._manager,
         ),
         Sweeper.child_spec(
