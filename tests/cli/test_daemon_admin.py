@@ -114,13 +114,21 @@ def test_damaged_backups_and_stores_fail_clearly(tmp_path: Path) -> None:
     done = run_verb("restore", str(backup), "--path", str(tmp_path / "r"))
     assert done.returncode == 1
     assert "truncated" in done.stderr
-    # A store that is not a store: check refuses; check --repair quarantines it.
-    broken = tmp_path / "broken"
-    broken.mkdir()
+    # A damaged store of ours: check refuses and moves nothing; check --repair moves its files.
+    broken = d.store_path
     (broken / "cache.db").write_bytes(b"this is not sqlite" * 100)
     done = run_verb("check", "--path", str(broken))
     assert done.returncode == 1
-    assert "StoreError" in done.stderr
+    assert "StoreError" in done.stderr and "left as it is" in done.stderr
+    assert not list(tmp_path.glob("*.corrupt-*"))
     done = run_verb("check", "--path", str(broken), "--repair", "--json")
     assert done.returncode == 0, done.stderr
-    assert list(tmp_path.glob("broken.corrupt-*"))
+    (moved,) = tmp_path.glob(f"{broken.name}.corrupt-*")
+    assert [p.name for p in moved.iterdir()] == ["cache.db"]
+    # Another application's database is never moved, --repair or not.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "cache.db").write_bytes(b"not ours" * 100)
+    done = run_verb("check", "--path", str(foreign), "--repair")
+    assert done.returncode == 1 and "nothing was moved" in done.stderr
+    assert [p.name for p in foreign.iterdir()] == ["cache.db"]

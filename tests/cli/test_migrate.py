@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers.redis_cluster import shared_cluster
 from helpers.redis_server import find_redis, unique_prefix
-from helpers.store_factories import STORE_FACTORIES
+from helpers.store_factories import STORE_FACTORIES, factory_params
 
 from workers.cli.migrate import migrate, register
 from workers.record.session import Session
 from workers.stores import make_store
 from workers.stores.base import Put, Store
-from workers.stores.files import DirectoryLock
+from workers.stores.files import StoreFiles
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
-BACKENDS = sorted(STORE_FACTORIES)
 
 LIVE = [
     Session(f"live-{i:02}", T0 - i, T0 - i, MINUTE * (i + 1), {"i": i, "raw": b"\x00"}, i + 1)
@@ -42,8 +42,8 @@ async def opened(backend: str, path: Path) -> Store:
     return store
 
 
-@pytest.mark.parametrize("target_backend", BACKENDS)
-@pytest.mark.parametrize("source_backend", BACKENDS)
+@pytest.mark.parametrize("target_backend", factory_params())
+@pytest.mark.parametrize("source_backend", factory_params())
 async def test_a_round_trip_keeps_every_live_session_field_for_field(
     tmp_path: Path, source_backend: str, target_backend: str
 ) -> None:
@@ -164,12 +164,30 @@ def test_cli_json_and_a_redis_prefix(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert load_all("lmdb", tmp_path / "lmdb") == {s.id: s for s in live}
 
 
+@pytest.mark.slow
+def test_cli_migrates_to_and_from_a_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live = now_live(LIVE)
+    fill_disk_store(tmp_path / "disk", live)
+    cluster = f"{shared_cluster().url}?prefix={unique_prefix()}"
+    server = f"{find_redis()}?prefix={unique_prefix()}"
+    for source, target in [
+        (f"disk:{tmp_path / 'disk'}", f"redis:{cluster}"),
+        (f"redis:{cluster}", f"redis:{server}"),
+        (f"redis:{server}", f"lmdb:{tmp_path / 'lmdb'}"),
+    ]:
+        assert cli("--from", source, "--to", target, "--json") == 0
+        assert json.loads(capsys.readouterr().out) == {"copied": len(live), "skipped": 0}
+    assert load_all("lmdb", tmp_path / "lmdb") == {s.id: s for s in live}
+
+
 def test_cli_fails_with_a_message_when_a_store_cannot_open(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fill_disk_store(tmp_path / "disk", LIVE)
-    lock = DirectoryLock(tmp_path / "lmdb")  # a running service owns the target
-    lock.acquire()
+    lock = StoreFiles(tmp_path / "lmdb", "lmdb", ())  # a running service owns the target
+    lock.open(create=True, read_only=False)
     try:
         assert cli("--from", f"disk:{tmp_path / 'disk'}", "--to", f"lmdb:{tmp_path / 'lmdb'}") == 1
     finally:
@@ -191,3 +209,12 @@ def test_cli_refuses_the_same_store_twice(
     path = f"disk:{tmp_path / 'disk'}"
     assert cli("--from", path, "--to", path) == 1
     assert "same store" in capsys.readouterr().err
+
+
+def test_a_source_that_is_not_there_is_an_error_and_nothing_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    assert cli("--from", f"disk:{typo}", "--to", f"lmdb:{tmp_path / 'copy'}") == 1
+    assert f"no disk store at {typo}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -132,7 +132,7 @@ async def _a_corrupt_store(tmp_path: Path, backend: str) -> Path:
     async with open_session_service(backend=backend, path=str(path)) as sessions:
         await sessions.create({"user_id": "u"})
     for f in path.iterdir():
-        if f.is_file() and f.name != "LOCK":
+        if f.is_file() and f.name not in ("LOCK", "SESSIONS"):
             f.write_bytes(b"this is not a database" * 100)
     return path
 
@@ -149,6 +149,10 @@ async def test_a_corrupt_store_is_quarantined_and_the_service_starts_empty(
     quarantined = [p for p in tmp_path.rglob("*") if ".corrupt-" in p.name]
     assert quarantined, list(tmp_path.rglob("*"))
     assert any(str(quarantined[0]) in r.getMessage() for r in caplog.records)
+    # Only the store's own files moved: its marker and lock stay, with the fresh store.
+    moved = {f.name for f in quarantined[0].iterdir()}
+    assert moved and not moved & {"LOCK", "SESSIONS"}
+    assert {"LOCK", "SESSIONS"} <= {f.name for f in path.iterdir()}
 
 
 @pytest.mark.parametrize("backend", DURABLE)

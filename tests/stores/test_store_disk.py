@@ -30,7 +30,6 @@ from workers.record.session import Session
 from workers.stores import disk, make_store
 from workers.stores.base import Delete, Put
 from workers.stores.disk import FORMAT_KEY, DiskStore, SessionDisk
-from workers.stores.files import DirectoryLock
 from workers.stores.memory import MemoryStore
 
 T0 = 1_700_000_000_000
@@ -276,7 +275,7 @@ async def test_records_are_stored_inline_whatever_their_size(tmp_path: Path) -> 
     async with opened(path) as store:
         assert await store.commit([Put(big, None)]) == [True]
         assert await store.load(["big"]) == {"big": big}
-    assert sorted(p.name for p in path.iterdir()) == ["LOCK", "cache.db"]
+    assert sorted(p.name for p in path.iterdir()) == ["LOCK", "SESSIONS", "cache.db"]
 
 
 @pytest.mark.parametrize(
@@ -357,33 +356,43 @@ def damaged_pages(path: Path) -> None:
                 f.write(b"\xa5" * page_size)
 
 
-#: How to damage a store, what the error says, and whether it is seen before diskcache writes.
+def garbage_in_our_store(path: Path) -> None:
+    trio.run(fill, path, 3)
+    (path / "cache.db").write_bytes(bytes(range(256)) * 40)
+
+
+#: How to damage a store, what the error says, whether it is seen before diskcache writes,
+#: and whether the directory is one of ours (it carries our marker): only ours are moved.
 DAMAGE = {
-    "garbage": (garbage, "unreadable SQLite database", True),
-    "truncated": (truncated, "unreadable SQLite database", True),
-    "foreign diskcache": (foreign_diskcache, "did not write", True),
-    "other sqlite": (other_sqlite, "not a diskcache database", True),
-    "newer format": (newer_format, "format 99", True),
-    "damaged pages": (damaged_pages, "corrupt SQLite database", False),
+    "garbage": (garbage, "unreadable SQLite database", True, False),
+    "garbage in our store": (garbage_in_our_store, "unreadable SQLite database", True, True),
+    "truncated": (truncated, "unreadable SQLite database", True, True),
+    "foreign diskcache": (foreign_diskcache, "did not write", True, False),
+    "other sqlite": (other_sqlite, "not a diskcache database", True, False),
+    "newer format": (newer_format, "format 99", True, True),
+    "damaged pages": (damaged_pages, "corrupt SQLite database", False, True),
 }
+OURS = sorted(name for name, (*_, ours) in DAMAGE.items() if ours)
+FOREIGN = sorted(name for name, (*_, ours) in DAMAGE.items() if not ours)
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("damage", OURS)
 async def test_an_unusable_store_is_quarantined(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "sessions"
-    make_damage, reason, _ = DAMAGE[damage]
+    make_damage, reason, *_ = DAMAGE[damage]
     await trio.to_thread.run_sync(make_damage, path)
     original = (path / "cache.db").read_bytes()
 
-    with caplog.at_level(logging.ERROR, logger="workers.stores.disk"):
+    with caplog.at_level(logging.ERROR, logger="workers.stores.files"):
         async with opened(path) as store:
             assert await store.count(T0) == 0
             assert await store.commit([Put(session("new"), None)]) == [True]
 
     (moved,) = tmp_path.glob("sessions.corrupt-*")
     assert (moved / "cache.db").read_bytes() == original
+    assert not {p.name for p in moved.iterdir()} & {"LOCK", "SESSIONS"}  # only its own files
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert str(path) in record.getMessage() and str(moved) in record.getMessage()
     assert reason in record.getMessage()
@@ -391,22 +400,44 @@ async def test_an_unusable_store_is_quarantined(
         assert list(await store.load(["new"])) == ["new"]
 
 
+@pytest.mark.parametrize("damage", FOREIGN)
+async def test_a_database_that_is_not_ours_is_never_moved(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "sessions"
+    make_damage, reason, *_ = DAMAGE[damage]
+    await trio.to_thread.run_sync(make_damage, path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    with pytest.raises(StoreError, match="no SESSIONS marker, so nothing was moved") as raised:
+        await DiskStore(path).open()
+    assert reason in str(raised.value)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.name != "LOCK"} == before
+    assert list(tmp_path.glob("*.corrupt-*")) == []
+
+
+async def test_a_directory_of_other_files_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "somewhere"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"holds notes\.txt and no SESSIONS marker"):
+        await DiskStore(path).open()
+    assert [p.name for p in path.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 async def test_on_corrupt_fail_refuses_and_moves_nothing(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "sessions"
-    make_damage, reason, seen_before_writing = DAMAGE[damage]
+    make_damage, reason, seen_before_writing, _ = DAMAGE[damage]
     await trio.to_thread.run_sync(make_damage, path)
     before = (path / "cache.db").read_bytes()
 
-    with pytest.raises(StoreError, match="on_corrupt='fail'") as raised:
+    with pytest.raises(StoreError, match="on_corrupt=fail") as raised:
         await DiskStore(path, on_corrupt="fail").open()
     assert str(path) in str(raised.value) and reason in str(raised.value)
     if seen_before_writing:  # else diskcache had rewritten its settings before it failed
         assert (path / "cache.db").read_bytes() == before
     assert list(tmp_path.glob("*.corrupt-*")) == []
-    lock = DirectoryLock(path)  # and the failed open let go of the lock
-    lock.acquire()
-    lock.release()
+    with pytest.raises(StoreError, match="on_corrupt=fail"):  # not "locked": it let go
+        await DiskStore(path, on_corrupt="fail").open()
 
 
 async def test_an_empty_database_file_is_adopted(tmp_path: Path) -> None:
@@ -595,10 +626,11 @@ async def test_sql_writes_keep_diskcaches_bookkeeping(tmp_path: Path) -> None:
 
         def diskcache_view(cache: diskcache.Cache) -> tuple[int, Any, Any, list[str]]:
             row = cache.get("s1", tag=True)
-            # check() compares the count and size in Settings with the rows (our LOCK file
-            # is a file diskcache does not know: not a problem).
+            # check() compares the count and size in Settings with the rows.
             problems = [str(w.message) for w in cache.check()]
-            return len(cache), row, cache.get("s3"), [p for p in problems if "LOCK" not in p]
+            ours = ("LOCK", "SESSIONS")  # files of ours diskcache does not know: not a problem
+            problems = [p for p in problems if not any(name in p for name in ours)]
+            return len(cache), row, cache.get("s3"), problems
 
         count, (_, tag), gone, problems = await on_store_thread(store, diskcache_view)
     assert count == 8 and gone is None and problems == []

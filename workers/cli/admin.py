@@ -19,12 +19,15 @@ large stores when stderr is a terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
@@ -34,7 +37,7 @@ import trio
 
 from ..core.service import open_session_service
 from ..record.codec import decode_session, encode_session, pack
-from ..record.errors import SessionError, SessionNotFound, StoreError
+from ..record.errors import ServiceUnavailable, SessionError, SessionNotFound, StoreError
 from ..record.session import Session
 from ..stores import canonical_backend, make_store
 from ..wire.address import DEFAULT_ADDRESS
@@ -62,21 +65,90 @@ def _is_local(args: argparse.Namespace) -> bool:
     return any(getattr(args, name, None) for name in ("path", "backend", "url"))
 
 
+def _store_options(args: argparse.Namespace, verb: Verb) -> dict[str, Any]:
+    """How ``verb`` opens a stopped store: read-only when it only reads, never making a store
+    unless it makes one by nature (restore)."""
+    backend = canonical_backend(args.backend or "disk")
+    if backend == "memory":
+        raise Failed("a memory store lives inside its daemon: use --address")
+    options: dict[str, Any] = {"backend": backend, "path": args.path, "url": args.url}
+    if getattr(args, "prefix", None) is not None:
+        options["prefix"] = args.prefix
+    if verb.reads_only:
+        options["read_only"] = True
+    elif not verb.creates and backend in ("disk", "lmdb"):
+        options["create"] = False
+    return options
+
+
 @asynccontextmanager
-async def open_target(args: argparse.Namespace) -> AsyncIterator[Any]:
-    """The daemon's client, or the service opened on a stopped store: the same methods."""
+async def open_target(
+    args: argparse.Namespace, verb: Verb, watchdog: Watchdog
+) -> AsyncIterator[Any]:
+    """The daemon's client, or the service opened on a stopped store: the same methods, the
+    opening and each call bounded by ``--timeout`` (``watchdog``)."""
     if _is_local(args):
-        backend = canonical_backend(args.backend or "disk")
-        if backend == "memory":
-            raise Failed("a memory store lives inside its daemon: use --address")
-        async with open_session_service(
-            backend=backend, path=args.path, url=args.url, cleanup_interval=1e9
-        ) as service:
-            yield service
+        opened = open_session_service(**_store_options(args, verb), cleanup_interval=1e9)
     else:
+        # No reconnecting: a daemon that is not there fails the verb at once.
         token = read_token_file(args.token_file) if args.token_file else args.token
-        async with connect(args.address, token=token, reconnect_timeout=args.timeout) as c:
-            yield c
+        opened = connect(args.address, token=token, reconnect_timeout=0)
+    watchdog.arm("opening")
+    async with opened as target:
+        watchdog.disarm()
+        yield watchdog.bound(target)
+
+
+class Watchdog:
+    """Bounds each wait of a verb (opening, then every call) by ``seconds``: a daemon that
+    accepts and never answers, or a stuck store, fails the verb with ServiceUnavailable
+    instead of hanging it. One cancel scope around the whole verb, its deadline moved to
+    now + ``seconds`` while a wait is under way and away otherwise (the verb's own work, such
+    as writing a backup, is not bounded)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.scope = trio.CancelScope()
+        self._what = "opening"
+
+    def arm(self, what: str) -> None:
+        """A wait for ``what`` begins: it has ``seconds``."""
+        self._what = what
+        self.scope.deadline = trio.current_time() + self.seconds
+
+    def disarm(self) -> None:
+        self.scope.deadline = math.inf
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        self.arm(what)
+        try:
+            yield
+        finally:
+            self.disarm()
+
+    def bound(self, target: Any) -> Any:
+        return _Bounded(target, self)
+
+    def expired(self) -> ServiceUnavailable:
+        return ServiceUnavailable(f"{self._what}: no answer within {self.seconds:g} s (--timeout)")
+
+
+class _Bounded:
+    """``target``'s async methods, each waited for under a :class:`Watchdog`."""
+
+    def __init__(self, target: Any, watchdog: Watchdog) -> None:
+        self._target = target
+        self._watchdog = watchdog
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._target, name)
+
+        async def bounded(*args: Any) -> Any:
+            with self._watchdog.waiting(name):
+                return await method(*args)
+
+        return bounded
 
 
 async def _pages(target: Any) -> AsyncIterator[list[Session]]:
@@ -214,30 +286,43 @@ async def delete(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
 async def backup(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     total = await target.count()
     progress = Progress("backup", total)
-    written = 0
-    partial = f"{args.file}.partial"
-    with open(partial, "wb") as f:
-        header = {
-            "format": BACKUP_FORMAT,
-            "version": BACKUP_VERSION,
-            "created_at": int(time.time() * 1000),
-            "backend": await target.get_backend(),
-            "count": total,
-        }
-        f.write(pack(header))
-        async for page in _pages(target):
-            f.write(b"".join(pack(encode_session(s)) for s in page))
-            written += len(page)
-            progress.advance(len(page))
-        f.write(pack({"end": True, "count": written}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, args.file)
+    # A private temporary file of a fresh name (O_EXCL, O_NOFOLLOW, 0600) beside the backup, so
+    # that no file or link already there is followed or overwritten; renamed into place only
+    # when complete, removed on any failure.
+    directory, name = os.path.split(os.path.abspath(args.file))
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            await _write_backup(target, f, total, progress)
+        os.replace(partial, args.file)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
     progress.finish()
+    written = progress.done
     if args.json:
         _json({"file": args.file, "sessions": written}, out)
     else:
         out.write(f"backed up {written} sessions to {args.file}\n")
+
+
+async def _write_backup(target: Any, f: BinaryIO, total: int, progress: Progress) -> None:
+    """The backup format of the module docstring, synced to disk; ``progress`` counts it."""
+    header = {
+        "format": BACKUP_FORMAT,
+        "version": BACKUP_VERSION,
+        "created_at": int(time.time() * 1000),
+        "backend": await target.get_backend(),
+        "count": total,
+    }
+    f.write(pack(header))
+    async for page in _pages(target):
+        f.write(b"".join(pack(encode_session(s)) for s in page))
+        progress.advance(len(page))
+    f.write(pack({"end": True, "count": progress.done}))
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_backup(f: BinaryIO) -> tuple[dict[str, Any], Iterator[Session]]:
@@ -314,14 +399,18 @@ async def check(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     _report(report, args, out)
 
 
-async def check_store(args: argparse.Namespace, out: IO[str]) -> None:
+async def check_store(args: argparse.Namespace, out: IO[str], watchdog: Watchdog) -> None:
     """On a stopped store: open it (quarantining it with --repair if it is corrupt) and decode
     every record."""
     backend = canonical_backend(args.backend or "disk")
     options: dict[str, Any] = {}
+    if args.prefix is not None:
+        options["prefix"] = args.prefix
     if backend in ("disk", "lmdb"):
+        # Only --repair may change anything: it quarantines a damaged store.
         options["on_corrupt"] = "quarantine" if args.repair else "fail"
-    store = make_store(backend, path=args.path, url=args.url, **options)
+        options.update({"create": False} if args.repair else {"read_only": True})
+    store = watchdog.bound(make_store(backend, path=args.path, url=args.url, **options))
     await store.open()
     try:
         now_ms = int(time.time() * 1000)
@@ -360,6 +449,8 @@ class Verb:
     help: str
     local: bool = True  # also works on a stopped store
     argument: str | None = None  # one positional argument (ID or FILE)
+    reads_only: bool = True  # opens a stopped store read-only
+    creates: bool = False  # may make a new store (restore)
 
 
 VERBS = (
@@ -367,21 +458,32 @@ VERBS = (
     Verb("list", list_, "list live sessions"),
     Verb("inspect", inspect, "show one session (does not refresh it)", argument="id"),
     Verb("stats", stats, "the service's figures"),
-    Verb("cleanup", cleanup, "remove expired sessions now"),
-    Verb("delete", delete, "delete one session", argument="id"),
+    Verb("cleanup", cleanup, "remove expired sessions now", reads_only=False),
+    Verb("delete", delete, "delete one session", argument="id", reads_only=False),
     Verb("backup", backup, "write every live session to a backup file", argument="file"),
-    Verb("restore", restore, "store the sessions of a backup file", argument="file"),
+    Verb(
+        "restore",
+        restore,
+        "store the sessions of a backup file",
+        argument="file",
+        reads_only=False,
+        creates=True,
+    ),
     Verb("check", check, "check the store's integrity"),
 )
 
 
 def _run(verb: Verb, args: argparse.Namespace) -> int:
     async def main() -> None:
-        if verb.name == "check" and _is_local(args):
-            await check_store(args, sys.stdout)
-            return
-        async with open_target(args) as target:
-            await verb.run(target, args, sys.stdout)
+        watchdog = Watchdog(args.timeout)
+        with watchdog.scope:
+            if verb.name == "check" and _is_local(args):
+                await check_store(args, sys.stdout, watchdog)
+            else:
+                async with open_target(args, verb, watchdog) as target:
+                    await verb.run(target, args, sys.stdout)
+        if watchdog.scope.cancelled_caught:
+            raise watchdog.expired()
 
     try:
         trio.run(main)
@@ -419,12 +521,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="the daemon's token itself: visible to every local user in ps",
         )
         parser.add_argument(
-            "--timeout", type=float, default=2.0, help="seconds to reach the daemon (default 2)"
+            "--timeout",
+            type=float,
+            default=10.0,
+            help="seconds each call may take, connecting included (default 10)",
         )
         if verb.local:
             parser.add_argument("--backend", help="a stopped store's backend (default disk)")
             parser.add_argument("--path", help="a stopped store's directory")
             parser.add_argument("--url", help="a redis store's URL")
+            parser.add_argument("--prefix", help="a redis store's key prefix (default sessions:)")
         if verb.name == "check":
             parser.add_argument(
                 "--repair",

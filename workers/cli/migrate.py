@@ -172,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> tuple[int, int]:
-    source = make_store(args.source[0], **args.source[1])
+    backend, options = args.source
+    if backend in ("disk", "lmdb"):
+        options = {**options, "read_only": True}  # a source is only read, and never made
+    source = make_store(backend, **options)
     target = make_store(args.target[0], **args.target[1])
     bar = ProgressBar(sys.stderr)
     await source.open()

@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import sniffio
 import trio
 
 from supervisor import (
@@ -46,10 +47,18 @@ from supervisor import (
 
 from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
 from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
-from ..record.session import DEFAULT, Session, build_session, check_id, new_id, ttl_to_ms
+from ..record.session import (
+    DEFAULT,
+    Session,
+    build_session,
+    check_id,
+    check_record,
+    new_id,
+    ttl_to_ms,
+)
 from ..stores import Store, canonical_backend, make_store
 from .api import METHODS, Kind, Method
-from .manager import ManagerSettings, ServiceClock, SessionManager
+from .manager import ManagerCounters, ManagerSettings, ServiceClock, SessionManager
 from .operations import (
     CleanupExpired,
     Count,
@@ -81,6 +90,10 @@ DEFAULT_CACHE_SIZE = 16_384
 DEFAULT_ACCESS_WRITE_DELAY = 10.0
 #: Seconds ``crash_actor`` waits for an actor that is being restarted to be running again.
 CRASH_NAME_WAIT = 5.0
+#: Most sessions one ``list_page`` returns: a page is built in memory and sent whole.
+MAX_PAGE_SIZE = 10_000
+#: Longest cursor ``list_page`` accepts (cursors are ids, or a store's short prefix and an id).
+MAX_CURSOR_LENGTH = 1024
 
 
 class InjectedCrash(RuntimeError):
@@ -118,6 +131,8 @@ class SessionService:
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
+        #: What the managers count for operators (store warnings), across their restarts.
+        self.counters = ManagerCounters()
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -155,7 +170,7 @@ class SessionService:
         keys = tuple(unset)
         if not all(isinstance(k, str) for k in keys):
             raise InvalidMetadata("unset takes metadata keys, which are strings")
-        return Patch(check_id(session_id), changes, keys, version)
+        return Patch(check_id(session_id), changes, keys, _version(version))
 
     def _build_touch(self, session_id: str) -> Touch:
         return Touch(check_id(session_id))
@@ -237,7 +252,8 @@ class SessionService:
         """
         if not callable(fn):
             raise TypeError(f"update takes a function metadata -> dict, not {fn!r}")
-        return _copy(await self._call(Update(check_id(session_id), fn, expected_version)))
+        op = Update(check_id(session_id), fn, _version(expected_version))
+        return _copy(await self._call(op))
 
     async def patch(
         self,
@@ -282,10 +298,10 @@ class SessionService:
         self, cursor: str | None = None, limit: int = 100
     ) -> tuple[list[Session], str | None]:
         """One page of live sessions and the cursor of the next page (None after the last)."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit is a positive int, got {limit!r}")
-        if cursor is not None and not isinstance(cursor, str):
-            raise ValueError("cursor is a string from a previous page, or None")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {limit!r:.40}")
+        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_LENGTH):
+            raise ValueError("cursor is the string a previous page gave, or None")
         page, next_cursor = await self._call(ListPage(cursor, limit))
         return [_copy(s) for s in page], next_cursor
 
@@ -313,22 +329,36 @@ class SessionService:
                 return removed
 
     async def import_sessions(self, sessions: Sequence[Session]) -> int:
-        """Store sessions from a backup as they are; ids already in use are skipped."""
-        for s in sessions:
-            check_id(s.id)
-            canonical_metadata(s.metadata, self._max_metadata_bytes)
-        return await self._call(ImportSessions(list(sessions)))
+        """Store sessions from a backup as they are; ids already in use are skipped.
+
+        Each record is checked first (:func:`~workers.record.session.check_record`, and its
+        metadata as ``create`` checks it): one bad record refuses the whole call
+        (:class:`InvalidSession`, :class:`InvalidMetadata`...), and nothing is written.
+        """
+        checked = [
+            build_session(
+                s.id,
+                s.created_at,
+                s.last_accessed,
+                s.timeout_ms,
+                canonical_metadata(check_record(s).metadata, self._max_metadata_bytes),
+                s.version,
+            )
+            for s in sessions
+        ]
+        return await self._call(ImportSessions(checked))
 
     async def get_backend(self) -> str:
         """The canonical backend name (the seed's ``get_backend``)."""
         return self.backend
 
     async def stats(self) -> dict[str, Any]:
-        """Figures for operators: backend, live sessions, restarts, uptime."""
+        """Figures for operators: backend, live sessions, restarts, store warnings, uptime."""
         return {
             "backend": self.backend,
             "sessions": await self.count(),
             "restarts": self.restarts,
+            "store_warnings": self.counters.store_warnings,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 
@@ -353,6 +383,15 @@ class SessionService:
         except NoProc:
             raise ServiceUnavailable(f"the {name} actor is not running; retry") from None
         return True
+
+
+def _version(expected_version: object) -> int | None:
+    """``expected_version`` if it is an int or None; a TypeError names anything else."""
+    if expected_version is not None and type(expected_version) is not int:
+        raise TypeError(
+            f"expected_version is an int or None, not {type(expected_version).__name__}"
+        )
+    return expected_version
 
 
 def _copy(session: Session) -> Session:
@@ -392,6 +431,7 @@ async def run_session_service(
     period: float = 10.0,
     extra_children: Callable[[SessionService], Sequence[ChildSpec]] | None = None,
     store: Store | None = None,
+    read_only: bool = False,
     task_status: trio.TaskStatus[SessionService] = trio.TASK_STATUS_IGNORED,
     **store_options: Any,
 ) -> None:
@@ -406,13 +446,16 @@ async def run_session_service(
     the disk and lmdb stores and to 0 for the others: the memory store needs neither and a
     redis store is shared, so nothing may be cached or deferred above it.
 
-    ``store`` runs the service on a store object of your own (a wrapper, say) instead of
-    building one from ``backend``. A store that cannot be opened raises its ``StoreError`` here,
-    bare. If the tree
+    ``store`` runs the service on a store object of your own (a wrapper, say) instead of building
+    one from ``backend``. ``read_only=True`` opens an existing store without writing anything to it
+    (no clock marks; the disk and lmdb stores open read-only and refuse commits), for tools that
+    only look. A store that cannot be opened raises its ``StoreError`` here, bare. If the tree
     exceeds its restart budget this raises ``SupervisorShutdown`` after stopping everything.
     """
     _check_options(cleanup_interval, max_sessions, max_metadata_bytes)
     if store is None:
+        if read_only and canonical_backend(backend) in ("disk", "lmdb"):
+            store_options["read_only"] = True
         store = make_store(backend, path=path, url=url, **store_options)
     backend = canonical_backend(store.backend)
     n = next(_instances)
@@ -443,7 +486,12 @@ async def run_session_service(
     )
     children = [
         SessionManager.child_spec(
-            "manager", store, settings, ServiceClock(clock or time.time), name=service._manager
+            "manager",
+            store,
+            settings,
+            ServiceClock(clock or time.time, persist=not read_only),
+            service.counters,
+            name=service._manager,
         ),
         Sweeper.child_spec(
             "cleanup", service.cleanup_expired, cleanup_interval, name=service.actors["cleanup"]
@@ -492,7 +540,23 @@ async def open_session_service(**options: Any) -> AsyncIterator[SessionService]:
     Takes the options of :func:`run_session_service`. Errors from starting the tree (a store
     that cannot be opened: ``StoreError``) and from the tree giving up
     (``SupervisorShutdown``) are raised bare, not wrapped in an exception group.
+
+    Under asyncio the tree runs in Trio's guest mode on asyncio's own loop, and the object
+    yielded has the same methods as asyncio coroutines (:mod:`workers.core.guest`).
     """
+    if sniffio.current_async_library() == "trio":
+        manager = open_trio_service(**options)
+    else:
+        from .guest import open_guest_service  # loaded only by asyncio programs
+
+        manager = open_guest_service(**options)  # type: ignore[assignment]
+    async with manager as service:
+        yield service
+
+
+@asynccontextmanager
+async def open_trio_service(**options: Any) -> AsyncIterator[SessionService]:
+    """:func:`open_session_service` for Trio code."""
     try:
         async with trio.open_nursery() as nursery:
             service = await nursery.start(partial(run_session_service, **options))

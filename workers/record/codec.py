@@ -20,6 +20,13 @@ from .session import Session
 RECORD_FORMAT = 1
 #: Default cap on the encoded size of one session's metadata.
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
+#: Deepest nesting of metadata (the metadata map itself is level 1). Deeper values break
+#: recursive consumers (json, repr) long before they carry any meaning for a session.
+MAX_METADATA_DEPTH = 32
+#: What metadata may hold besides maps and arrays. msgpack's ext types and timestamps are
+#: refused: other clients could not read them back the same way, and JSON output cannot show
+#: them.
+_SCALARS = frozenset((str, int, float, bool, type(None), bytes))
 
 _packer_options = {"use_bin_type": True}
 
@@ -65,9 +72,35 @@ def canonical_metadata(metadata: object, max_bytes: int) -> dict[str, Any]:
             f"metadata is {len(data)} bytes encoded, above max_metadata_bytes={max_bytes}"
         )
     try:
-        return unpack(data)
+        stored = unpack(data)
     except ValueError as exc:  # a nested map with non-string keys
         raise InvalidMetadata(f"metadata cannot be stored: {exc}") from None
+    _check_shape(stored)
+    return stored
+
+
+def _check_shape(metadata: dict[str, Any]) -> None:
+    """Refuse values msgpack carries but sessions do not: ext types, timestamps, and nesting
+    deeper than :data:`MAX_METADATA_DEPTH`. Iterative, so no depth can exhaust the stack."""
+    scalars = _SCALARS
+    pending: list[tuple[object, int]] = [(metadata, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            raise InvalidMetadata(
+                f"metadata cannot hold {type(value).__name__} values (msgpack ext types and "
+                "timestamps are refused): use str, int, float, bool, None, bytes, list or dict"
+            )
+        for child in children:
+            if type(child) in scalars:
+                continue
+            if depth >= MAX_METADATA_DEPTH:
+                raise InvalidMetadata(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+            pending.append((child, depth + 1))
 
 
 def copy_metadata(metadata: dict[str, Any]) -> dict[str, Any]:

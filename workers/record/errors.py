@@ -43,6 +43,11 @@ class InvalidTTL(SessionError, ValueError):
     """A ttl is not a positive finite number of seconds or None; nothing was written."""
 
 
+class InvalidSession(SessionError, ValueError):
+    """A session record given as it is (import, restore) has a field of the wrong type or out of
+    range; nothing was written."""
+
+
 class SessionTooLarge(SessionError, ValueError):
     """Encoded metadata is above ``max_metadata_bytes``; nothing was written."""
 
@@ -89,6 +94,7 @@ ERRORS: dict[str, type[SessionError]] = {
         VersionConflict,
         InvalidMetadata,
         InvalidTTL,
+        InvalidSession,
         SessionTooLarge,
         CapacityExceeded,
         ServiceUnavailable,

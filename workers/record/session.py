@@ -15,7 +15,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from .errors import InvalidSessionId, InvalidTTL
+from .errors import InvalidSession, InvalidSessionId, InvalidTTL
 
 
 class _Default:
@@ -30,6 +30,13 @@ DEFAULT: Final = _Default()
 MAX_ID_LENGTH = 256
 #: Longest ttl accepted, in seconds: about 100 years, far below any integer overflow.
 MAX_TTL_SECONDS = 100 * 365 * 24 * 3600.0
+#: Bounds of a record's integers, so that every store can hold them and their sums (an
+#: ``expires_at`` is at most MAX_TIME_MS + MAX_TIMEOUT_MS, far inside SQLite's and LMDB's
+#: signed 64 bits): times up to the end of year 9999 (what ``datetime`` can show), timeouts
+#: up to MAX_TTL_SECONDS, versions up to 2**53 (exact in every JSON reader too).
+MAX_TIME_MS = 253_402_300_799_999
+MAX_TIMEOUT_MS = round(MAX_TTL_SECONDS * 1000)
+MAX_VERSION = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +143,31 @@ def ttl_to_ms(ttl: object) -> int | None:
     if ttl > MAX_TTL_SECONDS:
         raise InvalidTTL(f"ttl is at most {MAX_TTL_SECONDS:.0f} seconds, got {ttl!r}")
     return max(1, round(ttl * 1000))
+
+
+def check_record(session: Session) -> Session:
+    """Return ``session`` if every field is of its type and in range, else raise
+    :class:`InvalidSession` (or :class:`InvalidSessionId`) naming the field.
+
+    For records that come from outside as they are (``import_sessions``, a backup): the
+    service's own records are in range by construction. Metadata is checked separately (it
+    has its own rules and size limit: :func:`workers.record.codec.canonical_metadata`).
+    """
+    check_id(session.id)
+    for name, value, high in (
+        ("created_at", session.created_at, MAX_TIME_MS),
+        ("last_accessed", session.last_accessed, MAX_TIME_MS),
+        ("timeout_ms", session.timeout_ms, MAX_TIMEOUT_MS),
+        ("version", session.version, MAX_VERSION),
+    ):
+        if value is None and name == "timeout_ms":
+            continue
+        if type(value) is not int or not 0 <= value <= high:
+            raise InvalidSession(
+                f"session {session.id!r:.40}: {name} is an int from 0 to {high}, got {value!r:.40}"
+            )
+    if session.timeout_ms == 0 or session.version == 0:
+        raise InvalidSession(f"session {session.id!r:.40}: timeout_ms and version are at least 1")
+    if not isinstance(session.metadata, dict):
+        raise InvalidSession(f"session {session.id!r:.40}: metadata is a map")
+    return session

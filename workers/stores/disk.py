@@ -10,8 +10,9 @@ Storage layout
 --------------
 ``path`` is a directory the store owns::
 
-    path/
-        LOCK          flock()ed by the owner, holds its pid (workers.stores.files.DirectoryLock)
+    path/                 0700, like every file in it 0600 (workers.stores.files)
+        SESSIONS      the marker that says this directory is a disk session store
+        LOCK          flock()ed by the owner, holds its pid
         cache.db      diskcache's SQLite database
         cache.db-wal  SQLite's write-ahead log (gone after a clean close)
         cache.db-shm  the write-ahead log's index
@@ -101,7 +102,8 @@ One owner
 ``open`` takes the directory's flock first, before reading anything, so a second DiskStore on
 the same directory, in this process or another, fails ``open`` with a StoreError naming the
 holder's pid. The kernel drops the lock when its owner dies, so a SIGKILLed owner leaves no
-stale lock.
+stale lock. (:class:`~workers.stores.files.StoreFiles` does this and the rest of the directory's
+rules: what is made, what is recognised, what may be moved.)
 
 Corruption
 ----------
@@ -109,16 +111,24 @@ Corruption
 it must be a diskcache database carrying our format marker (an empty one is adopted). When it
 is not (a truncated or garbage file, a foreign database), ``on_corrupt`` decides:
 
-- ``"quarantine"`` (default): the whole directory is renamed to ``<path>.corrupt-<UTC time>``,
-  an ERROR is logged naming both paths, and the store starts empty in a fresh directory. The
-  rename happens while the lock is held (the lock file moves with its directory, and its flock
-  with it); the fresh directory's lock is taken before the old one is released, so no other
-  owner can slip in between.
+- ``"quarantine"`` (default): the store's own files (``cache.db`` and its WAL files) are moved
+  into ``<path>.corrupt-<UTC time>/``, an ERROR names both places, and the store starts empty
+  in the same directory, under the same lock. Only a directory carrying our ``SESSIONS``
+  marker is ever touched: anything else (another application's ``cache.db``, say) is refused
+  with StoreError and left as it is.
 - ``"fail"``: ``open`` raises StoreError with that message and leaves the directory as it was.
 
 Only corruption (SQLite's ``SQLITE_CORRUPT`` and ``SQLITE_NOTADB``) and a foreign format are
 quarantined: an I/O or permission error is raised as StoreError and moves nothing. A record
 that is damaged later (it fails to decode) makes the call that reads it raise StoreError.
+
+Read-only
+---------
+``read_only=True`` (the admin verbs that only read) opens an existing store without writing a
+byte: no directory or file is made, nothing is quarantined (a damaged store is an error), no
+settings are written (the queries run on a read-only SQLite connection of their own, not on
+diskcache's ``Cache``, which writes its settings when it opens), and ``commit`` is refused.
+``create=False`` (the admin verbs that write) opens an existing store only.
 
 Beyond diskcache's public API
 -----------------------------
@@ -160,8 +170,8 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, write_id
-from .files import DirectoryLock, Durability, OnCorrupt, check_file_options, quarantine_locked
+from .base import Delete, Mark, Put, Write, apply_in_order, may_delete, source_holds, write_ids
+from .files import Durability, OnCorrupt, StoreFiles, check_file_options, create_private
 from .thread import ThreadedStore
 
 logger = logging.getLogger(__name__)
@@ -176,6 +186,8 @@ MARK_KEY = "sessions_mark"
 FORMAT = 1
 
 _SQLITE_MAX_INT = 2**63 - 1
+#: The files diskcache and SQLite keep in the store's directory (what quarantine moves).
+_OWN_FILES = frozenset({DBNAME, f"{DBNAME}-wal", f"{DBNAME}-shm"})
 _SYNCHRONOUS: dict[str, int] = {"process": 1, "power": 2}  # NORMAL, FULL
 #: Settings every open passes (see the module docstring for why each one).
 _PINNED_SETTINGS: dict[str, Any] = {
@@ -219,6 +231,7 @@ _UPDATE = (
 )
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
 _DELETE_EXPIRED = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag < ?"
+_DELETE_ROW = "DELETE FROM Cache WHERE rowid = ?"
 
 
 class SessionDisk(diskcache.Disk):
@@ -271,6 +284,8 @@ class DiskStore(ThreadedStore):
         *,
         durability: Durability = "process",
         on_corrupt: OnCorrupt = "quarantine",
+        create: bool = True,
+        read_only: bool = False,
         **diskcache_settings: Any,
     ) -> None:
         check_file_options(durability, on_corrupt)
@@ -292,7 +307,11 @@ class DiskStore(ThreadedStore):
         }
         self.label = f"disk store {self.path}"
         self._cache: diskcache.Cache | None = None
-        self._lock: DirectoryLock | None = None
+        #: Make the store if the directory does not hold one (otherwise: StoreError).
+        self.create = create and not read_only
+        #: Open without writing anything (see "Read-only"): commits are refused.
+        self.read_only = read_only
+        self._files = StoreFiles(self.path, self.backend, _OWN_FILES)
         self._checkpoints: _Checkpointer | None = None
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
@@ -303,52 +322,59 @@ class DiskStore(ThreadedStore):
 
     # Everything below runs on the store thread.
 
-    def _db(self) -> diskcache.Cache:
+    def _db(self) -> diskcache.Cache | _ReadOnlyCache:
         assert self._cache is not None, "the store thread runs calls only while it is open"
         return self._cache
 
     def _open(self) -> None:
-        lock = DirectoryLock(self.path)
-        try:
-            lock.acquire()
-        except OSError as exc:  # e.g. path is a file, or not writable
-            raise StoreError(f"cannot open disk store {self.path}: {exc}") from exc
+        files = self._files
+        files.open(create=self.create, read_only=self.read_only)
         try:
             problem = _inspect(self.path / DBNAME)
             if problem is not None:
-                lock = self._set_aside(lock, problem)
-            try:
-                cache = self._new_cache()
-            except sqlite3.DatabaseError as exc:
-                if not _is_corruption(exc):
-                    raise
-                # Damage past what _inspect reads (a settings or index page, say).
-                lock = self._set_aside(lock, f"corrupt SQLite database: {exc}")
-                cache = self._new_cache()
+                self._set_aside(problem)
+            cache = self._connect()
+            if not self.read_only:
+                files.mark_and_narrow()
         except (sqlite3.Error, OSError) as exc:
-            lock.release()
-            raise StoreError(f"cannot open disk store {self.path}: {exc}") from exc
+            files.release()
+            raise StoreError(f"cannot open {self.label}: {exc}") from exc
         except BaseException:
-            lock.release()
+            files.release()
             raise
-        self._cache, self._lock = cache, lock
-        self._checkpoints = _Checkpointer(self.path / DBNAME, _SYNCHRONOUS[self.durability])
+        self._cache = cache
+        if not self.read_only:
+            self._checkpoints = _Checkpointer(self.path / DBNAME, _SYNCHRONOUS[self.durability])
+
+    def _connect(self) -> diskcache.Cache | _ReadOnlyCache:
+        if self.read_only:
+            return _ReadOnlyCache(self.path / DBNAME)
+        create_private(self.path / DBNAME)  # 0600; SQLite gives its -wal and -shm the same
+        try:
+            return self._new_cache()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
+            # Damage past what _inspect reads (a settings or index page, say).
+            self._set_aside(f"corrupt SQLite database: {exc}")
+            create_private(self.path / DBNAME)
+            return self._new_cache()
 
     def _new_cache(self) -> diskcache.Cache:
         return diskcache.Cache(str(self.path), disk=SessionDisk, **self._settings)
 
-    def _set_aside(self, lock: DirectoryLock, problem: str) -> DirectoryLock:
-        """Apply ``on_corrupt`` to an unusable directory; return the lock of the fresh one."""
-        if self.on_corrupt == "fail":
+    def _set_aside(self, problem: str) -> None:
+        """Apply ``on_corrupt`` to an unusable database (read-only opens never move anything)."""
+        if self.on_corrupt == "fail" or self.read_only:
             raise StoreError(
-                f"disk store {self.path} cannot be used: {problem}; it was left as it is "
-                "(on_corrupt='fail'): move it aside or restore a backup"
+                f"{self.label} cannot be used: {problem}; it was left as it is "
+                f"({'read-only' if self.read_only else 'on_corrupt=fail'}): move it aside or "
+                "restore a backup"
             )
-        return quarantine_locked(self.path, lock, "disk store", problem)
+        self._files.quarantine(problem)
 
     def _close(self) -> None:
         cache, self._cache = self._cache, None
-        lock, self._lock = self._lock, None
         checkpoints, self._checkpoints = self._checkpoints, None
         try:
             if checkpoints is not None:
@@ -356,8 +382,7 @@ class DiskStore(ThreadedStore):
             if cache is not None:
                 cache.close()  # the last connection checkpoints the WAL into cache.db
         finally:
-            if lock is not None:
-                lock.release()
+            self._files.release()
 
     def _load(self, ids: list[str]) -> dict[str, Session]:
         # One query per _LOAD_CHUNK ids rather than a Cache.get each: a sweep loads hundreds of
@@ -376,6 +401,8 @@ class DiskStore(ThreadedStore):
     def _commit(self, writes: list[Write]) -> list[bool]:
         # Check and encode everything before the transaction: a bad batch changes nothing, and
         # the write lock is held for SQLite work only.
+        if self.read_only:
+            raise StoreError(f"{self.label} is open read-only: nothing can be written")
         cache = self._db()
         prepared: list[tuple[Put, bytes] | Delete | Mark] = []
         for write in writes:
@@ -390,11 +417,11 @@ class DiskStore(ThreadedStore):
             now = time.time()
             return apply_in_order(
                 prepared,
-                lambda item: item[0].session.id if isinstance(item, tuple) else write_id(item),
+                lambda item: write_ids(item[0] if isinstance(item, tuple) else item),
                 lambda item: (
                     _apply_put(execute, cache.disk, now, *item)
                     if isinstance(item, tuple)
-                    else _apply_delete(execute, item)
+                    else _apply_delete(execute, cache.disk, item)
                     if isinstance(item, Delete)
                     else _apply_mark(execute, item)
                 ),
@@ -448,18 +475,30 @@ def _apply_put(
     # SessionDisk still decides what may go in: a str key, an inline bytes value.
     key, _ = disk.put(session.id)
     _, mode, _, value = disk.store(record, False)
+    if put.moved_from is not None:
+        source = _current(execute, disk, put.moved_from)
+        if not source_holds(put, None if source is None else source[1]):
+            return False
     if put.expected_version is None:
         cursor = execute(_INSERT, (key, now, now, session.expires_at, mode, value))
         return cursor.rowcount == 1
+    current = _current(execute, disk, key)
+    if current is None or current[1].version != put.expected_version:
+        return False
+    execute(_UPDATE, (now, now, session.expires_at, mode, value, current[0]))
+    return True
+
+
+def _current(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, session_id: str
+) -> tuple[int, Session] | None:
+    """The row id and the stored session of ``session_id``, if there is one."""
+    key, _ = disk.put(session_id)
     row = execute(_CURRENT, (key,)).fetchone()
     if row is None:
-        return False
-    rowid, stored_mode, filename, stored = row
-    current = _decode(key, disk.fetch(stored_mode, filename, stored, False))
-    if current.version != put.expected_version:
-        return False
-    execute(_UPDATE, (now, now, session.expires_at, mode, value, rowid))
-    return True
+        return None
+    rowid, mode, filename, stored = row
+    return rowid, _decode(key, disk.fetch(mode, filename, stored, False))
 
 
 def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
@@ -473,12 +512,44 @@ def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
     return True
 
 
-def _apply_delete(execute: Callable[..., sqlite3.Cursor], delete: Delete) -> bool:
+def _apply_delete(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, delete: Delete
+) -> bool:
+    if delete.expected_version is not None:  # the version is in the record: read it
+        current = _current(execute, disk, delete.id)
+        if current is None or not may_delete(delete, current[1]):
+            return False
+        return execute(_DELETE_ROW, (current[0],)).rowcount > 0
     # The tag is the session's expires_at, so "expired at t" (t > expires_at) is ``tag < t``:
     # the stored record need not be read and decoded, and NULL (never expires) never matches.
     if delete.if_expired_at is None:
         return execute(_DELETE, (delete.id,)).rowcount > 0
     return execute(_DELETE_EXPIRED, (delete.id, delete.if_expired_at)).rowcount > 0
+
+
+class _ReadOnlyCache:
+    """What the store's queries use of a diskcache ``Cache`` (its connection's ``_sql``, its
+    ``disk`` and its row count), over a read-only SQLite connection.
+
+    diskcache's ``Cache()`` writes its settings when it opens, so a read-only open cannot use
+    it. Without a write-ahead log left over (a clean close removes it) the database is opened
+    ``immutable``, so SQLite makes no -wal or -shm file either; with one (a crash), read-only,
+    so that the committed transactions in it are seen.
+    """
+
+    def __init__(self, db: Path) -> None:
+        wal = db.with_name(f"{db.name}-wal")
+        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+        self._con = sqlite3.connect(f"{db.as_uri()}?{mode}", uri=True, isolation_level=None)
+        self._sql = self._con.execute
+        self.disk = SessionDisk(str(db.parent))
+
+    def __len__(self) -> int:
+        row = self._sql("SELECT value FROM Settings WHERE key = 'count'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def close(self) -> None:
+        self._con.close()
 
 
 class _Checkpointer:

@@ -2,8 +2,9 @@
 
 Layout
 ------
-The store is a directory holding our ``LOCK`` file (:class:`~workers.stores.files.DirectoryLock`)
-and LMDB's own ``data.mdb`` and ``lock.mdb``. The environment has three named databases:
+The store is a directory (0700, its files 0600) holding our ``SESSIONS`` marker and ``LOCK``
+file (:class:`~workers.stores.files.StoreFiles`: what is made, recognised and may be moved) and
+LMDB's own ``data.mdb`` and ``lock.mdb``. The environment has three named databases:
 
 ``meta``
     ``format`` -> :data:`FORMAT`, written when the store is created. An environment without it
@@ -77,12 +78,16 @@ LMDB keeps no checksums: it detects a file that is not an LMDB file, or from ano
 but a truncated file opens and then kills the process with SIGBUS when a page past the end is
 read. :meth:`~LmdbStore.open` therefore checks the file's size against the last page the
 environment claims to use before reading anything, and checks the format marker. A store that
-fails these checks is moved aside to ``<path>.corrupt-<UTC stamp>`` with an ERROR log naming
-both paths and the store starts empty, or, with ``on_corrupt="fail"``, ``open`` raises
-:class:`StoreError`. A directory that holds other files but no LMDB environment is refused
-with :class:`StoreError`, never moved: it is most likely another store's directory. Damage
-inside a page that these checks cannot see surfaces as :class:`StoreError` from the call that
-reads it.
+fails these checks has its own files (``data.mdb``, ``lock.mdb``) moved into
+``<path>.corrupt-<UTC stamp>/`` with an ERROR log naming both places and starts empty, or, with
+``on_corrupt="fail"`` or ``read_only=True``, ``open`` raises :class:`StoreError`. Only a
+directory carrying our ``SESSIONS`` marker is ever touched; a directory that holds other files
+is refused with :class:`StoreError`, never moved: it is most likely another application's.
+Damage inside a page that these checks cannot see surfaces as :class:`StoreError` from the call
+that reads it.
+
+``read_only=True`` opens an existing store with LMDB's read-only mode and writes nothing;
+``create=False`` opens an existing store only.
 """
 
 from __future__ import annotations
@@ -98,8 +103,8 @@ import lmdb
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, write_id
-from .files import DirectoryLock, Durability, OnCorrupt, check_file_options, quarantine_locked
+from .base import Delete, Mark, Put, Write, apply_in_order, may_delete, source_holds, write_ids
+from .files import FILE_MODE, Durability, OnCorrupt, StoreFiles, check_file_options
 from .mapped_pages import MappedPages
 from .thread import ThreadedStore
 
@@ -115,8 +120,8 @@ FORMAT_KEY = b"format"
 MARK_KEY = b"mark"
 DATA_FILE = "data.mdb"
 _DATABASES = (b"meta", b"sessions", b"expiry")
-#: Files a fresh store directory may hold before LMDB's data file exists.
-_OWN_FILES = frozenset({"LOCK", "lock.mdb"})
+#: The files LMDB keeps in the store's directory (what quarantine moves).
+_OWN_FILES = frozenset({DATA_FILE, "lock.mdb"})
 #: Errors by which LMDB says a file is damaged or not an environment it can read.
 _CORRUPT = (
     lmdb.InvalidError,
@@ -161,6 +166,8 @@ class LmdbStore(ThreadedStore):
         map_size: int = 64 * _MIB,
         max_map_size: int = 16 * 1024 * _MIB,
         unmap_every: int | None = 512,
+        create: bool = True,
+        read_only: bool = False,
     ) -> None:
         check_file_options(durability, on_corrupt)
         if unmap_every is not None and (isinstance(unmap_every, bool) or unmap_every < 1):
@@ -175,7 +182,11 @@ class LmdbStore(ThreadedStore):
         self.map_size = map_size
         self.max_map_size = max_map_size
         self.label = f"lmdb store {self.path}"
-        self._lock: DirectoryLock | None = None
+        #: Make the store if the directory does not hold one (otherwise: StoreError).
+        self.create = create and not read_only
+        #: Open without writing anything (LMDB's read-only mode): commits are refused.
+        self.read_only = read_only
+        self._files = StoreFiles(self.path, self.backend, _OWN_FILES)
         self._env: lmdb.Environment | None = None
         self._meta: Any = None
         self._sessions: Any = None
@@ -185,28 +196,28 @@ class LmdbStore(ThreadedStore):
     # -- on the store thread (ThreadedStore runs these) --------------------------------------
 
     def _open(self) -> None:
-        self._lock = DirectoryLock(self.path)
-        self._lock.acquire()
+        files = self._files
+        files.open(create=self.create, read_only=self.read_only)
         try:
-            self._open_environment()
-        except _Corrupt as exc:
-            if self.on_corrupt == "fail":
-                raise StoreError(
-                    f"lmdb store {self.path} is unusable ({exc}); move it aside or open it with "
-                    "on_corrupt='quarantine'"
-                ) from None
-            self._lock = quarantine_locked(self.path, self._lock, "lmdb store", str(exc))
-            self._open_environment()
+            try:
+                self._open_environment()
+            except _Corrupt as exc:
+                if self.on_corrupt == "fail" or self.read_only:
+                    raise StoreError(
+                        f"{self.label} is unusable ({exc}); it was left as it is: move it aside "
+                        "or restore a backup"
+                        + ("" if self.read_only else " (or open it with on_corrupt='quarantine')")
+                    ) from None
+                files.quarantine(str(exc))
+                self._open_environment()
+            if not self.read_only:
+                files.mark_and_narrow()
+        except BaseException:
+            self._close()
+            raise
 
     def _open_environment(self) -> None:
         data = self.path / DATA_FILE
-        if not data.exists():
-            others = sorted(p.name for p in self.path.iterdir() if p.name not in _OWN_FILES)
-            if others:
-                raise StoreError(
-                    f"{self.path} is not an lmdb session store: it holds {', '.join(others[:5])} "
-                    "but no LMDB environment; use an empty or new directory"
-                )
         power = self.durability == "power"
         try:
             env = lmdb.open(
@@ -221,6 +232,12 @@ class LmdbStore(ThreadedStore):
                 # Sessions are read by id, at random: read-ahead would fill the page cache with
                 # neighbours nobody asked for once the store is larger than memory.
                 readahead=False,
+                readonly=self.read_only,
+                create=not self.read_only,
+                # LMDB's reader table (lock.mdb) is written even by readers; our flock already
+                # keeps every other process out, so a read-only open leaves it alone.
+                lock=not self.read_only,
+                mode=FILE_MODE,
             )
         except _CORRUPT as exc:
             raise _Corrupt(str(exc)) from None
@@ -244,7 +261,7 @@ class LmdbStore(ThreadedStore):
         try:
             with env.begin() as txn:
                 names = list(txn.cursor().iternext(values=False))
-            if not names:
+            if not names and not self.read_only:
                 with env.begin(write=True) as txn:
                     handles = [env.open_db(name, txn=txn) for name in _DATABASES]
                     txn.put(FORMAT_KEY, FORMAT, db=handles[0])
@@ -263,16 +280,15 @@ class LmdbStore(ThreadedStore):
 
     def _close(self) -> None:
         env, self._env = self._env, None
-        lock, self._lock = self._lock, None
         try:
             if env is not None:
                 try:
-                    env.sync(True)
+                    if not self.read_only:
+                        env.sync(True)
                 finally:
                     env.close()
         finally:
-            if lock is not None:
-                lock.release()
+            self._files.release()
 
     def _load(self, ids: list[str]) -> dict[str, Session]:
         found = {}
@@ -285,6 +301,8 @@ class LmdbStore(ThreadedStore):
         return found
 
     def _commit(self, writes: list[Write]) -> list[bool]:
+        if self.read_only:
+            raise StoreError(f"{self.label} is open read-only: nothing can be written")
         limit = self._env.max_key_size() - 8  # the expiry key is 8 bytes longer than the id
         for write in writes:
             if isinstance(write, Mark):
@@ -324,7 +342,7 @@ class LmdbStore(ThreadedStore):
                 return self._delete(txn, w)
             return self._mark(txn, w)
 
-        return apply_in_order(writes, write_id, apply)
+        return apply_in_order(writes, write_ids, apply)
 
     def _mark(self, txn: lmdb.Transaction, write: Mark) -> bool:
         stored = txn.get(MARK_KEY, db=self._meta)
@@ -352,6 +370,10 @@ class LmdbStore(ThreadedStore):
             if old.version != write.expected_version:
                 return False
             old_expiry = old.expires_at
+        if write.moved_from is not None:
+            source = txn.get(write.moved_from.encode(), db=self._sessions)
+            if not source_holds(write, None if source is None else decode_session(source)):
+                return False
         txn.put(key, encode_session(session), db=self._sessions)
         if old_expiry != session.expires_at:
             if old_expiry is not None:
@@ -366,7 +388,7 @@ class LmdbStore(ThreadedStore):
         if data is None:
             return False
         old = decode_session(data)
-        if write.if_expired_at is not None and not old.expired_at(write.if_expired_at):
+        if not may_delete(write, old):
             return False
         txn.delete(key, db=self._sessions)
         if old.expires_at is not None:
