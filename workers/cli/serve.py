@@ -214,7 +214,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the session daemon",
         description=(
             "Run the session service and listen for msgpack-RPC clients. Settings: defaults, "
-            "then --config FILE (TOML), then SESSIOND_* variables, then these flags."
+            "then --config FILE (TOML), then SESSIOND_* variables, then these flags. The "
+            "limits are explained in the README's Security section."
         ),
     )
     add = parser.add_argument
@@ -240,32 +241,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--durability", choices=("process", "power"), help="disk and lmdb commit durability")
     add("--on-corrupt", choices=("quarantine", "fail"), help="what to do with a corrupt store")
     add("--max-connections", type=int, help="simultaneous connections (default 1024)")
-    add(
-        "--max-unauthenticated",
-        type=int,
-        help="connections per socket kind still to authenticate; past it the oldest is closed "
-        "(default 128)",
-    )
+    add("--max-unauthenticated", type=int, help="connections yet to authenticate (128)")
     add("--auth-timeout", type=float, help="seconds a connection gets to authenticate (5)")
-    add(
-        "--max-auth-failures",
-        type=int,
-        help="failed authentications in a row from one address before it is refused, one "
-        "more allowed each second (default 10)",
-    )
+    add("--max-auth-failures", type=int, help="wrong tokens in a row from one address (10)")
     add("--max-in-flight", type=int, help="requests in flight per connection (default 64)")
     add("--max-message-size", type=int, help="largest request in bytes (default 4 MiB)")
-    add(
-        "--max-buffered-bytes",
-        type=int,
-        help="memory for messages in progress all connections may hold together, in bytes "
-        "(default 64 MiB)",
-    )
-    add(
-        "--message-timeout",
-        type=float,
-        help="seconds a message may take to arrive, from its first byte (default 30)",
-    )
+    add("--max-buffered-bytes", type=int, help="memory for partial messages (64 MiB)")
+    add("--message-timeout", type=float, help="seconds a message may take to arrive (30)")
     add("--shutdown-grace", type=float, help="seconds in-flight requests get on stop (10)")
     add("--restart-intensity", type=int, help="restarts allowed per period (default 5)")
     add("--restart-period", type=float, help="seconds of the restart budget (default 10)")

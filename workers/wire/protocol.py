@@ -302,19 +302,18 @@ def _holds_at_most(message: bytes | bytearray, limit: int) -> bool:
     return True
 
 
+#: Unpacker limits that let nothing but scalars (numbers, nil, booleans) through.
+_SCALARS_ONLY: Final = dict.fromkeys(
+    ("max_str_len", "max_bin_len", "max_array_len", "max_map_len", "max_ext_len"), 0
+)
+
+
 def _peek_msgid(message: bytes | bytearray) -> int | None:
     """The msgid of ``message`` if it starts as a request does, whatever follows; else None.
 
     Reads the first few bytes only, and builds no container or string.
     """
-    scanner = msgpack.Unpacker(
-        max_buffer_size=32,
-        max_str_len=0,
-        max_bin_len=0,
-        max_array_len=0,
-        max_map_len=0,
-        max_ext_len=0,
-    )
+    scanner = msgpack.Unpacker(max_buffer_size=32, **_SCALARS_ONLY)
     scanner.feed(message[:32])
     try:
         if scanner.read_array_header() != 4:
