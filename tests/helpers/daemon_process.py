@@ -7,13 +7,18 @@ file, shown by :meth:`DaemonProcess.log` when an assertion needs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from workers import SessionExpired
+from workers.client import SyncClient
 
 from . import ROOT
 
@@ -47,8 +52,15 @@ class DaemonProcess:
     """One ``sessiond serve`` subprocess on a free loopback port and a Unix socket in
     ``workdir``."""
 
-    def __init__(self, workdir: Path, *args: str, backend: str = "disk") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        backend: str = "disk",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.preexec_fn = preexec_fn  # run in the child before it starts (resource limits)
         self.port = free_port()
         self.socket_path = workdir / "sessiond.sock"
         self.store_path = workdir / "store"
@@ -79,6 +91,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 cwd=self.workdir,
+                preexec_fn=self.preexec_fn,
             )
         if wait:
             self.wait_ready()
@@ -128,6 +141,15 @@ class DaemonProcess:
                 raise AssertionError(f"the daemon never logged {text!r}:\n{self.log()}")
             time.sleep(0.02)
 
+    def status_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of the daemon from ``/proc/PID/status``, in KiB (``VmRSS``: resident
+        now; ``VmHWM``: the most it ever was)."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} line")
+
     def log(self) -> str:
         return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
 
@@ -136,3 +158,28 @@ class DaemonProcess:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, *args: str) -> Iterator[DaemonProcess]:
+    """A daemon for a ``with`` block (a module's tests, say); it must then stop cleanly."""
+    daemon = DaemonProcess(workdir, *args).start()
+    try:
+        yield daemon
+    except BaseException:
+        daemon.close()
+        raise
+    assert daemon.stop() == 0, daemon.log()
+
+
+def expire(client: SyncClient, session_id: str) -> None:
+    """Make a session of a real daemon expire: a 1 ms idle timeout, then poll until the
+    daemon's own clock has passed it (its clock is real: no fixed sleep can be right)."""
+    client.set_ttl(session_id, 0.001)
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        try:
+            client.peek(session_id)
+        except SessionExpired:
+            return
+        assert time.monotonic() < deadline, f"session {session_id} never expired"

@@ -1,7 +1,7 @@
 """The admin verbs: ``ping list inspect stats cleanup delete backup restore check``.
 
 Each works against a running daemon (``--address``, default ``tcp://127.0.0.1:7878`` or
-``SESSIOND_ADDRESS``; ``--token`` or ``SESSIOND_TOKEN``). All but ``ping`` also work on a
+``SESSIOND_ADDRESS``; ``--token-file`` or ``SESSIOND_TOKEN``). All but ``ping`` also work on a
 stopped store: give ``--path`` (and ``--backend`` when it is not ``disk``) or ``--url`` for redis,
 and the verb opens the store itself; the store's single-owner lock refuses this while a
 daemon owns it. Output is a human table by default, JSON with ``--json`` (``list --json`` prints
@@ -42,6 +42,7 @@ from ..record.session import Session
 from ..stores import canonical_backend, make_store
 from ..wire.address import DEFAULT_ADDRESS
 from ..wire.client import connect
+from .config import read_token_file
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1
@@ -90,7 +91,8 @@ async def open_target(
         opened = open_session_service(**_store_options(args, verb), cleanup_interval=1e9)
     else:
         # No reconnecting: a daemon that is not there fails the verb at once.
-        opened = connect(args.address, token=args.token, reconnect_timeout=0)
+        token = read_token_file(args.token_file) if args.token_file else args.token
+        opened = connect(args.address, token=token, reconnect_timeout=0)
     watchdog.arm("opening")
     async with opened as target:
         watchdog.disarm()
@@ -509,7 +511,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"the daemon: tcp://HOST:PORT or unix:///path (default {DEFAULT_ADDRESS})",
         )
         parser.add_argument(
-            "--token", default=os.environ.get("SESSIOND_TOKEN"), help="the daemon's token"
+            "--token-file",
+            default=os.environ.get("SESSIOND_TOKEN_FILE"),
+            help="a file holding the daemon's token (preferred, as is SESSIOND_TOKEN)",
+        )
+        parser.add_argument(
+            "--token",
+            default=os.environ.get("SESSIOND_TOKEN"),
+            help="the daemon's token itself: visible to every local user in ps",
         )
         parser.add_argument(
             "--timeout",

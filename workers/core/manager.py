@@ -10,11 +10,27 @@ is shared; with a single caller a batch is that caller's request alone.
 Failures, by kind:
 
 - an operation's own error (``SessionNotFound``, ``UpdateFailed``...) goes to its caller only;
-- a store's error (``StoreError``, ``ServiceUnavailable`` from a shared store) goes to every
-  caller of the batch, and nothing of the batch was written (commit is one transaction);
+- a store's error (``StoreError``, ``ServiceUnavailable`` from a shared store) on a load or a
+  scan goes to every caller of the batch; on a commit (one transaction: nothing of it was
+  written) it goes to every operation that wrote, and to every operation whose answer depends
+  on a write that failed (a later read of the same session, a page or a count after it). An
+  operation that wrote nothing and read nothing the failed writes touched is answered;
+- a store spread over shards (Redis Cluster) may complete a batch in some and fail it in
+  others (:class:`~workers.stores.base.PartialCommit`, ``PartialLoad``): each operation is
+  then answered from its own shard's outcome by the same rules, and an operation is never
+  answered as written unless all of its writes were;
+- a ``retrieve`` or ``touch`` whose only write, its access-time refresh, is refused by the
+  store with ``StoreError`` (a Redis at ``maxmemory`` with ``noeviction``) is still answered
+  with the session: a full store keeps serving reads. Each such read is counted
+  (:attr:`ManagerCounters.store_warnings`, in ``stats()``) and logged as a WARNING, at most
+  once per :data:`WARN_EVERY` seconds;
 - anything else is a bug or an injected fault: the actor crashes, every waiting caller gets
   ``ServerDown`` at once (the service turns it into ``ServiceUnavailable``), the supervisor
   starts a new manager, which re-opens the store. Committed writes survive it.
+
+Shared stores that can refresh access times while loading
+(:class:`~workers.stores.base.TouchingStore`, redis) load the sessions of ``retrieve`` and
+``touch`` that way: a read costs one round trip, not a load and then a commit.
 
 Reads and access times: a manager that owns its store alone keeps a bounded cache of the
 sessions it read and committed (``cache_size``), and with ``access_write_delay`` it writes the
@@ -80,14 +96,29 @@ from supervisor import Actor, ReplySlot, TimerHandle
 
 from ..record.errors import SessionError, StoreError
 from ..record.session import Session
-from ..stores.base import ImmediateStore, Mark, Put, Store, Write, write_id
+from ..stores.base import (
+    Delete,
+    ImmediateStore,
+    Mark,
+    PartialCommit,
+    PartialLoad,
+    Put,
+    Store,
+    TouchingStore,
+    Write,
+    write_id,
+    write_ids,
+)
 from .cache import ReadCache
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
 
-#: The clock high-water mark is persisted when it moved on by this much (ms) since the last time.
+#: The clock high-water mark is persisted when it moved on by this much (ms) since the last time
+#: (or since the last attempt that failed).
 MARK_EVERY_MS = 1000
+#: Seconds between two WARNING lines about reads answered without their access-time write.
+WARN_EVERY = 10.0
 #: How often an operation whose conditional write lost a race is tried before giving up.
 MAX_ATTEMPTS = 16
 #: Backoff before the n-th retry: uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**n)] seconds.
@@ -124,6 +155,9 @@ class ServiceClock:
     high_water_ms: int = 0
     #: The high water last committed to the store (a Mark write), or read from it.
     persisted_ms: int = 0
+    #: The high water of the last Mark whose commit failed: a failing store (a full Redis) is
+    #: not sent a Mark with every batch, only once per MARK_EVERY_MS.
+    tried_ms: int = 0
 
     def now_ms(self) -> int:
         """The wall clock in ms, held back so that it never goes backwards."""
@@ -133,7 +167,9 @@ class ServiceClock:
     def mark(self) -> Mark | None:
         """A Mark write for the batch when the high water moved on by MARK_EVERY_MS since the
         last one (it rides on the batch's single commit: no transaction of its own)."""
-        if not self.persist or self.high_water_ms - self.persisted_ms < MARK_EVERY_MS:
+        if not self.persist:
+            return None
+        if self.high_water_ms - max(self.persisted_ms, self.tried_ms) < MARK_EVERY_MS:
             return None
         return Mark(self.high_water_ms)
 
@@ -141,6 +177,32 @@ class ServiceClock:
         """Start no earlier than ``mark``, the mark a store held when it was opened."""
         self.high_water_ms = max(self.high_water_ms, mark)
         self.persisted_ms = max(self.persisted_ms, mark)
+
+
+@dataclass(slots=True)
+class ManagerCounters:
+    """Figures the managers keep for operators. Owned by the service (like
+    :class:`ServiceClock`), so they add up across manager restarts."""
+
+    #: Reads answered although the store refused to write their access time (module docstring).
+    store_warnings: int = 0
+    #: Of those, how many the log has not mentioned yet, and when it last did (Trio time).
+    unlogged: int = 0
+    logged_at: float = -WARN_EVERY
+
+    def warn(self, reads: int, error: SessionError) -> None:
+        """Count ``reads`` answered without their access-time write; log it, rate-limited."""
+        self.store_warnings += reads
+        self.unlogged += reads
+        now = trio.current_time()
+        if now - self.logged_at >= WARN_EVERY:
+            log.warning(
+                "%d reads answered without writing their access time (the store refused the "
+                "write; sessions may expire early until it takes writes again): %s",
+                self.unlogged,
+                error,
+            )
+            self.unlogged, self.logged_at = 0, now
 
 
 @dataclass(slots=True)
@@ -158,20 +220,32 @@ class _Retry:
 
 
 @dataclass(slots=True)
-class _Batch:
-    """A batch applied to its view, waiting for (or past) its commit."""
+class _Failed:
+    """What an operation that failed on its own answers (after the commit: see _Batch)."""
 
-    #: (item, result, first write, end of its writes) per operation that applied.
-    applied: list[tuple[_Queued, Any, int, int]]
-    #: The operations that failed on their own, with their errors: answered after the
-    #: commit, since what made them fail may be this batch's or the batch before's writes.
-    failed: list[tuple[_Queued, SessionError]]
+    error: SessionError
+
+
+#: (item, result or _Failed, first write, end of its writes): one operation of a batch.
+_Applied = tuple[_Queued, Any, int, int]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch applied to its view, waiting for (or past) its commit.
+
+    Operations that failed on their own are in ``applied`` too (with a :class:`_Failed` and no
+    writes): what made them fail may be a write of this batch, or of the batch before, that is
+    not committed yet, so they are answered after the commit, like the others.
+    """
+
+    applied: list[_Applied]
     view: View
     #: The view's writes, with the clock mark when one is due.
     writes: list[Write]
     mark: Mark | None
-    #: Set when the commit is over; ``ok`` says whether every write took effect, ``retry`` holds
-    #: the operations whose writes lost a race (a shared store), to be run again.
+    #: Set when the commit is over; ``ok`` says whether every write took effect, ``retry``
+    #: holds the operations whose writes lost a race (a shared store), to be run again.
     done: trio.Event = field(default_factory=trio.Event)
     ok: bool = False
     retry: list[_Queued] = field(default_factory=list)
@@ -181,7 +255,7 @@ class _Batch:
 #: housekeeping was asked for from a caller's task (it only wakes the manager).
 _WRITE_ACCESS = "write access times"
 _HOUSEKEEP = "housekeeping is due"
-#: The most writes one operation answered inline makes (rotate: a delete and a put), plus
+#: The most writes one operation answered inline makes (rotate: a put and a delete), plus
 #: the clock mark: what must be able to go now before an operation that writes runs inline.
 _OP_WRITES = 3
 
@@ -189,10 +263,17 @@ _OP_WRITES = 3
 class SessionManager(Actor):
     """Owns one store; see the module docstring. Requests are Operation instances."""
 
-    async def init(self, store: Store, settings: ManagerSettings, clock: ServiceClock) -> None:
+    async def init(
+        self,
+        store: Store,
+        settings: ManagerSettings,
+        clock: ServiceClock,
+        counters: ManagerCounters | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.counters = ManagerCounters() if counters is None else counters
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -212,6 +293,8 @@ class SessionManager(Actor):
         self.immediate = store if isinstance(store, ImmediateStore) else None
         self.defer_ms = round(settings.access_write_delay * 1000)
         self.max_unwritten = max(settings.cache_size, settings.max_batch)
+        #: The store, when it refreshes access times as it loads (only if none are deferred).
+        self.touching = store if isinstance(store, TouchingStore) and not self.defer_ms else None
         await store.open()
         # After a process restart, "now" starts no earlier than the latest time persisted.
         clock.restored(await store.load_mark())
@@ -273,7 +356,7 @@ class SessionManager(Actor):
                     outcomes = store.commit_now(writes)
                     if mark is not None:
                         del outcomes[-1]
-                        self._marked(mark)
+                        self._marked(mark, True)
                 elif view.writes:
                     return None  # access-only (checked above): apply changed nothing but the view
                 else:
@@ -380,21 +463,33 @@ class SessionManager(Actor):
                 view.sessions[session_id] = session
         return missing
 
+    async def _load(self, view: View, ids: set[str], touch: set[str]) -> dict[str, SessionError]:
+        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store.
+
+        Those in ``touch`` are refreshed by the store as it loads them, if it can. Returns the
+        error of each id a sharded store could not load (the other shards' were loaded).
+        """
+        missing = self._known(view, ids)
+        if not missing:
+            return {}
+        errors: dict[str, SessionError] = {}
+        store = self.immediate
+        try:
+            if self.touching is not None and touch:
+                loaded = await self.touching.load_touching(missing, touch, view.now_ms)
+            elif store is not None and store.loads_now(len(missing)):
+                loaded = store.load_now(missing)
+            else:
+                loaded = await self.store.load(missing)
+        except PartialLoad as exc:
+            loaded, errors = exc.found, exc.errors
+        view.sessions.update(self._loaded(loaded))
+        return errors
+
     def _loaded(self, loaded: dict[str, Session]) -> dict[str, Session]:
         for session in loaded.values():
             self.cache.put(session)
         return loaded
-
-    async def _load(self, view: View, ids: set[str]) -> None:
-        """Put the sessions ``ids`` into ``view``: from memory, else from the store."""
-        missing = self._known(view, ids)
-        if missing:
-            store = self.immediate
-            if store is not None and store.loads_now(len(missing)):
-                loaded = store.load_now(missing)
-            else:
-                loaded = await self.store.load(missing)
-            view.sessions.update(self._loaded(loaded))
 
     def _with_mark(self, writes: list[Write]) -> tuple[list[Write], Mark | None]:
         """``writes`` with the clock mark added when one is due (it rides on their commit)."""
@@ -402,8 +497,8 @@ class SessionManager(Actor):
         return (writes, None) if mark is None else ([*writes, mark], mark)
 
     async def _persist_mark(self) -> None:
-        """Commit the clock mark alone if it is due; a failure is logged, and a later batch
-        tries again (the mark only moves up)."""
+        """Commit the clock mark alone if it is due; a failure is logged, and a batch at least
+        MARK_EVERY_MS later tries again (the mark only moves up)."""
         mark = self.clock.mark()
         if mark is None:
             return
@@ -411,13 +506,17 @@ class SessionManager(Actor):
             await self._commit([mark])
         except SessionError as exc:
             log.warning("could not persist the clock mark: %s", exc)
+            self._marked(mark, False)
         else:
-            self._marked(mark)
+            self._marked(mark, True)
 
-    def _marked(self, mark: Mark | None) -> None:
-        """Note that ``mark`` (if any) was committed."""
+    def _marked(self, mark: Mark | None, ok: bool) -> None:
+        """Note that ``mark`` (if any) was committed, or that committing it failed."""
         if mark is not None:
-            self.clock.persisted_ms = mark.ms
+            if ok:
+                self.clock.persisted_ms = mark.ms
+            else:
+                self.clock.tried_ms = mark.ms
 
     def _remember(self, view: View, outcomes: list[bool]) -> None:
         """Keep the cache and the unwritten refreshes in step with a committed batch."""
@@ -462,7 +561,6 @@ class SessionManager(Actor):
         base = self.out  # the batch whose writes this one sees before they are committed
         view = self._view()
         ready: list[_Queued] = []
-        failed: list[tuple[_Queued, SessionError]] = []
         for item in batch:
             op = item.op
             try:
@@ -470,24 +568,29 @@ class SessionManager(Actor):
                 if op.reads_store(limits):
                     await op.read(view)
             except SessionError as exc:
-                failed.append((item, exc))
+                item.slot.fail(exc)  # nothing read yet: its own error, whatever happens next
             else:
                 ready.append(item)
         try:
-            await self._load(view, {i for q in ready for i in q.op.ids()})
+            unloaded = await self._load(
+                view,
+                {i for q in ready for i in q.op.ids()},
+                {i for q in ready if q.op.touches for i in q.op.ids()},
+            )
         except SessionError as exc:
-            _fail_all(ready, exc)
-            return _answer_failed(failed)
+            return _fail_all(ready, exc)
 
-        applied = []
+        applied: list[_Applied] = []
         for item in ready:
             start = len(view.writes)
             try:
+                missed = next((unloaded[i] for i in item.op.ids() if i in unloaded), None)
+                if missed is not None:
+                    raise _fresh(missed)
                 result = item.op.apply(view)
             except SessionError as exc:
-                failed.append((item, exc))
-            else:
-                applied.append((item, result, start, len(view.writes)))
+                result = _Failed(exc)
+            applied.append((item, result, start, len(view.writes)))
 
         if base is not None:
             await base.done.wait()
@@ -502,64 +605,109 @@ class SessionManager(Actor):
                 self.queue[:0] = batch
                 return
         writes, mark = self._with_mark(view.writes)
-        done = _Batch(applied, failed, view, writes, mark)
+        done = _Batch(applied, view, writes, mark)
         if not view.writes:
-            # Reads only: answered now; the mark, if due, gets a commit of its own whose
-            # failure is only logged (it rides on a later batch).
+            # A batch of reads only: answered now; the mark, if due, gets a commit of its own,
+            # at most one a second, whose failure is only logged.
             self._finish(done, [])
             await self._persist_mark()
             return
         store = self.immediate
         if store is not None and store.commits_now(len(writes)):
-            try:
-                outcomes = store.commit_now(writes)
-            except SessionError as exc:
-                return self._failed(done, exc)
-            self._marked(mark)
-            return self._finish(done, outcomes)
-        # The commit goes out; the next batch is gathered and applied meanwhile.
+            self._finish(done, self._outcomes(store.commit_now, writes))
+            return
+        # The commit goes out; the next batch is gathered, loaded and applied meanwhile.
         self.out = done
         for write in view.writes:
-            session_id = write_id(write)
-            self.pending[session_id] = view.sessions.get(session_id)
+            for session_id in write_ids(write):
+                self.pending[session_id] = view.sessions.get(session_id)
         self.spawn(self._commit_out, done)
 
     async def _commit_out(self, done: _Batch) -> None:
         """The commit of a batch that is out, then its answers (see "Pipelining")."""
         try:
-            outcomes = await self.store.commit(done.writes)
-        except SessionError as exc:
-            self._failed(done, exc)
-        else:
-            done.ok = all(outcomes)
-            self._marked(done.mark)
+            try:
+                outcomes = list(await self.store.commit(done.writes))
+            except PartialCommit as exc:
+                outcomes = exc.outcomes
+            except SessionError as exc:
+                outcomes = [exc] * len(done.writes)
             self._finish(done, outcomes)
         finally:
             self.pending.clear()
             self.out = None
             done.done.set()
 
-    def _failed(self, done: _Batch, exc: SessionError) -> None:
-        """The store failed the batch's commit: nothing of it was written."""
-        _fail_all([item for item, *_ in done.applied] + [item for item, _ in done.failed], exc)
+    @staticmethod
+    def _outcomes(commit: Callable[[list[Write]], list[bool]], writes: list[Write]) -> list[Any]:
+        """Per write, what ``commit(writes)`` said of it: True, False, or the error."""
+        try:
+            return list(commit(writes))
+        except PartialCommit as exc:
+            return exc.outcomes
+        except SessionError as exc:
+            return [exc] * len(writes)
 
-    def _finish(self, done: _Batch, outcomes: list[bool]) -> None:
+    def _finish(self, done: _Batch, outcomes: list[bool | SessionError]) -> None:
         """Answer the batch whose commit gave ``outcomes`` (retry the writes that lost a race)."""
-        view = done.view
-        outcomes = outcomes[: len(view.writes)]
-        self._remember(view, outcomes)
-        _answer_failed(done.failed)
-        lost = _lost_races(view.writes, outcomes)
-        retry = done.retry
-        for item, result, start, end in done.applied:
+        if done.mark is not None:
+            self._marked(done.mark, outcomes[-1] is True)
+        writes = done.view.writes
+        outcomes = outcomes[: len(writes)]
+        done.ok = all(ok is True for ok in outcomes)
+        self._remember(done.view, [ok is True for ok in outcomes])
+        self._answer(done.applied, writes, outcomes, done.retry)
+
+    def _answer(
+        self,
+        applied: list[_Applied],
+        writes: list[Write],
+        outcomes: list[bool | SessionError],
+        retry: list[_Queued],
+    ) -> None:
+        """Answer each applied operation from the outcomes of its writes (module docstring);
+        those whose writes lost a race go to ``retry``."""
+        limits = self.settings.limits
+        lost = _lost_races(writes, outcomes)
+        failed_ids: set[str] = set()  # ids with a write that failed with an error, so far
+        first_error: SessionError | None = None
+        refused: SessionError | None = None  # a refresh the store refused (answered anyway)
+        refused_reads = 0
+        seen = 0
+        for item, result, start, end in applied:
+            for write, ok in zip(writes[seen:start], outcomes[seen:start], strict=True):
+                if isinstance(ok, SessionError):
+                    failed_ids.update(write_ids(write))
+                    first_error = first_error or ok
+            seen = start
+            op = item.op
             mine = outcomes[start:end]
-            if not any(lost[start:end]):
-                item.slot.reply(item.op.finish(result, mine))
+            error = next((ok for ok in mine if isinstance(ok, SessionError)), None)
+            if first_error is not None and (
+                op.reads_store(limits) or not failed_ids.isdisjoint(op.ids())
+            ):
+                # What it read includes a write that failed: its answer would report it.
+                item.slot.fail(_fresh(first_error))
+            elif isinstance(result, _Failed):
+                item.slot.fail(result.error)
+            elif error is not None:
+                if op.access_only and isinstance(error, StoreError):
+                    refused, refused_reads = error, refused_reads + 1
+                    item.slot.reply(op.finish(result, [False] * len(mine)))
+                else:
+                    item.slot.fail(_fresh(error))
+            elif not any(lost[start:end]):
+                item.slot.reply(op.finish(result, mine))
             elif item.attempts + 1 < MAX_ATTEMPTS:
                 item.attempts += 1
                 retry.append(item)
             else:
                 item.slot.fail(StoreError("the session kept changing under this write; retry"))
+        errors = [ok for ok in outcomes if isinstance(ok, SessionError)]
+        if errors:
+            log.warning("store failed %d of %d writes: %s", len(errors), len(writes), errors[0])
+        if refused is not None:
+            self.counters.warn(refused_reads, refused)
         if retry:
             # Jittered exponential backoff, one timer for the batch: managers that keep losing
             # to each other stop colliding, and the retried operations stay one batch (one
@@ -568,32 +716,35 @@ class SessionManager(Actor):
             self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
 
 
-def _answer_failed(failed: list[tuple[_Queued, SessionError]]) -> None:
-    for item, exc in failed:
-        item.slot.fail(exc)
-
-
-def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:
+def _lost_races(writes: list[Write], outcomes: list[bool | SessionError]) -> list[bool]:
     """Per write, whether it failed because the store did not hold what the batch expected.
 
-    A failed Put lost a race to another writer of a shared store. A later write of the batch
-    to the same id then fails too (the failed-write rule of ``stores/base.py``), Delete
-    included: computed from the state the failed write expected, it is retried with its
-    operation, never answered as if there had been nothing to delete.
+    A failed Put, or a failed Delete that named the version it loaded, lost a race to another
+    writer of a shared store. A later write of the batch to the same id then fails too (the
+    failed-write rule of ``stores/base.py``), any Delete included: computed from the state the
+    failed write expected, it is retried with its operation, never answered as if there had
+    been nothing to delete. A write that failed with an error lost no race.
     """
     failed: set[str] = set()
     lost: list[bool] = []
     for write, ok in zip(writes, outcomes, strict=True):
-        sid = write_id(write)
-        lost.append(not ok and (isinstance(write, Put) or sid in failed))
-        if not ok:
-            failed.add(sid)
+        ids = write_ids(write)
+        race = isinstance(write, Put) or (
+            isinstance(write, Delete) and write.expected_version is not None
+        )
+        lost.append(ok is False and (race or not failed.isdisjoint(ids)))
+        if ok is False:
+            failed.update(ids)
     return lost
+
+
+def _fresh(exc: SessionError) -> SessionError:
+    # A fresh instance per caller: one exception object raised in many tasks would collect
+    # all their tracebacks.
+    return type(exc)(str(exc))
 
 
 def _fail_all(items: list[_Queued], exc: SessionError) -> None:
     log.warning("store failed a batch of %d requests: %s", len(items), exc)
     for item in items:
-        # A fresh instance per caller: one exception object raised in many tasks would
-        # collect all their tracebacks.
-        item.slot.fail(type(exc)(str(exc)))
+        item.slot.fail(_fresh(exc))

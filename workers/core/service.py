@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import sniffio
 import trio
 
 from supervisor import (
@@ -57,7 +58,7 @@ from ..record.session import (
 )
 from ..stores import Store, canonical_backend, make_store
 from .api import METHODS, Kind, Method
-from .manager import ManagerSettings, ServiceClock, SessionManager
+from .manager import ManagerCounters, ManagerSettings, ServiceClock, SessionManager
 from .operations import (
     CleanupExpired,
     Count,
@@ -130,6 +131,8 @@ class SessionService:
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
+        #: What the managers count for operators (store warnings), across their restarts.
+        self.counters = ManagerCounters()
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -350,11 +353,12 @@ class SessionService:
         return self.backend
 
     async def stats(self) -> dict[str, Any]:
-        """Figures for operators: backend, live sessions, restarts, uptime."""
+        """Figures for operators: backend, live sessions, restarts, store warnings, uptime."""
         return {
             "backend": self.backend,
             "sessions": await self.count(),
             "restarts": self.restarts,
+            "store_warnings": self.counters.store_warnings,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 
@@ -486,6 +490,7 @@ async def run_session_service(
             store,
             settings,
             ServiceClock(clock or time.time, persist=not read_only),
+            service.counters,
             name=service._manager,
         ),
         Sweeper.child_spec(
@@ -535,7 +540,23 @@ async def open_session_service(**options: Any) -> AsyncIterator[SessionService]:
     Takes the options of :func:`run_session_service`. Errors from starting the tree (a store
     that cannot be opened: ``StoreError``) and from the tree giving up
     (``SupervisorShutdown``) are raised bare, not wrapped in an exception group.
+
+    Under asyncio the tree runs in Trio's guest mode on asyncio's own loop, and the object
+    yielded has the same methods as asyncio coroutines (:mod:`workers.core.guest`).
     """
+    if sniffio.current_async_library() == "trio":
+        manager = open_trio_service(**options)
+    else:
+        from .guest import open_guest_service  # loaded only by asyncio programs
+
+        manager = open_guest_service(**options)  # type: ignore[assignment]
+    async with manager as service:
+        yield service
+
+
+@asynccontextmanager
+async def open_trio_service(**options: Any) -> AsyncIterator[SessionService]:
+    """:func:`open_session_service` for Trio code."""
     try:
         async with trio.open_nursery() as nursery:
             service = await nursery.start(partial(run_session_service, **options))

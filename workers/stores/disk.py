@@ -173,7 +173,7 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, check_writes
+from .base import Delete, Mark, Put, Write, check_writes, may_delete, source_holds, write_ids
 from .files import Durability, OnCorrupt, StoreFiles, check_file_options, create_private
 from .thread import ThreadedStore
 
@@ -229,10 +229,12 @@ _INSERT = (
     "ON CONFLICT (key, raw) DO NOTHING"
 )
 _CURRENT = "SELECT rowid, key, mode, filename, value FROM Cache WHERE key IN ({marks}) AND raw = 1"
+_CURRENT_ONE = "SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 _UPDATE = (
     "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, access_count = 0, "
     "tag = ?, size = 0, mode = ?, filename = NULL, value = ? WHERE rowid = ?"
 )
+_DELETE_ROW = "DELETE FROM Cache WHERE rowid = ?"
 #: A Delete: (id, time, time) removes a session expired at that time; (id, MAX, NULL) any.
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND (tag < ? OR (? IS NULL AND tag IS NULL))"
 #: diskcache's settings that are per connection: ours takes them as diskcache's own would.
@@ -515,7 +517,7 @@ class DiskStore(ThreadedStore):
 
 # --- commits: runs of writes of one kind, each in as few SQLite calls as it allows ---
 
-_INSERT_RUN, _UPDATE_RUN, _DELETE_RUN, _MARK_RUN = range(4)
+_INSERT_RUN, _UPDATE_RUN, _DELETE_RUN, _MARK_RUN, _EACH_RUN = range(5)
 
 
 def _runs(disk: diskcache.Disk, writes: list[Write]) -> list[tuple[int, list[Any]]]:
@@ -527,14 +529,20 @@ def _runs(disk: diskcache.Disk, writes: list[Write]) -> list[tuple[int, list[Any
     items: list[Any] = []
     for write in writes:
         if isinstance(write, Put):
-            kind = _INSERT_RUN if write.expected_version is None else _UPDATE_RUN
+            if write.moved_from is not None:
+                kind = _EACH_RUN  # a rotate: it reads the session it moves from
+            else:
+                kind = _INSERT_RUN if write.expected_version is None else _UPDATE_RUN
             # SessionDisk still decides what may go in: a str key, an inline bytes value.
             key, _ = disk.put(write.session.id)
             _, mode, _, value = disk.store(encode_session(write.session), False)
             item: Any = (write, key, mode, value)
-        else:
-            kind = _DELETE_RUN if isinstance(write, Delete) else _MARK_RUN
+        elif isinstance(write, Delete):
+            # One that names a version reads the record (the version is in it).
+            kind = _DELETE_RUN if write.expected_version is None else _EACH_RUN
             item = write
+        else:
+            kind, item = _MARK_RUN, write
         if kind != last:
             items = []
             runs.append((kind, items))
@@ -555,6 +563,8 @@ def _apply_runs(database: _Database, runs: list[tuple[int, list[Any]]], now: flo
             done = _update_run(database, items, now, failed)
         elif kind == _DELETE_RUN:
             done = _delete_run(database, items, failed)
+        elif kind == _EACH_RUN:
+            done = _each_run(database, items, now, failed)
         else:
             done = [_apply_mark(database.execute, mark) for mark in items]
         outcomes += done
@@ -645,6 +655,72 @@ def _delete_run(database: _Database, items: list[Delete], failed: set[str]) -> l
         return execute(_DELETE, rows[i]).rowcount > 0
 
     return _all_or_each(database, _DELETE, rows, [d.id for d in items], failed, each)
+
+
+def _each_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
+    """Writes that read what they replace (a rotate's Put, a Delete that names a version), one
+    at a time; each depends on every id of :func:`~workers.stores.base.write_ids`."""
+    execute, disk = database.execute, database.disk
+    outcomes = []
+    for item in items:
+        if isinstance(item, tuple):
+            put, key, mode, value = item
+            ids = write_ids(put)
+            ok = failed.isdisjoint(ids) and _apply_put(execute, disk, now, put, key, mode, value)
+        else:
+            ids = write_ids(item)
+            ok = failed.isdisjoint(ids) and _apply_delete(execute, disk, item)
+        if not ok:
+            failed.update(ids)
+        outcomes.append(ok)
+    return outcomes
+
+
+def _apply_put(
+    execute: Callable[..., sqlite3.Cursor],
+    disk: diskcache.Disk,
+    now: float,
+    put: Put,
+    key: str,
+    mode: int,
+    value: Any,
+) -> bool:
+    """``Cache.add`` or ``Cache.set`` of one session, in SQL, its conditions checked."""
+    session = put.session
+    if put.moved_from is not None:
+        source = _current(execute, disk, put.moved_from)
+        if not source_holds(put, None if source is None else source[1]):
+            return False
+    if put.expected_version is None:
+        cursor = execute(_INSERT, (key, now, now, session.expires_at, mode, value))
+        return cursor.rowcount == 1
+    current = _current(execute, disk, key)
+    if current is None or current[1].version != put.expected_version:
+        return False
+    execute(_UPDATE, (now, now, session.expires_at, mode, value, current[0]))
+    return True
+
+
+def _apply_delete(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, delete: Delete
+) -> bool:
+    """A Delete that names a version: the version is in the record, so read it."""
+    current = _current(execute, disk, delete.id)
+    if current is None or not may_delete(delete, current[1]):
+        return False
+    return execute(_DELETE_ROW, (current[0],)).rowcount > 0
+
+
+def _current(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, session_id: str
+) -> tuple[int, Session] | None:
+    """The row id and the stored session of ``session_id``, if there is one."""
+    key, _ = disk.put(session_id)
+    row = execute(_CURRENT_ONE, (key,)).fetchone()
+    if row is None:
+        return None
+    rowid, mode, filename, stored = row
+    return rowid, _decode(key, disk.fetch(mode, filename, stored, False))
 
 
 def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
