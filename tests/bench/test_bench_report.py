@@ -19,7 +19,7 @@ from bench.records import Record, measurement, throughput
 RECORDS = [
     throughput("ActorRef.call x50", 389_438.4, "channel request/reply x50", 466_179.0, 0.75),
     throughput("memory create x50", 150_000.0, "channel request/reply x50", 466_179.0, 0.6),
-    throughput("lmdb create x1", 8_000.0, "raw lmdb create", 125_000.0),
+    throughput("lmdb create x1", 8_000.0, "raw lmdb create", 125_000.0, added_us=True),
     measurement("disk open 1M", 0.42, "s", "limit", 1.0, target=1.0),
     measurement("memory size 1M", 900.0, "MB", "plain dict", 400.0, target=2.0),
 ]
@@ -30,17 +30,19 @@ def test_the_table_has_a_line_per_record_with_rates_values_targets_and_verdicts(
     assert len(lines) == 1 + len(RECORDS)
     assert lines[0].split() == [
         "benchmark", "rate", "/", "value", "floor", "floor", "rate", "/", "value",
-        "ratio", "target", "holds",
+        "ratio", "added", "target", "holds",
     ]  # fmt: skip
     assert [line.split() for line in lines[1:]] == [
         ["ActorRef.call", "x50", "389,438/s", "channel", "request/reply", "x50", "466,179/s",
-         "0.84", ">=", "0.75", "yes"],
+         "0.84", "-", ">=", "0.75", "yes"],
         ["memory", "create", "x50", "150,000/s", "channel", "request/reply", "x50", "466,179/s",
-         "0.32", ">=", "0.6", "no"],
-        ["lmdb", "create", "x1", "8,000/s", "raw", "lmdb", "create", "125,000/s", "0.06", "-", "-"],
-        ["disk", "open", "1M", "0.42", "s", "limit", "1", "s", "0.42", "<=", "1.0", "yes"],
-        ["memory", "size", "1M", "900", "MB", "plain", "dict", "400", "MB", "2.25", "<=", "2.0",
-         "no"],
+         "0.32", "-", ">=", "0.6", "no"],
+        # One caller: 125 us an operation against the floor's 8 us.
+        ["lmdb", "create", "x1", "8,000/s", "raw", "lmdb", "create", "125,000/s", "0.06",
+         "+117.0", "us", "-", "-"],
+        ["disk", "open", "1M", "0.42", "s", "limit", "1", "s", "0.42", "-", "<=", "1.0", "yes"],
+        ["memory", "size", "1M", "900", "MB", "plain", "dict", "400", "MB", "2.25", "-", "<=",
+         "2.0", "no"],
     ]  # fmt: skip
     # The columns line up: each ratio ends where the header's "ratio" does.
     ratio_end = lines[0].index("ratio") + len("ratio")

@@ -604,14 +604,14 @@ class SessionManager(Actor):
                 # what is stored.
                 self.queue[:0] = batch
                 return
-        writes, mark = self._with_mark(view.writes)
-        done = _Batch(applied, view, writes, mark)
         if not view.writes:
             # A batch of reads only: answered now; the mark, if due, gets a commit of its own,
             # at most one a second, whose failure is only logged.
-            self._finish(done, [])
+            self._finish(_Batch(applied, view, [], None), [])
             await self._persist_mark()
             return
+        writes, mark = self._with_mark(view.writes)
+        done = _Batch(applied, view, writes, mark)
         store = self.immediate
         if store is not None and store.commits_now(len(writes)):
             self._finish(done, self._outcomes(store.commit_now, writes))
