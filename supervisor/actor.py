@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import outcome
 import trio
@@ -58,6 +58,8 @@ from .errors import CallTimeout, ExitReason, NoProc, ServerDown, exit_reason
 from .grace import cleanup_scope
 from .registry import lookup, register, unregister, wait_for
 from .reply import CallbackSlot, Deadlines, ReplySlot
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
 _BATCH = 64  # messages handled back to back before the loop lets other tasks run
@@ -179,6 +181,24 @@ class Actor:
         """
         process = self.__process
         process.nursery.start_soon(process.linked, fn, args)
+
+    async def answering(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` inside a handler, answering calls inline meanwhile.
+
+        For a handler that waits on I/O and whose state stays consistent for
+        :meth:`handle_call_inline` while it waits: the actor counts as idle for the wait, as
+        long as its mailbox stays empty (a message that arrives ends that at once, as always,
+        and it is handled after this handler). So a request that needs nothing the handler is
+        busy with need not wait for it; ``handle_call_inline`` decides what that is.
+        """
+        process = self.__process
+        if process.inline is None or process.mailbox_used():
+            return await awaitable
+        process.idle = True
+        try:
+            return await awaitable
+        finally:
+            process.idle = False
 
     def stop(self) -> None:
         """Exit normally (reason ``"normal"``) once the current message has been handled.
@@ -404,6 +424,10 @@ class _Process:
         self.send_nowait = mailbox.send_nowait
         self.send = mailbox.send
         self.now = trio.lowlevel.current_clock().current_time
+
+    def mailbox_used(self) -> int:
+        """Messages waiting in the mailbox (all of them while a handler runs: nobody receives)."""
+        return self._recv.statistics().current_buffer_used
 
     def post_nowait(self, message: tuple[Any, ReplySlot | None]) -> None:
         """Put ``message`` in the mailbox or raise trio.WouldBlock; it ends idleness at once

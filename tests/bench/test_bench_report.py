@@ -125,24 +125,26 @@ def test_the_bench_command_line_passes_its_options_to_the_runner(
     assert seen == [("actor", True, Path("out.json"), None)]
 
 
-def test_the_plot_draws_products_and_their_floors_by_concurrency() -> None:
+def test_the_plot_draws_each_stores_latency_and_its_floors_by_concurrency() -> None:
     records = [
-        throughput("memory create x1", 40.0, "channel request/reply x1", 90.0),
-        throughput("memory create x50", 80.0, "channel request/reply x50", 300.0, 0.6),
-        throughput("disk create x1", 4.0, "raw diskcache create", 16.0),
-        throughput("disk create x50", 24.0, "raw diskcache create", 16.0, 1.0),
-        throughput("daemon create c=50", 6.0, "redis SET c=50", 60.0, 0.5),
-        throughput("lmdb create x1", 8.0, "raw lmdb create", 125.0),  # not plotted
+        throughput("memory create x1", 40_000.0, "channel request/reply x1", 100_000.0),
+        throughput("memory create x50", 80_000.0, "channel request/reply x50", 400_000.0, 0.45),
+        throughput("disk create x1", 5_000.0, "raw diskcache create", 20_000.0),
+        throughput("disk create x50", 25_000.0, "raw diskcache create", 20_000.0, 1.0),
+        throughput("disk create x50", 25_000.0, "Erlang DETS insert (median of 5)", 40_000.0),
+        throughput("lmdb retrieve x4", 100_000.0, "raw lmdb retrieve", 400_000.0),
+        throughput("daemon create c=50", 6.0, "redis SET c=50", 60.0, 0.5),  # not drawn
         throughput("ActorRef.call x1", 88.0, "channel request/reply x1", 90.0),  # nor this
     ]
     panels = plot.lines(records)
-    assert panels["retrieve"] == []
+    assert panels["update"] == []
     drawn = {(line.label, line.floor): (line.colour, line.points) for line in panels["create"]}
     assert drawn == {
-        ("memory, embedded", False): (0, {1: 40.0, 50: 80.0}),
-        ("disk, embedded", False): (1, {1: 4.0, 50: 24.0}),
-        ("daemon over TCP (disk)", False): (2, {50: 6.0}),
-        ("channel request/reply", True): (0, {1: 90.0, 50: 300.0}),
-        ("raw diskcache create", True): (1, {None: 16.0}),  # measured once: drawn flat
-        ("redis SET", True): (2, {50: 60.0}),
+        # Latency: callers over the rate, in microseconds.
+        ("memory", False): (0, {1: 25.0, 50: 625.0}),
+        ("memory: channel request/reply", True): (0, {1: 10.0, 50: 125.0}),
+        ("disk", False): (1, {1: 200.0, 50: 2000.0}),
+        ("disk: raw diskcache create", True): (1, {None: 50.0}),  # one caller: drawn flat
     }
+    (lmdb, floor) = panels["retrieve"]
+    assert (lmdb.label, lmdb.points, floor.points) == ("lmdb", {4: 40.0}, {None: 2.5})

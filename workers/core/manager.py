@@ -85,9 +85,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -113,6 +113,8 @@ from .cache import ReadCache
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The clock high-water mark is persisted when it moved on by this much (ms) since the last time
 #: (or since the last attempt that failed).
@@ -255,6 +257,13 @@ class _Batch:
 #: housekeeping was asked for from a caller's task (it only wakes the manager).
 _WRITE_ACCESS = "write access times"
 _HOUSEKEEP = "housekeeping is due"
+#: Requests answered (inline, or in batches that do not wait) while the manager waits for its
+#: store's thread (a commit out, a load or a scan in a handler); past that, requests wait for
+#: the store too. A store thread needs the GIL between its library's calls, and a Trio thread
+#: kept busy by callers that are answered at once (never idle, so never giving the GIL up of
+#: its own accord) hands it over only every sys.getswitchinterval() (5 ms): a sweep's commit of
+#: 100 deletes took a second, where it takes 2 ms.
+BUSY_BUDGET = 32
 #: The most writes one operation answered inline makes (rotate: a put and a delete), plus
 #: the clock mark: what must be able to go now before an operation that writes runs inline.
 _OP_WRITES = 3
@@ -284,6 +293,10 @@ class SessionManager(Actor):
         #: it leaves them (None: deleted), by id.
         self.out: _Batch | None = None
         self.pending: dict[str, Session | None] = {}
+        #: While a handler waits for the store: the sessions its batch is about (a request that
+        #: names one waits for it). And requests answered while the store works (BUSY_BUDGET).
+        self.busy: set[str] | None = None
+        self.busy_answers = 0
         #: Housekeeping to do when no request is queued: the refreshes' timer fired; an inline
         #: read asked for the clock mark, or max_unwritten refreshes wait.
         self.access_due = False
@@ -333,6 +346,11 @@ class SessionManager(Actor):
                 return None
         elif not access_only and not self._writes_now(store, _OP_WRITES):
             return None  # it writes, and the store cannot take its write now
+        busy = self.busy
+        if self.out is not None or busy is not None:
+            if self.busy_answers >= BUSY_BUDGET:
+                return None  # let the store's thread have the GIL: wait for the store
+            self.busy_answers += 1
         view = self._view()
         try:
             op.prepare(view)
@@ -340,6 +358,8 @@ class SessionManager(Actor):
             pending = self.pending
             if pending and any(session_id in pending for session_id in ids):
                 return None  # its session is in the commit that is out: the next batch waits
+            if busy and not busy.isdisjoint(ids):
+                return None  # the batch under way is about it
             missing = self._known(view, ids) if ids else ids
             if missing:
                 if store is None or not store.loads_now(len(missing)):
@@ -415,6 +435,19 @@ class SessionManager(Actor):
         if self.unwritten and not self.access_timer:
             self.access_timer = self.send_after(self.settings.access_write_delay, _WRITE_ACCESS)
 
+    async def _meanwhile(self, awaitable: Awaitable[T]) -> T:
+        """Await the store in a handler, answering meanwhile what needs none of it (see
+        ``busy``; while ``busy`` is None the handler's batch is not known yet: its reads of the
+        store as a whole take no session a read inline could change)."""
+        if self.busy is None:
+            self.busy = set()
+            try:
+                return await self._meanwhile(awaitable)
+            finally:
+                self.busy = None
+        self.busy_answers = 0
+        return await self.answering(awaitable)
+
     async def _drain(self) -> None:
         """Wait until no commit is out."""
         while self.out is not None:
@@ -480,7 +513,7 @@ class SessionManager(Actor):
             elif store is not None and store.loads_now(len(missing)):
                 loaded = store.load_now(missing)
             else:
-                loaded = await self.store.load(missing)
+                loaded = await self._meanwhile(self.store.load(missing))
         except PartialLoad as exc:
             loaded, errors = exc.found, exc.errors
         view.sessions.update(self._loaded(loaded))
@@ -558,7 +591,7 @@ class SessionManager(Actor):
                     await self._write_access_times()
                 except SessionError as exc:
                     return _fail_all(batch, exc)
-        base = self.out  # the batch whose writes this one sees before they are committed
+        base = self.out  # the batch whose writes this one may see before they are committed
         view = self._view()
         ready: list[_Queued] = []
         for item in batch:
@@ -566,19 +599,24 @@ class SessionManager(Actor):
             try:
                 op.prepare(view)
                 if op.reads_store(limits):
-                    await op.read(view)
+                    await self._meanwhile(op.read(view))
             except SessionError as exc:
                 item.slot.fail(exc)  # nothing read yet: its own error, whatever happens next
             else:
                 ready.append(item)
+        ids = {i for q in ready for i in q.op.ids()}
+        # Whether it reads what the batch that is out writes (checked before the await below:
+        # that batch may be done by then, and its writes no longer in pending).
+        sees_base = not self.pending.keys().isdisjoint(ids)
         try:
+            self.busy = ids
             unloaded = await self._load(
-                view,
-                {i for q in ready for i in q.op.ids()},
-                {i for q in ready if q.op.touches for i in q.op.ids()},
+                view, ids, {i for q in ready if q.op.touches for i in q.op.ids()}
             )
         except SessionError as exc:
             return _fail_all(ready, exc)
+        finally:
+            self.busy = None
 
         applied: list[_Applied] = []
         for item in ready:
@@ -593,7 +631,16 @@ class SessionManager(Actor):
             applied.append((item, result, start, len(view.writes)))
 
         if base is not None:
-            await base.done.wait()
+            self.busy_answers += len(batch)
+        if base is not None and (sees_base or view.writes or self.busy_answers > BUSY_BUDGET):
+            # Its answers may rest on the writes of the batch that is out, or its own writes
+            # must be committed after them: it waits for that commit. (A batch that neither
+            # reads those sessions nor writes is answered now.)
+            self.busy = ids
+            try:
+                await self._meanwhile(base.done.wait())
+            finally:
+                self.busy = None
             if base.retry:
                 # Some of its writes lost a race, and this batch saw them: it goes with the
                 # operations retried, after them (one _Retry list, not delivered yet).
@@ -618,6 +665,7 @@ class SessionManager(Actor):
             return
         # The commit goes out; the next batch is gathered, loaded and applied meanwhile.
         self.out = done
+        self.busy_answers = 0
         for write in view.writes:
             for session_id in write_ids(write):
                 self.pending[session_id] = view.sessions.get(session_id)

@@ -242,6 +242,10 @@ _CONNECTION_SETTINGS = frozenset({"sqlite_synchronous", "sqlite_cache_size", "sq
 #: Seconds the store thread's commits wait for SQLite's lock (only another process could hold
 #: it); on the caller's thread they never wait (see _Database.mode).
 _BUSY_TIMEOUT = 60.0
+#: WAL pages past which a commit on the store thread checkpoints by itself (SQLite's default is
+#: 1000): a backstop, set well above what the checkpoint thread lets pile up (about two pages
+#: a write), so that it never has to run in the middle of a sweep's commits.
+_AUTOCHECKPOINT = 10_000
 #: Writes, and seconds, between two checkpoints (see _Checkpointer).
 CHECKPOINT_WRITES = 1000
 CHECKPOINT_AGE = 1.0
@@ -784,11 +788,12 @@ class _Database:
 
     def mode(self, *, inline: bool) -> None:
         """Set the connection up for the thread about to use it. On the store thread, a commit
-        that takes the WAL past 1000 pages checkpoints (SQLite's default: it bounds the WAL
-        whatever the checkpoint thread manages) and a lock held by another process is waited
-        for; on the caller's thread neither (a checkpoint syncs; a wait would stall)."""
+        that takes the WAL past :data:`_AUTOCHECKPOINT` pages checkpoints (it bounds the WAL
+        whatever the checkpoint thread manages, which normally gets there long before) and a
+        lock held by another process is waited for; on the caller's thread neither (a
+        checkpoint syncs; a wait would stall)."""
         if inline != self._inline:
-            self.execute(f"PRAGMA wal_autocheckpoint = {0 if inline else 1000}")
+            self.execute(f"PRAGMA wal_autocheckpoint = {0 if inline else _AUTOCHECKPOINT}")
             self.execute(f"PRAGMA busy_timeout = {0 if inline else round(_BUSY_TIMEOUT * 1000)}")
             self._inline = inline
 
