@@ -38,9 +38,13 @@ its loop waiting for mail. Then every earlier message has been handled and no ha
 way through, so a synchronous handler that runs now sees exactly the state the next
 ``handle_call`` would, and nothing can interleave with it. ``_Process.idle`` is set by the loop
 just before it waits for mail and cleared by every send (a message handed straight to a
-waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell). There
-is deliberately no way to answer inline while a handler awaits: callers that keep the Trio
-thread busy meanwhile would starve of the GIL any worker thread the handler waits on.
+waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell).
+
+A handler that waits on I/O may also let inline answers in while it waits
+(:meth:`Actor.answering`): the actor then counts as idle until the wait ends or a message
+arrives, and it is up to ``handle_call_inline`` to decline what the waiting handler is busy
+with. Callers answered at once keep the Trio thread busy, and a worker thread the handler
+waits on needs the GIL too: an actor that does this bounds how much it answers meanwhile.
 """
 
 from __future__ import annotations

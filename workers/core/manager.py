@@ -1,11 +1,11 @@
 """The session manager: the one actor that owns the store, answering requests in batches.
 
-Every request is an :class:`~workers.core.operations.Operation`. The manager does not answer a call
-when it arrives: it queues the operation with a deferred reply slot, and when its mailbox is
-empty (or the queue is full) it runs the queued operations as one batch: one ``load``, the
-operations applied in arrival order, one ``commit`` (one store transaction: group commit), and
-only then the replies. Under load a batch carries many requests, so the cost of a transaction
-is shared; with a single caller a batch is that caller's request alone.
+Every request is an :class:`~workers.core.operations.Operation`. A request the manager cannot
+answer inline (below) is queued with a deferred reply slot, and when the mailbox is empty (or
+the queue is full) the queued operations run as one batch: one ``load``, the operations
+applied in arrival order, one ``commit`` (one store transaction: group commit), and only then
+the replies. Under load a batch carries many requests, so the cost of a transaction is
+shared; with a single caller a batch is that caller's request alone.
 
 Failures, by kind:
 
@@ -49,18 +49,41 @@ read once just before its stored expiry would be lost with that one refresh; the
 found it.) Metadata writes are never deferred.
 
 Inline answers: while the manager is idle (nothing queued, nothing in its mailbox, no batch
-under way) a request that needs no store I/O is answered in the caller's task, as a batch of
-its own (:meth:`SessionManager.handle_call_inline`), with no message and no wake-up of the
-manager. On the memory store (an :class:`~workers.stores.base.ImmediateStore`) that is every
-request but the scans, counts and sweeps; on the disk and lmdb stores it is ``retrieve``,
-``peek`` and ``touch`` of a cached session, whose access-time refresh is deferred anyway. The
-rules are the batch's: same view, same operations, same order of effects, so nothing but the
-cost depends on which way a request went. An inline read that finds the clock mark due to be
-persisted asks the manager to write it (a ``_HOUSEKEEP`` message to itself) and does not
-wait for it. Housekeeping (the deferred refreshes, then the mark) runs when no request is
-queued; callers wait for it like for any batch. (Answering reads inline while the manager
-waits for its store thread was tried and dropped: callers that keep the Trio thread busy
-starve the store thread of the GIL, and a sweep of 190,000 sessions took 25 times longer.)
+under way) a request is answered in the caller's task, as a batch of its own
+(:meth:`SessionManager.handle_call_inline`), with no message and no wake-up of the manager,
+when its store work can run there too: what it reads is cached, or the store can load it now,
+and what it writes the store can commit now (an :class:`~workers.stores.base.ImmediateStore`:
+the memory store always; the disk and lmdb stores for a few ids or writes, on their terms,
+see :mod:`workers.stores.thread`). A write goes inline only for a caller that is alone
+(``Actor.callers == 1``) or a store whose commit costs nothing of its own (memory): with
+company, writes go through the mailbox and share one commit (group commit), which is what
+makes 50 callers cheaper per write than one. The rules are the batch's: same view, same
+operations, same order of effects, so nothing but the cost depends on which way a request
+went. An inline read that finds the clock mark due to be persisted asks the manager to write
+it (a ``_HOUSEKEEP`` message to itself) and does not wait for it. Housekeeping (the deferred
+refreshes, then the mark) runs when no request is queued; callers wait for it like for any
+batch.
+
+Pipelining: a batch whose commit goes to the store's thread (too many writes to commit now,
+or a store that is never immediate: redis) is *out*: the manager goes back to its mailbox and
+gathers, loads and applies the next batch meanwhile, on top of the writes that are out
+(``pending``: the sessions as the batch out leaves them). That next batch waits for the one
+out before it commits or answers anything that read its sessions, so replies always follow
+their own commit, and a session touched twice sees the first write. If the commit out fails,
+nothing of it was written: its callers get the error, and the next batch, which saw its
+writes, runs again from what is stored (none of its callers gets that error); if some of its
+writes lost a race to another process (a shared store), the next batch joins the operations
+retried, after them. One batch at most is out.
+
+Waiting for the store: while a handler waits for the store's thread (a load, a scan, the
+commit out before it) it answers inline meanwhile whatever names none of the sessions of its
+batch (``Actor.answering``), so a read that misses the cache does not hold up reads of cached
+sessions; and a batch that neither reads what the commit out writes nor writes is answered
+without waiting for it. At most :data:`BUSY_BUDGET` requests are answered while the store
+works: a Trio thread kept busy by callers never gives the GIL up of its own accord, and the
+store's thread, which needs it between its library's calls, then gets it only every 5 ms (a
+sweep's commit of 100 deletes took a second instead of 2 ms, and a sweep of 190,000 sessions 25
+times as long).
 
 The store is opened in ``init`` and closed in ``terminate`` (which runs after a crash too), so
 each incarnation holds the store's single-owner lock exactly while it lives.

@@ -35,8 +35,10 @@ this directory was written in, so a database that is not ours is recognised rath
 
 Durability
 ----------
-Every ``commit`` is one SQLite transaction (``Cache.transact``), however many writes it carries:
-that is what makes the manager's group commit pay one sync for a whole batch. The journal is
+Every ``commit`` is one SQLite transaction, however many writes it carries: that is what makes
+the manager's group commit pay one sync for a whole batch. Within it, consecutive writes of one
+kind (creates, updates, deletes: a batch under load is mostly one kind) are one prepared
+statement run over the rows with ``executemany``, not a call per session. The journal is
 always WAL; ``durability`` chooses when a commit is on stable storage:
 
 - ``"process"`` (default; ``synchronous=NORMAL``): a committed transaction is in the WAL before
@@ -72,30 +74,40 @@ session ids, values are bytes, anything else is refused with StoreError on the w
 the way out only raw TEXT keys and inline BLOB values are returned, so a pickle planted in the
 database is an error, never executed.
 
-One thread
-----------
-SQLite connections belong to the thread that made them (diskcache keeps one per thread), and
-blocking calls must stay off the Trio thread. Each store therefore owns one
-:class:`~workers.stores.thread.StoreThread`, started by ``open`` and stopped by ``close``, and
-every diskcache and SQLite call (opening the database included) runs on it, one at a time. The
-thread serialises the store's calls, so no lock is needed, and a batch costs one thread hop.
-The one exception is the checkpoint thread below, which only checkpoints.
+Threads
+-------
+Each store owns one :class:`~workers.stores.thread.StoreThread`, started by ``open`` and
+stopped by ``close``, and one SQLite connection of its own (``check_same_thread=False``: the
+thread that uses it changes; never two at once). Opening, closing, scans, sweeps, counts, and
+loads and commits too large to be quick run on the store thread, one at a time. A load of up
+to :attr:`DiskStore.inline_max` sessions, and a commit of that many writes, run on the caller's
+thread (the Trio thread) instead, when :meth:`~DiskStore.loads_now` / ``commits_now`` allow:
+no job of the store's is on its thread, no checkpoint runs (below), the commit would not
+write the WAL's header (:class:`_WalIndex`), ``durability`` is ``"process"``, and the
+:class:`~workers.stores.stall.StallGuard` has not seen the disk slow. Such a call is SQLite
+working on pages in its cache or the kernel's, and a commit is ``write(2)`` to the WAL: tens of
+microseconds, where a hop to the store thread and back costs 40-90. What bounds a stall there:
+the connection never waits for a lock on the caller's thread (``busy_timeout`` 0 there, and
+only this connection and the checkpoint thread's use the database), never checkpoints
+(``wal_autocheckpoint`` 0 there) and never syncs; so a call waits only for page I/O (a page
+not in memory, a write the kernel throttles), and the stall guard sends every call to the
+store thread for a while after one that did. ``inline=False`` runs every call on the store
+thread.
 
 Checkpoints
 -----------
-In WAL mode SQLite appends committed pages to ``cache.db-wal``, and the connection whose commit
-takes the WAL past 1000 pages copies them into ``cache.db`` and syncs both files (a
-checkpoint) before that commit returns. A batch that touches sessions at random (a sweep
-deleting hundreds, the deferred access times of a busy second) writes about a page per
-session, so every few commits paid a checkpoint: 10 to 190 ms on the store thread, during
-which no request of the service is answered. A :class:`_Checkpointer` thread with a connection
-of its own checkpoints after every commit (``PRAGMA wal_checkpoint(PASSIVE)``, woken by
-``commit``): SQLite lets it run alongside the store thread's reads and writes, and the GIL is
-released while it copies and syncs. The store thread's connection keeps SQLite's own
-checkpoint every 1000 pages (it restarts the WAL), which finds most pages already copied and
-synced and costs little. Measured on a sweep of 1M sessions: commit p99 20 -> 5 ms, worst
-60-190 -> 11 ms. ``close`` stops the checkpoint thread first, so the store's connection is the
-last one and checkpoints the WAL away as before.
+In WAL mode SQLite appends committed pages to ``cache.db-wal``; a checkpoint copies them into
+``cache.db`` and syncs both files. A :class:`_Checkpointer` thread with a connection of its own
+does that (``PRAGMA wal_checkpoint(PASSIVE)``) once :data:`CHECKPOINT_WRITES` writes have been
+committed, or :data:`CHECKPOINT_AGE` seconds have passed, since the last one: SQLite lets it run
+alongside the store's reads and writes, and the GIL is released while it copies and syncs.
+While it runs, the store's calls go to its thread (a checkpoint that ends while a commit on the
+Trio thread begins could make that commit start the WAL again). Commits on the store thread
+still checkpoint by themselves past :data:`_AUTOCHECKPOINT` pages, a bound on the WAL whatever
+happens; the checkpoint thread normally gets there long before, so a sweep's commits do not pay
+for it (a checkpoint in a commit used to cost 10-190 ms, during which nothing was answered).
+``close`` stops the checkpoint thread first, so the store's connection is the last one and
+checkpoints the WAL away.
 
 One owner
 ---------
@@ -126,31 +138,35 @@ Read-only
 ---------
 ``read_only=True`` (the admin verbs that only read) opens an existing store without writing a
 byte: no directory or file is made, nothing is quarantined (a damaged store is an error), no
-settings are written (the queries run on a read-only SQLite connection of their own, not on
-diskcache's ``Cache``, which writes its settings when it opens), and ``commit`` is refused.
+settings are written (the store's connection is read-only, and diskcache's ``Cache``, which
+writes its settings when it opens, is not used), and ``commit`` is refused.
 ``create=False`` (the admin verbs that write) opens an existing store only.
 
 Beyond diskcache's public API
 -----------------------------
-Three things use diskcache's internals; all depend on a schema that has been stable since
-diskcache 4 and is pinned by this module's tests:
+diskcache makes the database: every writable open runs ``diskcache.Cache()`` with the pinned
+settings, which creates or puts right the schema, its indexes and triggers and the settings,
+and closes it again. Everything after that is SQL of the store's own on diskcache's schema,
+on the store's one connection, which takes diskcache's per-connection settings
+(``sqlite_synchronous``, ``sqlite_cache_size``, ``sqlite_mmap_size``) as diskcache's own
+connections would. All of it depends on a schema that has been stable since diskcache 4 and
+is pinned by this module's tests:
 
-- :func:`_select` runs read-only SQL on the cache's own connection (``Cache._sql``), for the
-  queries diskcache has no API for: ids by expiry range (``expired``), the number of expired
+- Queries diskcache has no API for: ids by expiry range (``expired``), the number of expired
   rows (``count``), keys after a cursor in sorted order (``scan``; ``iterkeys`` always starts
-  at the first key), and many keys at once (``load``). Without it, ``expired`` and ``count``
+  at the first key), and many keys at once (``load``). Without them, ``expired`` and ``count``
   would read every row.
-- Writes are SQL on the ``Cache`` table too, inside diskcache's own ``transact()``: the row a
-  ``Put`` inserts or updates and the row a ``Delete`` removes are the rows ``Cache.add``,
-  ``Cache.set`` and ``Cache.delete`` would write or remove for a str key and an inline value
-  (``SessionDisk.put`` and ``SessionDisk.store`` still check the key and value), and
-  diskcache's triggers keep its count and size. The reason is cost: each ``Cache`` call
+- Writes: the row a ``Put`` inserts or updates and the row a ``Delete`` removes are the rows
+  ``Cache.add``, ``Cache.set`` and ``Cache.delete`` would write or remove for a str key and an
+  inline value (``SessionDisk.put`` and ``SessionDisk.store`` still check the key and value),
+  and diskcache's triggers keep its count and size. The reason is cost: each ``Cache`` call
   opens a transaction context and re-reads its connection, which took 3 to 5 times longer
-  than SQLite's own work (profiled on a sweep: 15 ms of every 500-session batch), and a
-  conditional delete read and decoded the record where ``tag < ?`` (the tag is the session's
-  ``expires_at``) says the same.
+  than SQLite's own work (profiled on a sweep: 15 ms of every 500-session batch), a call per
+  session cannot share one prepared statement over a batch, and a conditional delete read and
+  decoded the record where ``tag < ?`` (the tag is the session's ``expires_at``) says the same.
 - :func:`_inspect` opens ``cache.db`` with :mod:`sqlite3` before diskcache does, because
   ``Cache()`` starts by writing its settings, and a foreign database must be left untouched.
+- :class:`_WalIndex` reads two numbers of SQLite's wal-index (documented file format).
 """
 
 from __future__ import annotations
@@ -873,7 +889,7 @@ class _Checkpointer:
     runs every call on its own thread, so the Trio thread never meets a checkpoint half way
     (whose end would make its next commit start the WAL again: see :class:`_WalIndex`). A
     failure is logged and tried again at the next checkpoint; commits on the store thread
-    still checkpoint by themselves every 1000 pages, as SQLite does by default.
+    still checkpoint by themselves past _AUTOCHECKPOINT pages.
     """
 
     def __init__(self, db: Path, synchronous: int) -> None:

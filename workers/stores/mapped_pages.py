@@ -28,8 +28,9 @@ class MappedPages:
     Counts the records read or written, and after ``every`` of them drops every page of the
     data file's mapping with ``madvise(MADV_DONTNEED)``. Only the page tables change: the
     pages stay in the page cache, and the next read of one maps it again (a minor fault, a
-    microsecond or two). Safe at any moment on the store thread, inside a transaction too:
-    without ``writemap`` LMDB only reads the mapping, so dropped pages come back unchanged.
+    microsecond or two). Safe at any moment, inside a transaction too, and while another
+    thread reads or writes the store: without ``writemap`` LMDB only reads the mapping, so
+    dropped pages come back unchanged.
 
     The mapping's address is read from ``/proc/self/maps``, by the data file's inode, at the
     first drop and again after every :meth:`remapping` (LMDB maps the file anew when the map
