@@ -68,13 +68,13 @@ process serving a 1M-session store (about 450 MB) had all of it in its resident 
 within seconds, though it had loaded nothing: the pages are the kernel's page cache, shared, clean
 and reclaimable, the same pages a file read with ``read(2)`` leaves cached, which no process's RSS
 counts. :class:`~workers.stores.mapped_pages.MappedPages` keeps that figure bounded by dropping the
-mapping's pages (``MADV_DONTNEED``) after every ``unmap_every`` records read or written (512, a
+mapping's pages (``MADV_DONTNEED``) after every ``unmap_every`` records read or written (256, a
 write counting three): the page cache keeps them, and a page read again is mapped again by a minor
-fault. Serving 1M sessions at random it kept ``RssFile`` at 40-90 MB, against 380-480 MB. The price
-is a fault for nearly every page read, as ``read(2)`` would copy it: about a fifth of the throughput
-under reads at random across 1M sessions (16,000-17,000 against 21,000-23,000 operations a second,
-A/B). ``unmap_every=None`` keeps every page mapped instead, for a store whose resident size does not
-matter.
+fault. Serving 1M sessions at random it kept ``RssFile`` at 35-65 MB (512: 55-90 MB), against
+380-480 MB. The price is a fault for nearly every page read, as ``read(2)`` would copy it: about a
+fifth of the throughput under reads at random across 1M sessions (18,000 against 22,000 operations
+a second, A/B; 256 and 512 serve about the same). ``unmap_every=None`` keeps every page mapped
+instead, for a store whose resident size does not matter.
 
 What stays in ``RssAnon``: LMDB copies every page a write transaction changes into a buffer of
 its own and, after the commit, keeps those buffers for reuse until the environment is closed,
@@ -180,7 +180,7 @@ class LmdbStore(ThreadedStore):
         on_corrupt: OnCorrupt = "quarantine",
         map_size: int = 64 * _MIB,
         max_map_size: int = 16 * 1024 * _MIB,
-        unmap_every: int | None = 512,
+        unmap_every: int | None = 256,
         create: bool = True,
         read_only: bool = False,
         inline: bool = True,

@@ -51,7 +51,7 @@ class MappedPages:
         self._where: list[tuple[int, int]] | None = None
         #: Records read (a write counts three) between drops; None: never. Each page read maps
         #: up to 16 neighbours that are in the page cache too (fault-around): measured at 1M
-        #: sessions, 512 keeps 40-90 MB mapped, 2048 about 220 MB.
+        #: sessions, 256 keeps 35-65 MB mapped, 512 55-90 MB, 2048 about 220 MB.
         self.every = every
         self._count = 0
         #: Drops done so far (for tests and diagnostics).

@@ -189,24 +189,20 @@ class ThreadedStore:
 
     def loads_now(self, count: int) -> bool:
         """Whether :meth:`load_now` of ``count`` ids may run on the caller's thread now."""
-        return (
-            self.inline
-            and not self._jobs_out
-            and count <= self.inline_max
-            and self._thread is not None
-            and self.stall_guard.allows
-            and self._may_run_now(False)
-        )
+        return self._runs_now(count, commit=False)
 
     def commits_now(self, count: int) -> bool:
         """Whether :meth:`commit_now` of ``count`` writes may run on the caller's thread now."""
+        return self._runs_now(count, commit=True)
+
+    def _runs_now(self, count: int, *, commit: bool) -> bool:
         return (
             self.inline
             and not self._jobs_out
             and count <= self.inline_max
             and self._thread is not None
             and self.stall_guard.allows
-            and self._may_run_now(True)
+            and self._may_run_now(commit)
         )
 
     def load_now(self, ids: Sequence[str]) -> dict[str, Session]:
