@@ -288,7 +288,8 @@ _HOUSEKEEP = "housekeeping is due"
 #: 100 deletes took a second, where it takes 2 ms.
 BUSY_BUDGET = 32
 #: The most writes one operation answered inline makes (rotate: a put and a delete), plus
-#: the clock mark: what must be able to go now before an operation that writes runs inline.
+#: the clock mark: what must be able to go now before an operation that writes runs inline
+#: (a store's inline_max is at least this).
 _OP_WRITES = 3
 
 

@@ -112,7 +112,7 @@ class ThreadedStore:
     errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
     #: Most ids a ``load_now`` and writes a ``commit_now`` may take: bounded work only, tens of
     #: microseconds (a store sets its own: it depends on what a write costs there).
-    inline_max: ClassVar[int] = 16
+    inline_max: ClassVar[int] = 4
     #: A commit is a transaction: concurrent callers' writes are better committed together.
     group_commit: ClassVar[bool] = True
 
