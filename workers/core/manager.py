@@ -81,6 +81,7 @@ from ..record.errors import SessionError, StoreError
 from ..record.session import Session
 from ..stores.base import ImmediateStore, Mark, Put, Store, Write, write_id
 from .cache import ReadCache
+from .metrics import Metrics
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,14 @@ _HOUSEKEEP = "housekeeping is due"
 class SessionManager(Actor):
     """Owns one store; see the module docstring. Requests are Operation instances."""
 
-    async def init(self, store: Store, settings: ManagerSettings, clock: ServiceClock) -> None:
+    async def init(
+        self, store: Store, settings: ManagerSettings, clock: ServiceClock, telemetry: Metrics
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        #: The service's figures (batch sizes, inline answers, cache hits, store errors).
+        self.telemetry = telemetry
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -241,8 +246,10 @@ class SessionManager(Actor):
                     outcomes = store.commit_now(writes)[: len(view.writes)]
                     self._marked(mark)
         except SessionError as exc:
+            self.telemetry.inline += 1
             return outcome.Error(exc)
         self._remember(view, outcomes)
+        self.telemetry.inline += 1
         return outcome.Value(op.finish(result, outcomes))
 
     async def handle_drained(self) -> None:
@@ -263,6 +270,7 @@ class SessionManager(Actor):
             if access_due and self.unwritten:
                 await self._write_access_times()
         except SessionError as exc:
+            self.telemetry.store_error(exc)
             log.warning(
                 "housekeeping failed (%d access times unwritten, kept for the next try): %s",
                 len(self.unwritten),
@@ -300,12 +308,17 @@ class SessionManager(Actor):
         """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
         ``view``; the ids that must be loaded from the store."""
         missing = []
+        found = 0
         for session_id in ids:
             session = self.unwritten.get(session_id) or self.cache.get(session_id)
             if session is None:
                 missing.append(session_id)
             else:
                 view.sessions[session_id] = session
+                found += 1
+        if self.cache.capacity:  # a manager without a cache has no hit rate to report
+            self.telemetry.cache_hits += found
+            self.telemetry.cache_misses += len(missing)
         return missing
 
     async def _load(self, view: View, ids: set[str]) -> None:
@@ -331,6 +344,7 @@ class SessionManager(Actor):
         try:
             await self.store.commit([mark])
         except SessionError as exc:
+            self.telemetry.store_error(exc)
             log.warning("could not persist the clock mark: %s", exc)
         else:
             self._marked(mark)
@@ -368,13 +382,14 @@ class SessionManager(Actor):
     async def _run_batch(self) -> None:
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
+        self.telemetry.batches.observe(len(batch))
         limits = self.settings.limits
         view = self._view()
         if self.unwritten and any(q.op.reads_store(limits) for q in batch):
             try:
                 await self._write_access_times()
             except SessionError as exc:
-                return _fail_all(batch, exc)
+                return self._fail_all(batch, exc)
 
         ready: list[_Queued] = []
         for item in batch:
@@ -390,7 +405,7 @@ class SessionManager(Actor):
         try:
             await self._load(view, {i for q in ready for i in q.op.ids()})
         except SessionError as exc:
-            return _fail_all(ready, exc)
+            return self._fail_all(ready, exc)
 
         applied = []
         for item in ready:
@@ -411,7 +426,7 @@ class SessionManager(Actor):
             try:
                 outcomes = await self.store.commit(writes)
             except SessionError as exc:
-                return _fail_all([item for item, *_ in applied], exc)
+                return self._fail_all([item for item, *_ in applied], exc)
             self._marked(mark)
             outcomes = outcomes[: len(view.writes)]
 
@@ -434,6 +449,14 @@ class SessionManager(Actor):
             n = max(item.attempts for item in retry)
             self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
 
+    def _fail_all(self, items: list[_Queued], exc: SessionError) -> None:
+        self.telemetry.store_error(exc)
+        log.warning("store failed a batch of %d requests: %s", len(items), exc)
+        for item in items:
+            # A fresh instance per caller: one exception object raised in many tasks would
+            # collect all their tracebacks.
+            item.slot.fail(type(exc)(str(exc)))
+
 
 def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:
     """Per write, whether it failed because the store did not hold what the batch expected.
@@ -451,11 +474,3 @@ def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:
         if not ok:
             failed.add(sid)
     return lost
-
-
-def _fail_all(items: list[_Queued], exc: SessionError) -> None:
-    log.warning("store failed a batch of %d requests: %s", len(items), exc)
-    for item in items:
-        # A fresh instance per caller: one exception object raised in many tasks would
-        # collect all their tracebacks.
-        item.slot.fail(type(exc)(str(exc)))

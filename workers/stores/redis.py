@@ -83,7 +83,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import coredis
 import trio
@@ -95,6 +94,7 @@ from ..record.codec import decode_session, encode_session
 from ..record.errors import ServiceUnavailable, StoreError
 from ..record.session import Session
 from .base import Mark, Put, Write, check_limit, check_writes
+from .urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,9 @@ class RedisStore:
     :param command_timeout: seconds to wait for Redis to answer one command.
     :param expiry_grace: seconds that Redis keeps an expired session past its idle timeout
         before deleting it by itself (see the module docstring).
+    :param create: with False, ``open`` refuses (:class:`StoreError` naming the URL and the
+        prefix) a prefix under which no service ever kept sessions: no id index and no clock
+        mark. For tools that must not take a typo for an empty store.
     """
 
     backend = "redis"
@@ -248,6 +251,7 @@ class RedisStore:
         connect_timeout: float = 2.0,
         command_timeout: float = 5.0,
         expiry_grace: float = 60.0,
+        create: bool = True,
     ) -> None:
         if not prefix:
             raise ValueError("prefix must not be empty: the store would claim every key")
@@ -258,6 +262,7 @@ class RedisStore:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.expiry_grace = expiry_grace
+        self.create = create
         self._where = redact_url(url)
         self._ids_key = f"{prefix}ids"
         self._expiry_key = f"{prefix}expiry"
@@ -309,6 +314,8 @@ class RedisStore:
                 raise StoreError(f"cannot start a Redis client for {self._where}")
             try:
                 await self._call("PING", lambda c: c.ping(), retry=False)
+                if not self.create:
+                    await self._check_exists()
             except ServiceUnavailable as exc:
                 raise StoreError(f"cannot open the redis store: {exc}") from None
             self._commit_script = client.register_script(COMMIT_SCRIPT)
@@ -437,6 +444,15 @@ class RedisStore:
 
     # -- internals ---------------------------------------------------------------------------
 
+    async def _check_exists(self) -> None:
+        """StoreError unless a service kept sessions under the prefix (an index or a mark)."""
+        keys = [self._ids_key, self._mark_key]
+        if not await self._call("EXISTS", lambda c: c.exists(keys), retry=True):
+            raise StoreError(
+                f"no redis store at {self._where} under prefix {self.prefix!r}: no session "
+                "was ever kept there (check --url and --prefix)"
+            )
+
     def _key(self, session_id: str) -> str:
         return self._session_prefix + session_id
 
@@ -498,21 +514,6 @@ class RedisStore:
             raise ServiceUnavailable(f"Redis at {self._where} is unreachable ({exc})") from None
         except RedisError as exc:
             raise StoreError(f"Redis at {self._where} failed {what}: {exc}") from None
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        return "<unparsable Redis URL>"
 
 
 def _or_empty(value: int | None) -> int | str:
