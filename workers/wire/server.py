@@ -42,7 +42,6 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +52,7 @@ import trio
 from supervisor import NoProc
 
 from ..core.api import METHODS, Kind, Method
+from ..core.metrics import UNKNOWN_METHOD
 from ..core.service import SessionService
 from ..record.errors import (
     AuthenticationFailed,
@@ -133,7 +133,8 @@ class Server:
         self._changed = trio.Event()
         self._accepting: trio.CancelScope | None = None
         self._draining = False
-        self.requests = 0
+        #: The service's figures; the server adds its requests' refusals and its connections.
+        self.telemetry = service.telemetry
         #: The methods this daemon answers: the table, less fault injection unless allowed.
         self.methods = {
             name: m
@@ -199,6 +200,7 @@ class Server:
         if self._draining or len(self._connections) >= self.limits.max_connections:
             reason = "shutting down" if self._draining else "too many connections"
             log.warning("refusing a connection: %s", reason)
+            self.telemetry.connections_refused += 1
             refusal = ServiceUnavailable(f"the daemon is {reason}; retry later")
             with trio.move_on_after(LINGER):
                 await stream.send_all(Connection(Role.SERVER).send_error(refusal))
@@ -206,6 +208,8 @@ class Server:
             return
         handler = _ConnectionHandler(self, raw_stream(stream))
         self._connections.add(handler)
+        self.telemetry.connections += 1
+        self.telemetry.connections_total += 1
         try:
             await handler.run()
         except Exception:  # one connection's bug must not take the listener down
@@ -213,6 +217,7 @@ class Server:
         finally:
             await handler.stream.aclose()
             self._connections.discard(handler)
+            self.telemetry.connections -= 1
             self._changed.set()
             self._changed = trio.Event()
 
@@ -237,20 +242,33 @@ class Server:
         return method
 
     async def call(self, name: str, params: list[Any]) -> Any:
-        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
-        self.requests += 1
+        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses.
+
+        The service counts and times what it runs; what is refused before it gets there
+        (unknown method, bad arguments) is counted here, as are the daemon's own methods.
+        """
         try:
             method = self.method(name)
             args = method.decode_params(params)
-            if method.kind is Kind.OPERATION:
-                result = await self.service.run(self.service.operation(method, *args))
+            op = self.service.operation(method, *args) if method.kind is Kind.OPERATION else None
+        except Exception as exc:
+            raise self._refuse(name, exc) from None
+        try:
+            if op is not None:
+                result = await self.service.run(op)
             elif method.kind is Kind.SERVICE:
                 result = await getattr(self.service, name)(*args)
             else:
-                result = await getattr(self, f"_{name}")(*args)
+                with self.telemetry.measure(name):
+                    result = await getattr(self, f"_{name}")(*args)
             return method.encode_result(result)
         except Exception as exc:
             raise _wire_error(name, exc) from None
+
+    def _refuse(self, name: str, exc: Exception) -> SessionError:
+        error = _wire_error(name, exc)
+        self.telemetry.refused(name if name in self.methods else UNKNOWN_METHOD, error)
+        return error
 
     def submit(
         self, name: str, params: list[Any], on_reply: Callable[[Any, SessionError | None], None]
@@ -277,25 +295,16 @@ class Server:
         try:
             op = self.service.operation(method, *method.decode_params(params))
         except Exception as exc:  # arguments the method refused
-            on_reply(None, _wire_error(name, exc))
+            on_reply(None, self._refuse(name, exc))
         else:
             try:
                 self.service.submit(op, settle)
             except (NoProc, trio.WouldBlock):
                 return False  # call() runs it, and counts it
-        self.requests += 1
         return True
 
     async def _ping(self) -> str:
         return "pong"
-
-    async def _stats(self) -> dict[str, Any]:
-        return {
-            **await self.service.stats(),
-            "connections": len(self._connections),
-            "requests": self.requests,
-            "pid": os.getpid(),
-        }
 
 
 def _wire_error(name: str, exc: Exception) -> SessionError:
@@ -486,12 +495,15 @@ class _ConnectionHandler:
         """Handle an ``auth`` request, or the first request of a connection; False to close."""
         failure = None
         if request.method == "auth":
-            if len(request.params) != 1 or not self.server.authenticates(request.params[0]):
+            if request.params == [None] and self.server.requires_token:
+                failure = AuthenticationFailed("this daemon requires a token and none was given")
+            elif len(request.params) != 1 or not self.server.authenticates(request.params[0]):
                 failure = AuthenticationFailed("wrong token")
         elif self.server.requires_token:
             failure = AuthenticationFailed("authenticate first: the first request is auth(token)")
         if failure is not None:
             log.warning("refusing a connection: %s", failure)
+            self.server.telemetry.auth_failures += 1
             self._reply(request.msgid, error=failure)
             return False
         self.authenticated = True
