@@ -24,7 +24,6 @@ manager, the supervision runtime or any store.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
@@ -35,6 +34,9 @@ DISTRIBUTION = "trio-sessions"
 
 
 def _version() -> str:
+    """The installed distribution's version: pyproject.toml is the one place it is written."""
+    import importlib.metadata  # 25 ms: only when asked
+
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
@@ -68,7 +70,6 @@ def _check_supervisor() -> None:
 
 _MARK = f'__distribution__ = "{DISTRIBUTION}"'.encode()
 _check_supervisor()
-__version__ = _version()
 
 from .record.errors import (  # noqa: E402  (after the check: a clash fails first, in one line)
     AuthenticationFailed,
@@ -92,6 +93,7 @@ from .record.errors import (  # noqa: E402  (after the check: a clash fails firs
 from .record.session import DEFAULT, Session  # noqa: E402
 
 if TYPE_CHECKING:
+    __version__: str
     from .core.service import SessionService, open_session_service, run_session_service
 
 #: Names loaded from their module on first use (PEP 562), with that module.
@@ -103,6 +105,9 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = version = _version()
+        return version
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'workers' has no attribute {name!r}")

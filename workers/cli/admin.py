@@ -41,7 +41,6 @@ import trio
 from ..core.service import open_session_service
 from ..record.codec import decode_session, encode_session, pack
 from ..record.errors import (
-    AuthenticationFailed,
     ServiceUnavailable,
     SessionError,
     SessionNotFound,
@@ -49,19 +48,16 @@ from ..record.errors import (
 )
 from ..record.session import Session
 from ..stores import canonical_backend, make_store
-from ..wire.address import parse_address
-from ..wire.client import connect
-from ..wire.transport import open_stream
-from .options import add_daemon_options, positive_int
+from .options import positive_int
 from .output import (
     Failed,
     Progress,
     debug_requested,
-    os_reason,
     report_failure,
     table,
     write_json,
 )
+from .remote import add_daemon_options, connect_daemon
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1
@@ -105,46 +101,11 @@ async def open_target(
         opened = open_session_service(**_store_options(args, verb), cleanup_interval=1e9)
     else:
         # No reconnecting: a daemon that is not there fails the verb at once.
-        opened = _connect(args)
+        opened = connect_daemon(args)
     watchdog.arm("opening")
     async with opened as target:
         watchdog.disarm()
         yield watchdog.bound(target)
-
-
-@asynccontextmanager
-async def _connect(args: argparse.Namespace) -> AsyncIterator[Any]:
-    """:func:`connect` to ``--address`` at once (no retries), its failures said plainly."""
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            client = await stack.enter_async_context(
-                connect(args.address, token=args.token, reconnect_timeout=0)
-            )
-        except AuthenticationFailed as exc:
-            if args.token is None:
-                raise AuthenticationFailed(
-                    f"the daemon at {args.address} requires a token: give --token or set "
-                    "SESSIOND_TOKEN"
-                ) from None
-            raise AuthenticationFailed(
-                f"the daemon at {args.address} refused the token ({exc}): check --token or "
-                "SESSIOND_TOKEN"
-            ) from None
-        except ServiceUnavailable as exc:
-            raise ServiceUnavailable(await unreachable(args.address, exc)) from None
-        yield client
-
-
-async def unreachable(address: str, exc: ServiceUnavailable) -> str:
-    """Why the daemon at ``address`` could not be reached. The client's error says that it
-    could not; one more plain connect, made only now that it failed, says why (refused, no
-    such socket, unknown host...)."""
-    try:
-        stream = await open_stream(parse_address(address))
-    except OSError as error:
-        return f"cannot reach the daemon at {address}: {os_reason(error)}"
-    await stream.aclose()
-    return str(exc)
 
 
 class Watchdog:

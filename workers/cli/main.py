@@ -13,8 +13,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from .. import __version__
+import workers
+
 from .output import configure_verb_logging, debug_requested, quiet_broken_pipe, report_failure
 
 VERB_MODULES = (
@@ -27,11 +29,26 @@ VERB_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but bad usage is one line (and exit status 2, as argparse's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is read from the package metadata only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.exit(0, f"sessiond {workers.__version__}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sessiond", description="A supervised, durable session service on Trio."
-    )
-    parser.add_argument("--version", action="version", version=f"sessiond {__version__}")
+    parser = Parser(prog="sessiond", description="A supervised, durable session service on Trio.")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERB_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
-from ..wire.address import DEFAULT_ADDRESS, parse_address
+from ..wire.address import parse_address
 
 
 def address(text: str) -> str:
@@ -46,25 +45,3 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
     return value
-
-
-def add_daemon_options(parser: argparse.ArgumentParser) -> None:
-    """``--address``, ``--token`` and ``--timeout``: how a verb reaches a running daemon."""
-    parser.add_argument(
-        "--address",
-        type=address,
-        default=os.environ.get("SESSIOND_ADDRESS", DEFAULT_ADDRESS),
-        help=f"the daemon: tcp://HOST:PORT or unix:///path (default {DEFAULT_ADDRESS}, or "
-        "SESSIOND_ADDRESS)",
-    )
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("SESSIOND_TOKEN"),
-        help="the daemon's token (default SESSIOND_TOKEN)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=seconds,
-        default=10.0,
-        help="seconds each call may take, connecting included (default 10)",
-    )

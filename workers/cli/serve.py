@@ -38,9 +38,9 @@ from types import FrameType
 
 import trio
 
+import workers
 from supervisor import ChildSpec, StartError, SupervisorShutdown
 
-from .. import __version__
 from ..core.service import SessionService, open_session_service
 from ..record.errors import StoreError
 from ..stores.urls import DEFAULT_REDIS_URL, redact_url
@@ -156,7 +156,7 @@ async def serve(settings: Settings, startup: _StartupFilter | None = None) -> in
                 if startup is not None:
                     startup.starting = False
                 where = describe_store(settings)
-                log.info("sessiond %s ready: pid %d, %s", __version__, os.getpid(), where)
+                log.info("sessiond %s ready: pid %d, %s", workers.__version__, os.getpid(), where)
                 if settings.allow_fault_injection:
                     log.warning("fault injection is on: crash_actor can crash service actors")
                 signum = await signals.__anext__()

@@ -15,8 +15,9 @@ readings of the daemon's histograms). Rates need two readings, so ``--once`` tak
 
 On a terminal the view is redrawn in place (the alternate screen, as ``top`` does) and the
 keyboard is read without echo; elsewhere (a pipe, a file) each view is printed after the
-last (``--iterations`` bounds how many). If the daemon goes away (it restarted its listener
-after a crash, or it stopped), the view says so and tries again at the next refresh.
+last (``--iterations`` bounds how many). A daemon that cannot be reached at the start is an
+error, at once; one that goes away later (it restarted its listener after a crash, or it
+stopped) is shown as such, and each refresh tries to reconnect.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ import trio
 
 from ..core.metrics import Histogram
 from ..record.errors import SessionError
-from ..wire.client import Client, connect
-from .options import add_daemon_options, positive_int, positive_seconds
+from ..wire.client import Client
+from .options import positive_int, positive_seconds
 from .output import debug_requested, report_failure, table_lines, write_json
+from .remote import add_daemon_options, connect_daemon
 
 #: Keys that end the view.
 QUIT_KEYS = (b"q", b"Q")
@@ -237,7 +239,7 @@ async def _keys(quit_scope: trio.CancelScope) -> None:
 
 async def run_top(args: argparse.Namespace) -> None:
     interactive = not (args.once or args.json) and sys.stdout.isatty() and sys.stdin.isatty()
-    async with connect(args.address, token=args.token, reconnect_timeout=args.timeout) as client:
+    async with connect_daemon(args) as client:
         before = await read(client, args.timeout)
         if args.once:
             await trio.sleep(args.interval)

@@ -396,12 +396,17 @@ class SessionManager(Actor):
             op = item.op
             try:
                 op.prepare(view)
-                if op.reads_store(limits):
-                    await op.read(view)
             except SessionError as exc:
                 item.slot.fail(exc)
-            else:
-                ready.append(item)
+                continue
+            if op.reads_store(limits):
+                try:
+                    await op.read(view)
+                except SessionError as exc:
+                    self.telemetry.store_error(exc)
+                    item.slot.fail(exc)
+                    continue
+            ready.append(item)
         try:
             await self._load(view, {i for q in ready for i in q.op.ids()})
         except SessionError as exc:

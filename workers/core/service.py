@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+import workers
 from supervisor import (
     ActorRef,
     CallTimeout,
@@ -49,7 +50,6 @@ from supervisor import (
     whereis,
 )
 
-from .. import __version__
 from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
 from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
 from ..record.session import (
@@ -417,7 +417,7 @@ class SessionService:
             mailbox = None  # restarting
         return {
             "backend": self.backend,
-            "version": __version__,
+            "version": workers.__version__,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self._started, 3),
             "restarts": self.restarts,

@@ -182,6 +182,8 @@ class MetricsEndpoint:
         url = "http" + str(Address("tcp", host=host, port=port))[len("tcp") :]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._serve, listeners)
+            #: Where it listens, once it does (``http://HOST:PORT``).
+            self.url = url
             log.info("metrics on %s/metrics, readiness on %s/health", url, url)
             task_status.started(url)
 
