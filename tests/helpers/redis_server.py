@@ -56,11 +56,11 @@ def free_port() -> int:
 
 
 def ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether a Redis server answers PING at ``host:port``."""
+    """Whether a Redis server answers PING at ``host:port`` (asking for a password counts)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -69,12 +69,14 @@ class RedisServer:
     """A private ``redis-server`` on 127.0.0.1 without persistence, for tests that stop it.
 
     ``start`` and ``stop`` may alternate; the port stays the same, so a client sees the same
-    server go away and come back.
+    server go away and come back. ``password`` makes it require one (it is in ``url``).
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, password: str | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = "" if password is None else f":{password}@"
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="redis-test-")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -95,6 +97,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self._dir,
+                *([] if self.password is None else ["--requirepass", self.password]),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

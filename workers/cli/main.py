@@ -43,7 +43,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        parser.exit(0, f"sessiond {workers.__version__}\n")
+        print(f"sessiond {workers.__version__}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:

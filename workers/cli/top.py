@@ -139,6 +139,10 @@ def _text(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
 def _uptime(seconds_up: float) -> str:
     minutes, secs = divmod(int(seconds_up), 60)
     hours, minutes = divmod(minutes, 60)
@@ -174,7 +178,7 @@ def render(view: dict[str, Any], interval: float) -> list[str]:
         f"MANAGER mailbox {_text(manager['mailbox'])}  batches {_text(manager['batches_per_s'])}/s"
         f"  mean size {_text(manager['mean_batch'])} (p50 {_text(manager['batch_p50'])}, "
         f"p99 {_text(manager['batch_p99'])})  inline {_text(manager['inline_per_s'])}/s  "
-        f"cache hit rate {_text(manager['cache_hit_rate'])}",
+        f"cache hit rate {_percent(manager['cache_hit_rate'])}",
         f"CONNECTIONS {conns['open']} open, {conns['total']} in all, {conns['refused']} refused,"
         f" {conns['auth_failures']} failed auth"
         + (f"  STORE ERRORS {view['store_errors']}" if view["store_errors"] else ""),
