@@ -27,7 +27,6 @@ measures a working set that fits.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -46,7 +45,7 @@ from typing import Any
 import msgpack
 
 from bench.records import Record, throughput
-from bench.report import print_table
+from bench.report import count_command_line
 from bench.sessions import METADATA
 from tests.helpers import ROOT
 from tests.helpers.daemon_process import DaemonProcess, free_port
@@ -237,10 +236,7 @@ def run(requests: int = 20_000) -> list[Record]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20_000, help="requests per measurement")
-    args = parser.parse_args()
-    print_table(run(args.requests))
+    count_command_line(__doc__, run, "--requests", 20_000, "requests per measurement")
 
 
 if __name__ == "__main__":

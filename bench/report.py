@@ -6,8 +6,9 @@ print the same table, and the tests can check it without running a benchmark.
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.records import Record
@@ -90,3 +91,13 @@ def print_table(records: Sequence[Record]) -> None:
 def write_json(records: Sequence[Record], path: Path) -> None:
     """Write the records as a JSON list, as they are (every key of :mod:`bench.records`)."""
     path.write_text(json.dumps(list(records), indent=2) + "\n", encoding="utf-8")
+
+
+def count_command_line(
+    doc: str, run: Callable[[int], Sequence[Record]], option: str, default: int, help: str
+) -> None:
+    """The standalone entry point of a benchmark whose one option is a count: parse it, run,
+    print the table (``doc``'s first line is the description)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(option, type=int, default=default, help=help)
+    print_table(run(getattr(parser.parse_args(), option.lstrip("-"))))

@@ -6,6 +6,7 @@ The groups, in the order they run (each measures its floors in the same run):
 actor     ``ActorRef.call`` and ``call(name)`` against a bare channel request/reply
 sessions  the embedded service per store against its raw floor; memory against actor's floor
 daemon    the daemon over TCP against ``redis-server`` under ``redis-benchmark``
+redis     the redis store on a server, a Redis Cluster and Sentinel against bare coredis
 scale     1,000,000 sessions: open time, memory, sweep latency (``bench/scale.py``, when there)
 ========  ===================================================================================
 
@@ -26,10 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import actor_calls, daemon, plot, report, sessions
+from bench import actor_calls, daemon, plot, redis, report, sessions
 from bench.records import Record
 
-GROUPS = ("actor", "sessions", "daemon", "scale")
+GROUPS = ("actor", "sessions", "daemon", "redis", "scale")
 TABLE_CALLERS = (1, 50)
 PLOT_CALLERS = (1, 10, 50, 100)
 #: The backends the plot draws; the others are measured at the table's caller counts only.
@@ -44,6 +45,7 @@ class Sizes:
     actor_rounds: int
     session_ops: int
     daemon_requests: int
+    redis_ops: int
     scale_sessions: int
 
 
@@ -52,6 +54,7 @@ FULL = Sizes(
     actor_rounds=5,
     session_ops=5_000,
     daemon_requests=20_000,
+    redis_ops=5_000,
     scale_sessions=1_000_000,
 )
 QUICK = Sizes(
@@ -59,6 +62,7 @@ QUICK = Sizes(
     actor_rounds=2,
     session_ops=1_000,
     daemon_requests=4_000,
+    redis_ops=1_000,
     scale_sessions=100_000,
 )
 
@@ -97,6 +101,10 @@ def _daemon(run: Run) -> list[Record]:
     return daemon.run(run.sizes.daemon_requests)
 
 
+def _redis(run: Run) -> list[Record]:
+    return redis.run(run.sizes.redis_ops)
+
+
 def _scale(run: Run) -> list[Record]:
     # bench/scale.py comes from another branch; until it is merged the group is skipped.
     try:
@@ -113,6 +121,7 @@ GROUP_RUNNERS: dict[str, Callable[[Run], list[Record]]] = {
     "actor": _actor,
     "sessions": _sessions,
     "daemon": _daemon,
+    "redis": _redis,
     "scale": _scale,
 }
 
@@ -190,8 +199,8 @@ def command_line(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="run.py bench",
         description=(
-            "Run the benchmarks (actor calls, embedded stores, daemon, scale), each next to a "
-            "floor measured in the same run, and print one table with the issue's targets and "
+            "Run the benchmarks (actor calls, embedded stores, daemon, redis, scale), each next "
+            "to a floor measured in the same run, and print one table with the issue's targets and "
             "whether each holds. Exit status 0 even when a target does not hold; nonzero on an "
             "error."
         ),
@@ -204,7 +213,7 @@ def command_line(argv: Sequence[str] | None = None) -> int:
         metavar="FILE.png",
         help="also draw throughput against concurrency (needs: pip install -e '.[plot]')",
     )
-    add("--only", metavar="GROUPS", help="comma-separated from actor,sessions,daemon,scale")
+    add("--only", metavar="GROUPS", help="comma-separated from " + ",".join(GROUPS))
     add("--quick", action="store_true", help="smaller op counts: a minute or two, noisier")
     args = parser.parse_args(argv)
     return main(args.only, args.quick, args.json, args.plot)

@@ -202,7 +202,8 @@ FLOORS: dict[str, tuple[str, Callable[[Setup], dict[str, float]]]] = {
 # --- the service ---
 
 
-async def _rate(callers: int, ops: int, op: Callable[[int], Awaitable[Any]]) -> float:
+async def callers_rate(callers: int, ops: int, op: Callable[[int], Awaitable[Any]]) -> float:
+    """Operations per second of ``op(i)`` for ``ops`` values of i, from ``callers`` tasks."""
     per_caller = ops // callers
 
     async def caller(c: int) -> None:
@@ -229,9 +230,9 @@ async def _service_rates(sessions: Any, callers: int, ops: int) -> dict[str, flo
         await sessions.update(ids[i], lambda m: {**m, "n": 1})
 
     return {
-        "create": await _rate(callers, ops, create),
-        "retrieve": await _rate(callers, ops, retrieve),
-        "update": await _rate(callers, ops, update),
+        "create": await callers_rate(callers, ops, create),
+        "retrieve": await callers_rate(callers, ops, retrieve),
+        "update": await callers_rate(callers, ops, update),
     }
 
 

@@ -19,7 +19,8 @@ the service with ``store=``::
             await sessions.create({})
 
 Where a fault strikes: ``methods`` names store methods (``"commit"``, ``("load", "scan")``;
-default every method but ``open`` and ``close``); ``calls`` picks the n-th calls of those methods
+default every method but ``open`` and ``close``; a shared store's ``load_touching`` is a
+``"load"``); ``calls`` picks the n-th calls of those methods
 (counted from 1 in :attr:`FaultyStore.calls`); ``probability`` strikes at random, from
 ``random.Random(seed)``, so a failing run can be replayed; ``times`` limits how often it strikes;
 ``after=True`` runs the real call first and fails on the way back (a crash after a commit: the
@@ -41,12 +42,13 @@ base clock plus an offset you move with :meth:`~JumpingClock.jump`, to test cloc
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -66,7 +68,9 @@ class Fault:
     """One injected fault; :meth:`FaultyStore.fail` and friends return it.
 
     Change ``remaining`` or call :meth:`FaultyStore.remove` to retire it. ``strikes`` counts how
-    often it struck.
+    often it struck, and ``struck`` is set when it first does: ``await fault.struck.wait()``
+    lets a test act while a hung call is under way (say, another writer's update between a
+    manager's load and its commit).
     """
 
     methods: frozenset[str]
@@ -78,6 +82,7 @@ class Fault:
     remaining: float = math.inf
     after: bool = False
     strikes: int = 0
+    struck: trio.Event = field(default_factory=trio.Event)
 
 
 #: An ImmediateStore's synchronous forms: a faulty store's calls may hang, so it never is one
@@ -111,7 +116,10 @@ class FaultyStore:
     def __getattr__(self, name: str) -> Any:
         if name in _NOT_FORWARDED:
             raise AttributeError(f"{type(self).__name__} has no {name}")
-        return getattr(self.inner, name)  # a backend's extras (path, ...)
+        extra = getattr(self.inner, name)  # a backend's extras (path, ...)
+        if name == "load_touching":  # a shared store's load that refreshes: faults of "load"
+            return functools.partial(self._run, "load", via=name)
+        return extra
 
     # -- arming faults -------------------------------------------------------------------
 
@@ -216,6 +224,7 @@ class FaultyStore:
             ):
                 fault.remaining -= 1
                 fault.strikes += 1
+                fault.struck.set()
                 due.append(fault)
         return due
 
@@ -239,10 +248,10 @@ class FaultyStore:
             return failure
         return copy.copy(error)
 
-    async def _run(self, method: str, *args: Any) -> Any:
+    async def _run(self, method: str, *args: Any, via: str | None = None) -> Any:
         self.calls[method] += 1
         await self._strike(method, after=False)
-        result = await getattr(self.inner, method)(*args)
+        result = await getattr(self.inner, via or method)(*args)
         await self._strike(method, after=True)
         return result
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers.redis_cluster import shared_cluster
 from helpers.redis_server import find_redis, unique_prefix
-from helpers.store_factories import STORE_FACTORIES
+from helpers.store_factories import STORE_FACTORIES, factory_params
 
 from workers.cli.migrate import migrate, register
 from workers.record.session import Session
@@ -25,7 +26,6 @@ from workers.stores.files import StoreFiles
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
-BACKENDS = sorted(STORE_FACTORIES)
 
 LIVE = [
     Session(f"live-{i:02}", T0 - i, T0 - i, MINUTE * (i + 1), {"i": i, "raw": b"\x00"}, i + 1)
@@ -42,8 +42,8 @@ async def opened(backend: str, path: Path) -> Store:
     return store
 
 
-@pytest.mark.parametrize("target_backend", BACKENDS)
-@pytest.mark.parametrize("source_backend", BACKENDS)
+@pytest.mark.parametrize("target_backend", factory_params())
+@pytest.mark.parametrize("source_backend", factory_params())
 async def test_a_round_trip_keeps_every_live_session_field_for_field(
     tmp_path: Path, source_backend: str, target_backend: str
 ) -> None:
@@ -161,6 +161,24 @@ def test_cli_json_and_a_redis_prefix(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads(capsys.readouterr().out) == {"copied": len(live), "skipped": 0}
     assert cli("--from", f"redis:{url}", "--to", f"lmdb:{tmp_path / 'lmdb'}", "--json") == 0
     assert json.loads(capsys.readouterr().out) == {"copied": len(live), "skipped": 0}
+    assert load_all("lmdb", tmp_path / "lmdb") == {s.id: s for s in live}
+
+
+@pytest.mark.slow
+def test_cli_migrates_to_and_from_a_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live = now_live(LIVE)
+    fill_disk_store(tmp_path / "disk", live)
+    cluster = f"{shared_cluster().url}?prefix={unique_prefix()}"
+    server = f"{find_redis()}?prefix={unique_prefix()}"
+    for source, target in [
+        (f"disk:{tmp_path / 'disk'}", f"redis:{cluster}"),
+        (f"redis:{cluster}", f"redis:{server}"),
+        (f"redis:{server}", f"lmdb:{tmp_path / 'lmdb'}"),
+    ]:
+        assert cli("--from", source, "--to", target, "--json") == 0
+        assert json.loads(capsys.readouterr().out) == {"copied": len(live), "skipped": 0}
     assert load_all("lmdb", tmp_path / "lmdb") == {s.id: s for s in live}
 
 

@@ -23,6 +23,10 @@ from workers.client import SyncClient
 pytestmark = pytest.mark.slow
 
 
+def with_password(url: str) -> str:
+    return url.replace("redis://", "redis://:s3cret-pw@")
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.status == 200
@@ -97,13 +101,13 @@ def test_the_ready_line_names_the_store_never_its_password(tmp_path: Path) -> No
     d.wait_for_log("ready")
     assert d.stop() == 0
     assert re.search(rf"sessiond \S+ ready: pid \d+, disk store at {d.store_path}\n", d.log())
-    with RedisServer(password="s3cret-pw") as server:
+    with RedisServer(args=["--requirepass", "s3cret-pw"]) as server:
         prefix = unique_prefix()
         d = DaemonProcess(
             tmp_path / "redis", backend="redis"
         )  # the path is ignored by the redis backend
         (tmp_path / "redis").mkdir()
-        d.args += ["--url", server.url, "--prefix", prefix]
+        d.args += ["--url", with_password(server.url), "--prefix", prefix]
         d.start()
         assert d.stop() == 0
     url = f"redis://:***@127.0.0.1:{server.port}/0"
@@ -120,8 +124,8 @@ def one_error(done_log: str) -> str:
 
 def test_start_failures_are_one_line_naming_the_cause(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
-    with RedisServer(password="s3cret-pw") as server:
-        dead_redis = server.url  # stopped: Redis is down
+    with RedisServer(args=["--requirepass", "s3cret-pw"]) as server:
+        dead_redis = with_password(server.url)  # stopped: Redis is down
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()

@@ -7,13 +7,18 @@ file, shown by :meth:`DaemonProcess.log` when an assertion needs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from workers import SessionExpired
+from workers.client import SyncClient
 
 from . import ROOT
 
@@ -160,3 +165,28 @@ class DaemonProcess:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, *args: str) -> Iterator[DaemonProcess]:
+    """A daemon for a ``with`` block (a module's tests, say); it must then stop cleanly."""
+    daemon = DaemonProcess(workdir, *args).start()
+    try:
+        yield daemon
+    except BaseException:
+        daemon.close()
+        raise
+    assert daemon.stop() == 0, daemon.log()
+
+
+def expire(client: SyncClient, session_id: str) -> None:
+    """Make a session of a real daemon expire: a 1 ms idle timeout, then poll until the
+    daemon's own clock has passed it (its clock is real: no fixed sleep can be right)."""
+    client.set_ttl(session_id, 0.001)
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        try:
+            client.peek(session_id)
+        except SessionExpired:
+            return
+        assert time.monotonic() < deadline, f"session {session_id} never expired"

@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import NoReturn
 from urllib.parse import urlsplit
 
@@ -69,24 +69,34 @@ class RedisServer:
     """A private ``redis-server`` on 127.0.0.1 without persistence, for tests that stop it.
 
     ``start`` and ``stop`` may alternate; the port stays the same, so a client sees the same
-    server go away and come back. ``password`` makes it require one (it is in ``url``).
+    server go away and come back. ``args`` are more ``redis-server`` options (``"--maxmemory",
+    "1mb"``); ``config`` is the text of a configuration file to start from (a sentinel's).
     """
 
-    def __init__(self, port: int | None = None, *, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, args: Sequence[str] = (), config: str | None = None
+    ) -> None:
         self.port = port or free_port()
-        self.password = password
-        auth = "" if password is None else f":{password}@"
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
-        self._dir = tempfile.mkdtemp(prefix="redis-test-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="redis-test-")
+        self._args = list(args)
+        self._config = config
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
         if not os.access(REDIS_SERVER, os.X_OK):
             unavailable(f"no {REDIS_SERVER} to start a private Redis with")
+        head = [REDIS_SERVER]
+        if self._config is not None:
+            config = os.path.join(self.dir, "redis.conf")
+            if not os.path.exists(config):  # a sentinel rewrites its file: keep what it wrote
+                with open(config, "w") as file:
+                    file.write(self._config)
+            head.append(config)
         self._process = subprocess.Popen(
             [
-                REDIS_SERVER,
+                *head,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -96,8 +106,10 @@ class RedisServer:
                 "--appendonly",
                 "no",
                 "--dir",
-                self._dir,
-                *([] if self.password is None else ["--requirepass", self.password]),
+                self.dir,
+                "--logfile",
+                self.log_path,
+                *self._args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -106,8 +118,22 @@ class RedisServer:
         while not ping("127.0.0.1", self.port):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                raise RuntimeError(
+                    f"redis-server did not start on port {self.port}:\n{self.log()[-2000:]}"
+                )
             time.sleep(0.01)  # polling a subprocess, not timing a test
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.dir, "redis.log")
+
+    def log(self) -> str:
+        """What the server logged so far."""
+        try:
+            with open(self.log_path, errors="replace") as file:
+                return file.read()
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         """Stop the server (it closes every client connection). Idempotent."""
@@ -136,7 +162,7 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @functools.cache

@@ -8,6 +8,8 @@ managers, not its object). Adding a backend is one entry, e.g.::
     "lmdb": StoreFactory(lambda tmp_path: LmdbStore(tmp_path / "lmdb"), durable=True),
 
 A factory may call ``pytest.skip`` when its backend is unavailable (say, no Redis server).
+The redis store runs three ways: on the test Redis, on a Redis Cluster and through Sentinel
+(both started for the run by ``helpers.redis_cluster``: slow, so marked ``slow``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from workers.stores.base import Store
 from workers.stores.disk import DiskStore
@@ -22,6 +27,7 @@ from workers.stores.lmdb import LmdbStore
 from workers.stores.memory import MemoryStore
 from workers.stores.redis import RedisStore
 
+from .redis_cluster import shared_cluster, shared_sentinel
 from .redis_server import find_redis, unique_prefix
 
 
@@ -31,6 +37,8 @@ class StoreFactory:
     make: Callable[[Path], Store]
     #: Whether a second ``make(tmp_path)`` sees what the first one committed.
     durable: bool
+    #: Whether it starts processes (a Redis Cluster...): its tests are marked ``slow``.
+    slow: bool = False
 
 
 STORE_FACTORIES: dict[str, StoreFactory] = {
@@ -42,4 +50,22 @@ STORE_FACTORIES: dict[str, StoreFactory] = {
     "redis": StoreFactory(
         lambda tmp_path: RedisStore(find_redis(), prefix=unique_prefix(tmp_path)), durable=True
     ),
+    "redis-cluster": StoreFactory(
+        lambda tmp_path: RedisStore(shared_cluster().url, prefix=unique_prefix(tmp_path)),
+        durable=True,
+        slow=True,
+    ),
+    "redis-sentinel": StoreFactory(
+        lambda tmp_path: RedisStore(shared_sentinel().url, prefix=unique_prefix(tmp_path)),
+        durable=True,
+        slow=True,
+    ),
 }
+
+
+def factory_params() -> list[Any]:
+    """The factories' names as pytest parameters, the slow ones marked ``slow``."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow) if STORE_FACTORIES[name].slow else name
+        for name in sorted(STORE_FACTORIES)
+    ]

@@ -13,9 +13,13 @@ below a hang.
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,9 +29,11 @@ import pytest
 import trio
 import trio.testing
 from helpers import ROOT
+from helpers.redis_cluster import command, data_commands, info
 from helpers.redis_server import RedisServer, unique_prefix
 
-from workers import ServiceUnavailable, SessionNotFound, open_session_service
+from workers import ServiceUnavailable, SessionNotFound, StoreError, open_session_service
+from workers.faults import FaultyStore
 from workers.stores.redis import RedisStore
 
 #: Every test here starts processes (see the slow marker in pyproject.toml).
@@ -388,3 +394,90 @@ async def test_a_frozen_redis_fails_calls_promptly_and_recovers(
             assert await service.count() in (1, 2)
             assert (await service.retrieve(sid)).metadata == {"user_id": "before"}
         assert service.restarts == 0
+
+
+# --- a full Redis, and what a read costs ---
+
+
+async def test_a_full_redis_keeps_serving_reads(caplog: pytest.LogCaptureFixture) -> None:
+    with RedisServer(args=["--maxmemory-policy", "noeviction"]) as server:
+        options = outage_options(server)
+        store = FaultyStore(RedisStore(server.url, prefix=options["prefix"]))
+        async with open_session_service(store=store, cleanup_interval=1e9) as service:
+            sids = [await service.create({"user_id": f"user-{i}"}) for i in range(5)]
+            used = int(info(server.port, "memory")["used_memory"])
+            command(server.port, "CONFIG", "SET", "maxmemory", used + 1_000_000)
+            with trio.fail_after(PROMPT), pytest.raises(StoreError, match="full"):
+                for _ in range(1000):  # fill it: 60 kB at a time, up to maxmemory
+                    await service.create({"pad": "x" * 60_000})
+            full = int(info(server.port, "memory")["used_memory"])
+            assert full > used + 900_000
+            # Stay full: the refused create's 60 kB argument was counted until it was refused,
+            # so the data alone may be just below the limit, with room for a few small writes.
+            command(server.port, "CONFIG", "SET", "maxmemory", full - 100_000)
+
+            # Reads go on: the access time cannot be written, the session is returned anyway.
+            with caplog.at_level(logging.WARNING, logger="workers.core.manager"):
+                for sid in sids:
+                    user = f"user-{sids.index(sid)}"
+                    assert (await service.retrieve(sid)).metadata == {"user_id": user}
+                    await service.touch(sid)
+                    assert (await service.peek(sid)).id == sid
+            assert (await service.stats())["store_warnings"] == 2 * len(sids)
+            assert "reads answered without writing their access time" in caplog.text
+            # Writes fail as before, and change nothing.
+            with pytest.raises(StoreError, match="full"):
+                await service.update(sids[0], lambda m: {**m, "theme": "dark"})
+            with pytest.raises(StoreError, match="full"):
+                await service.rotate(sids[0])
+            assert (await service.peek(sids[0])).metadata == {"user_id": "user-0"}
+
+            # In one batch with a write that fails, a read of the same session fails too (it
+            # would show what was not written); a read of another session is answered.
+            answers: dict[str, Any] = {}
+
+            async def ask(name: str, call: Any) -> None:
+                try:
+                    answers[name] = await call()
+                except StoreError as exc:
+                    answers[name] = exc
+
+            held = store.hang("load", times=1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "held", lambda: service.peek(sids[2]))
+                await held.struck.wait()  # the manager waits in that batch's load
+                nursery.start_soon(ask, "update", lambda: service.patch(sids[0], {"x": 1}))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(ask, "same", lambda: service.peek(sids[0]))
+                nursery.start_soon(ask, "other", lambda: service.peek(sids[1]))
+                await trio.testing.wait_all_tasks_blocked()
+                store.remove(held)  # the three queued requests now make one batch
+            assert isinstance(answers["update"], StoreError)
+            assert isinstance(answers["same"], StoreError)
+            assert answers["other"].metadata == {"user_id": "user-1"}
+            assert service.restarts == 0
+
+            command(server.port, "CONFIG", "SET", "maxmemory", 0)  # room again
+            updated = await service.update(sids[0], lambda m: {**m, "theme": "dark"})
+            assert updated.metadata == {"user_id": "user-0", "theme": "dark"}
+
+
+async def test_a_retrieve_is_one_round_trip(private_redis: RedisServer) -> None:
+    ticks = itertools.count()
+    base = time.time()
+
+    def clock() -> float:  # a millisecond further at each reading: no clock mark is due
+        return base + next(ticks) / 1000
+
+    options = {**outage_options(private_redis), "clock": clock}
+    async with open_session_service(**options) as service:
+        ids = [await service.create({"n": i}) for i in range(20)]
+        await service.retrieve(ids[0])  # the script is loaded
+        command(private_redis.port, "CONFIG", "RESETSTAT")
+        for sid in ids:
+            before = await service.peek(sid)
+            assert (await service.retrieve(sid)).last_accessed > before.last_accessed
+        calls = data_commands(private_redis.port)
+    # 20 peeks (an MGET each) and 20 retrieves (one EVALSHA each, refresh included). Redis
+    # counts the commands a script runs too: the script's GET, SET and ZADD of each session.
+    assert calls == Counter({"mget": 20, "evalsha": 20, "get": 20, "set": 20, "zadd": 20})

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.store_factories import STORE_FACTORIES, StoreFactory
+from helpers.store_factories import STORE_FACTORIES, StoreFactory, factory_params
 
 from workers.record.errors import StoreError
 from workers.record.session import Session
 from workers.stores import BACKENDS
-from workers.stores.base import Delete, Mark, Put, Store, Write
+from workers.stores.base import BucketedStore, Delete, Mark, Put, Store, Write
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
@@ -75,7 +75,7 @@ class Harness:
             await store.close()
 
 
-@pytest.fixture(params=sorted(STORE_FACTORIES))
+@pytest.fixture(params=factory_params())
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     harness = Harness(STORE_FACTORIES[request.param], tmp_path)
     try:
@@ -257,6 +257,90 @@ async def test_conditional_delete_sees_a_refreshed_session(store: Store) -> None
     assert await store.commit([Put(touched, 1)]) == [True]
     assert await store.commit([Delete("a", if_expired_at=T0 + MINUTE + 1)]) == [False]
     assert await store.load(["a"]) == {"a": touched}
+
+
+async def test_a_delete_with_a_version_removes_only_that_version(store: Store) -> None:
+    v1 = session("a")
+    await put_all(store, [v1, session("b")])
+    v2 = bumped(v1, metadata={"theme": "dark"})  # another writer's update, after our load
+    assert await store.commit([Put(v2, 1)]) == [True]
+    assert await store.commit([Delete("a", expected_version=1)]) == [False]
+    assert await store.load(["a"]) == {"a": v2}
+    assert await store.commit([Delete("a", expected_version=2), Delete("b")]) == [True, True]
+    assert await store.commit([Delete("a", expected_version=2)]) == [False]
+    assert await store.load(["a", "b"]) == {}
+
+
+async def test_both_conditions_of_a_delete_must_hold(store: Store) -> None:
+    old = session("a", last_accessed=T0 - 2 * MINUTE)  # expired at T0
+    await put_all(store, [old])
+    assert await store.commit([Delete("a", if_expired_at=T0, expected_version=2)]) == [False]
+    assert await store.commit([Delete("a", if_expired_at=T0 - 2 * MINUTE, expected_version=1)]) == [
+        False
+    ]
+    assert await store.commit([Delete("a", if_expired_at=T0, expected_version=1)]) == [True]
+
+
+# --- rotate: a Put that moves a session, and the Delete of its old id ---
+
+
+def moved(s: Session, new_id: str) -> list[Write]:
+    """A rotate's writes, as the manager makes them from the loaded ``s``."""
+    return [
+        Put(replace(s, id=new_id, last_accessed=T0 + 1), None, moved_from=s.id),
+        Delete(s.id, expected_version=s.version),
+    ]
+
+
+def near(store: Store, sid: str) -> str:
+    """An id a rotate may move ``sid`` to: in its bucket, on a store with buckets."""
+    if not isinstance(store, BucketedStore):
+        return "b"
+    return next(f"b{i}" for i in range(10_000) if store.bucket_of(f"b{i}") == store.bucket_of(sid))
+
+
+async def test_a_rotate_moves_the_session_it_loaded(store: Store) -> None:
+    a, b = session("a", version=3), near(store, "a")
+    await put_all(store, [a, session("other")])
+    assert await store.commit(moved(a, b)) == [True, True]
+    assert await store.load(["a", b]) == {b: replace(a, id=b, last_accessed=T0 + 1)}
+    assert await store.count(T0) == 2
+    assert sorted(ids_of(await scan_all(store, T0, 10))) == [b, "other"]
+
+
+async def test_a_rotate_of_a_version_changed_meanwhile_moves_nothing(store: Store) -> None:
+    a, b = session("a"), near(store, "a")
+    await put_all(store, [a])
+    theirs = bumped(a, metadata={"by": "them"})  # updated after the rotate's load
+    assert await store.commit([Put(theirs, 1)]) == [True]
+    assert await store.commit(moved(a, b)) == [False, False]
+    assert await store.load(["a", b]) == {"a": theirs}  # under neither id would lose it
+    assert await store.count(T0) == 1
+
+
+async def test_a_rotate_of_a_gone_session_creates_nothing(store: Store) -> None:
+    a, b = session("a"), near(store, "a")
+    await put_all(store, [a])
+    assert await store.commit([Delete("a")]) == [True]  # deleted after the rotate's load
+    assert await store.commit(moved(a, b)) == [False, False]
+    assert await store.load(["a", b]) == {}
+    assert await store.count(T0) == 0
+
+
+async def test_a_rotate_to_a_taken_id_keeps_the_old_one(store: Store) -> None:
+    a, b = session("a"), near(store, "a")
+    taken = session(b, metadata={"someone": "else"})
+    await put_all(store, [a, taken])
+    assert await store.commit(moved(a, b)) == [False, False]  # under neither would lose a
+    assert await store.load(["a", b]) == {"a": a, b: taken}
+
+
+async def test_a_failed_write_to_the_old_id_stops_the_rotate(store: Store) -> None:
+    a, b = session("a"), near(store, "a")
+    await put_all(store, [a])
+    batch: list[Write] = [Put(bumped(a), 5), *moved(a, b)]  # the first fails
+    assert await store.commit(batch) == [False, False, False]
+    assert await store.load(["a", b]) == {"a": a}
 
 
 # --- batches ---
@@ -500,10 +584,11 @@ class Model:
         failed: set[str] = set()  # the failed-write rule
         results = []
         for write in writes:
-            sid = write.session.id if isinstance(write, Put) else write.id
-            ok = sid not in failed and self._apply(write)
+            ids = {write.session.id, write.moved_from} if isinstance(write, Put) else {write.id}
+            ids.discard(None)
+            ok = failed.isdisjoint(ids) and self._apply(write)
             if not ok:
-                failed.add(sid)
+                failed |= ids
             results.append(ok)
         return results
 
@@ -513,12 +598,18 @@ class Model:
             stored_version = None if current is None else current.version
             if stored_version != write.expected_version:
                 return False
+            if write.moved_from is not None:
+                source = self.sessions.get(write.moved_from)
+                if source is None or source.version != write.session.version:
+                    return False
             self.sessions[write.session.id] = write.session
             return True
         current = self.sessions.get(write.id)
         if current is None:
             return False
         if write.if_expired_at is not None and not current.expired_at(write.if_expired_at):
+            return False
+        if write.expected_version is not None and current.version != write.expected_version:
             return False
         del self.sessions[write.id]
         return True
@@ -531,6 +622,7 @@ async def test_random_batches_agree_with_the_model(harness: Harness, store: Stor
     rng = random.Random(20261123)
     model = Model()
     ids = [f"id{i:02}" for i in range(14)]
+    bucket = store.bucket_of if isinstance(store, BucketedStore) else len  # moves stay in one
     now = T0
     for step in range(60):
         now += rng.choice([0, 1, 500, 20_000, 70_000])
@@ -542,13 +634,20 @@ async def test_random_batches_agree_with_the_model(harness: Harness, store: Stor
             known = model.sessions.get(sid)
             version = known.version if known else rng.randint(1, 3)
             kind = rng.random()
-            if kind < 0.45:
+            if kind < 0.4:
                 timeout = rng.choice([None, 1, 1000, MINUTE, 3 * MINUTE])
                 new = session(sid, last_accessed=now, timeout_ms=timeout, version=version + 1)
                 expected = rng.choice([None, version, version, version + 1])
                 writes.append(Put(new, expected))
-            elif kind < 0.75:
+            elif kind < 0.6:
                 writes.append(Delete(sid, if_expired_at=now + rng.randint(-MINUTE, MINUTE)))
+            elif kind < 0.75:
+                expected = rng.choice([version, version, version + 1])
+                writes.append(Delete(sid, expected_version=expected))
+            elif kind < 0.85:
+                target = rng.choice([i for i in ids if bucket(i) == bucket(sid)])
+                moving = session(target, last_accessed=now, version=rng.choice([version, 1]))
+                writes += [Put(moving, None, moved_from=sid), Delete(sid, expected_version=version)]
             else:
                 writes.append(Delete(sid))
         assert await store.commit(writes) == model.commit(writes), f"step {step}"

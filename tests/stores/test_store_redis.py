@@ -7,6 +7,8 @@ virtual clock would jump while Trio waits on Redis's socket, so every time here 
 
 from __future__ import annotations
 
+import binascii
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -18,9 +20,11 @@ from helpers.redis_server import RedisServer, free_port
 
 from workers.record.codec import encode_session
 from workers.record.errors import ServiceUnavailable, StoreError
-from workers.record.session import Session
+from workers.record.session import Session, new_id
 from workers.stores.base import Delete, Put
-from workers.stores.redis import RedisStore, redact_url
+from workers.stores.redis import RedisStore, bucket_tags, redact_url
+from workers.stores.redis_sentinel import PAUSE_LIMIT, FailoverWatch, master_of
+from workers.stores.redis_urls import parse_url
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
@@ -82,6 +86,72 @@ def test_urls_are_redacted() -> None:
     assert redact_url("redis://u:pw@h:1/2") == "redis://u:***@h:1/2"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
     assert redact_url("unix://:pw@/tmp/r.sock?db=1") == "unix://:***@/tmp/r.sock?db=1"
+    assert redact_url("redis://h:1/0?password=pw&db=1") == "redis://h:1/0?password=***&db=1"
+    assert redact_url("redis://h/0?pass%77ord=pw") == "redis://h/0?pass%77ord=***"
+    assert (
+        redact_url("redis+cluster://:pw@a:1,b:2?password=x")
+        == "redis+cluster://:***@a:1,b:2?password=***"
+    )
+    assert (
+        redact_url("redis+sentinel://a:1,b:2/s?sentinel_password=x")
+        == "redis+sentinel://a:1,b:2/s?sentinel_password=***"
+    )
+
+
+def test_the_three_url_forms_parse() -> None:
+    server = parse_url("redis://:pw@h:1/2?password=other&wait_replicas=1&client_name=x")
+    assert server.kind == "server"
+    assert server.settings == {"wait_replicas": 1}
+    assert "wait_replicas" not in server.url and "client_name=x" in server.url
+    cluster = parse_url("redis+cluster://u:p%40ss@a:7000,[::1]:7001,b?buckets=16")
+    assert (cluster.kind, cluster.username, cluster.password) == ("cluster", "u", "p@ss")
+    assert cluster.nodes == (("a", 7000), ("::1", 7001), ("b", 6379))
+    assert cluster.settings == {"buckets": 16}
+    sentinel = parse_url("redis+sentinel://a,b:26380/mymaster/3?password=pw")
+    assert (sentinel.kind, sentinel.service, sentinel.db) == ("sentinel", "mymaster", 3)
+    assert sentinel.nodes == (("a", 26379), ("b", 26380))
+    assert sentinel.password == "pw"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://h:1", "unknown Redis URL scheme"),
+        ("redis+cluster://a:1/0", "no databases"),
+        ("redis+cluster://a:x", "not HOST:PORT"),
+        ("redis+cluster://a:1?db=2", "unknown parameters"),
+        ("redis+sentinel://a:1", "name the primary"),
+        ("redis+sentinel://a:1/s?buckets=2", "buckets is for redis.cluster"),
+        ("redis://h?buckets=2", "buckets is for redis.cluster"),
+        ("redis+cluster://:secret@a:1?buckets=many", "not a number"),
+    ],
+)
+def test_bad_urls_are_refused_without_their_secrets(url: str, says: str) -> None:
+    with pytest.raises(StoreError, match=says) as caught:
+        RedisStore(url)
+    assert "secret" not in str(caught.value)
+    with pytest.raises(ValueError, match=says):
+        parse_url(url)
+
+
+def test_a_cluster_prefix_may_not_hold_a_hash_tag() -> None:
+    with pytest.raises(StoreError, match="hash tag"):
+        RedisStore("redis+cluster://a:1", prefix="{sessions}:")
+    with pytest.raises(StoreError, match="buckets is 16 here and 8 in the URL"):
+        RedisStore("redis+cluster://a:1?buckets=8", buckets=16)
+    with pytest.raises(StoreError, match="buckets is between"):
+        RedisStore("redis+cluster://a:1?buckets=0")
+
+
+def test_cluster_buckets_cover_the_slots_evenly() -> None:
+    for n in (1, 3, 64, 1000):
+        tags = bucket_tags(n)
+        slots = [binascii.crc_hqx(tag.encode(), 0) % 16384 for tag in tags]
+        assert [slot * n // 16384 for slot in slots] == list(range(n))
+    store = RedisStore("redis+cluster://a:1")
+    ids = [new_id() for _ in range(6400)]
+    counts = Counter(store.bucket_of(sid) for sid in ids)
+    assert len(counts) == 64 and max(counts.values()) < 2 * 6400 / 64
 
 
 # --- layout ---
@@ -268,3 +338,57 @@ async def test_a_frozen_redis_times_out_instead_of_hanging(private_redis: RedisS
         assert await store.commit([Put(session("c"), None)]) == [True]
     finally:
         await store.close()
+
+
+# --- following a Sentinel failover (sans-IO) ---
+
+
+def test_sentinel_events_name_their_primary() -> None:
+    assert master_of("+switch-master", "sessions 10.0.0.1 6379 10.0.0.2 6379") == "sessions"
+    promoting = "slave 10.0.0.2:6379 10.0.0.2 6379 @ sessions 10.0.0.1 6379"
+    assert master_of("+failover-state-send-slaveof-noone", promoting) == "sessions"
+    assert master_of("-failover-abort-no-good-slave", "master other 10.0.0.9 6379") == "other"
+    assert master_of("+switch-master", "") is None
+
+
+async def test_writes_wait_from_a_promotion_to_the_switch(autojump_clock: object) -> None:
+    disconnected: list[bool] = []
+    watch = FailoverWatch("sessions", lambda: disconnected.append(True))
+    watch.check_writable("here")
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ other b 2")
+    watch.check_writable("here")  # another primary's failover
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ sessions b 2")
+    with pytest.raises(ServiceUnavailable, match="failing over"):
+        watch.check_writable("here")
+    watch.event("+switch-master", "sessions b 2 a 1")
+    assert disconnected == [True]
+    watch.check_writable("here")
+    # An aborted failover, and one whose end is never heard, stop refusing writes too.
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ sessions b 2")
+    watch.event("-failover-abort-slave-timeout", "master sessions b 2")
+    watch.check_writable("here")
+    watch.event("+failover-state-send-slaveof-noone", "slave a:1 a 1 @ sessions b 2")
+    await trio.sleep(PAUSE_LIMIT)
+    watch.check_writable("here")
+    assert disconnected == [True]
+
+
+@pytest.mark.slow
+async def test_a_password_in_the_query_is_used_and_never_shown(private_redis: RedisServer) -> None:
+    async with coredis.Redis.from_url(private_redis.url) as admin:
+        await admin.config_set({"requirepass": "s3cret"})
+    right = f"{private_redis.url}?password=s3cret"
+    store = RedisStore(right)
+    await store.open()
+    try:
+        assert await store.commit([Put(session("a"), None)]) == [True]
+        assert "s3cret" not in repr(store)
+    finally:
+        await store.close()
+    for wrong in (
+        f"{private_redis.url}?password=wr0ng",
+        f"redis://:wr0ng@127.0.0.1:{private_redis.port}/0",
+    ):
+        with trio.fail_after(PROMPT), pytest.raises(StoreError) as caught:
+            await RedisStore(wrong, connect_timeout=0.5).open()
+        assert "wr0ng" not in str(caught.value) and "***" in str(caught.value)

@@ -1,4 +1,7 @@
-"""The real daemon in a subprocess, through both clients, over TCP and a Unix socket.
+"""The real daemon in a subprocess: its limits, signals, errors and durability.
+
+The clients' own behaviour (the whole API on both event loops, pipelining, reconnects,
+timeouts) is in ``test_client.py``.
 
 Time here is real (the daemon is another process), but nothing waits a fixed time: tests poll
 for the port, for a log line, or for the process to exit.
@@ -14,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,7 @@ from helpers.daemon_process import PATIENCE, ROOT, DaemonProcess, run_verb
 
 from workers import AuthenticationFailed, InvalidRequest
 from workers.client import SyncClient, connect
-from workers.record.errors import (
-    InvalidMetadata,
-    InvalidTTL,
-    ServiceUnavailable,
-    SessionNotFound,
-    VersionConflict,
-)
-from workers.record.session import Session
+from workers.record.errors import ServiceUnavailable
 
 TOKEN = "test-token-0123456789"
 
@@ -64,116 +59,6 @@ def fresh(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for d in started:
         d.close()
-
-
-class Threaded:
-    """A SyncClient seen through async methods (each call on a worker thread), so one scenario
-    tests both clients."""
-
-    def __init__(self, client: SyncClient) -> None:
-        self._client = client
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self._client, name)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await trio.to_thread.run_sync(partial(method, *args, **kwargs))
-
-        return call
-
-
-async def whole_api(c: Any) -> None:
-    sid = await c.create({"user_id": "u1", "auth_method": "api_key"}, ttl=60)
-    assert len(sid) == 32
-    s = await c.retrieve(sid)
-    assert isinstance(s, Session)
-    assert (s.metadata, s.version, s.timeout_ms) == (
-        {"user_id": "u1", "auth_method": "api_key"},
-        1,
-        60_000,
-    )
-    assert (await c.peek(sid)).last_accessed == s.last_accessed  # peek does not refresh
-    s2 = await c.update(sid, set={"theme": "dark"}, unset=["auth_method"], expected_version=1)
-    assert (s2.metadata, s2.version) == ({"user_id": "u1", "theme": "dark"}, 2)
-    with pytest.raises(VersionConflict):
-        await c.update(sid, set={"theme": "light"}, expected_version=1)
-    assert (await c.patch(sid, {"n": 1})).version == 3
-    with pytest.raises(TypeError):
-        await c.update(sid, lambda m: m)
-    await c.touch(sid)
-    await c.set_ttl(sid, None)
-    assert (await c.peek(sid)).timeout_ms is None
-    with pytest.raises(InvalidTTL):
-        await c.set_ttl(sid, -1)
-    with pytest.raises(InvalidMetadata):
-        await c.create({1: "non-string key"})
-    new = await c.rotate(sid)
-    with pytest.raises(SessionNotFound):
-        await c.retrieve(sid)
-    assert (await c.peek(new)).metadata["user_id"] == "u1"
-    others = [await c.create({"user_id": "u2", "i": i}) for i in range(5)]
-    assert await c.delete_where("user_id", "u2") == 5
-    with pytest.raises(SessionNotFound):
-        await c.peek(others[0])
-    ids = {await c.create({"page": i}) for i in range(7)}
-    seen: set[str] = set()
-    cursor = None
-    while True:
-        page, cursor = await c.list_page(cursor, 3)
-        assert len(page) <= 3
-        seen |= {s.id for s in page}
-        if cursor is None:
-            break
-    assert ids | {new} <= seen
-    assert {s.id for s in await c.list_sessions()} == seen
-    assert await c.count() == len(seen)
-    assert await c.cleanup_expired() == 0
-    assert await c.get_backend() == "disk"
-    stats = await c.stats()
-    assert stats["backend"] == "disk"
-    assert stats["connections"] >= 1
-    assert await c.ping() == "pong"
-    assert await c.delete(new) is True
-    assert await c.delete(new) is False
-    copy = Session("f" * 32, 1, 2, None, {"restored": True}, 4)
-    assert await c.import_sessions([copy]) == 1
-    assert await c.import_sessions([copy]) == 0
-    assert await c.peek(copy.id) == copy
-    for i in ids | {copy.id}:
-        await c.delete(i)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
-async def test_whole_api_through_the_async_client(daemon: DaemonProcess, transport: str) -> None:
-    async with connect(getattr(daemon, transport), token=TOKEN) as c:
-        await whole_api(c)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
-async def test_whole_api_through_the_sync_client(daemon: DaemonProcess, transport: str) -> None:
-    with SyncClient(getattr(daemon, transport), token=TOKEN) as c:
-        await whole_api(Threaded(c))
-
-
-@pytest.mark.slow
-async def test_pipelined_calls_on_one_connection(daemon: DaemonProcess) -> None:
-    async with connect(daemon.tcp, token=TOKEN) as c:
-        ids: list[str] = []
-
-        async def create(i: int) -> None:
-            ids.append(await c.create({"i": i}))
-
-        async with trio.open_nursery() as nursery:
-            for i in range(300):  # far more than max_in_flight: backpressure, not errors
-                nursery.start_soon(create, i)
-        sessions = [await c.peek(sid) for sid in ids]
-        assert sorted(s.metadata["i"] for s in sessions) == list(range(300))
-        stats = await c.stats()
-        assert stats["connections"] == 1
-        for sid in ids:
-            await c.delete(sid)
 
 
 @pytest.mark.slow
@@ -348,14 +233,6 @@ async def test_crash_actor_crashes_a_service_actor_with_the_flag(
 
 
 @pytest.mark.slow
-async def test_oversized_request_is_refused_by_the_client_first(daemon: DaemonProcess) -> None:
-    async with connect(daemon.tcp, token=TOKEN, max_message_size=65536) as c:
-        with pytest.raises(InvalidRequest):
-            await c.create({"blob": "x" * 70_000})
-        assert await c.ping() == "pong"
-
-
-@pytest.mark.slow
 def test_connection_limit(daemon: DaemonProcess) -> None:
     clients = [SyncClient(daemon.tcp, token=TOKEN, reconnect_timeout=0) for _ in range(45)]
     try:
@@ -393,16 +270,6 @@ def test_a_locked_store_is_refused_with_one_clear_line(
     errors = [line for line in done.stderr.splitlines() if "ERROR workers.cli.serve" in line]
     assert len(errors) == 1
     assert "locked by another owner" in errors[0]
-
-
-@pytest.mark.slow
-async def test_client_reconnects_after_a_restart(fresh: Callable[..., DaemonProcess]) -> None:
-    d = fresh()
-    async with connect(d.tcp, reconnect_timeout=30) as c:
-        sid = await c.create({"survives": True})
-        assert await trio.to_thread.run_sync(d.stop) == 0
-        d.start(wait=False)
-        assert (await c.peek(sid)).metadata == {"survives": True}  # reconnects with backoff
 
 
 async def burst(

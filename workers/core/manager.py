@@ -10,11 +10,27 @@ is shared; with a single caller a batch is that caller's request alone.
 Failures, by kind:
 
 - an operation's own error (``SessionNotFound``, ``UpdateFailed``...) goes to its caller only;
-- a store's error (``StoreError``, ``ServiceUnavailable`` from a shared store) goes to every
-  caller of the batch, and nothing of the batch was written (commit is one transaction);
+- a store's error (``StoreError``, ``ServiceUnavailable`` from a shared store) on a load or a
+  scan goes to every caller of the batch; on a commit (one transaction: nothing of it was
+  written) it goes to every operation that wrote, and to every operation whose answer depends
+  on a write that failed (a later read of the same session, a page or a count after it). An
+  operation that wrote nothing and read nothing the failed writes touched is answered;
+- a store spread over shards (Redis Cluster) may complete a batch in some and fail it in
+  others (:class:`~workers.stores.base.PartialCommit`, ``PartialLoad``): each operation is
+  then answered from its own shard's outcome by the same rules, and an operation is never
+  answered as written unless all of its writes were;
+- a ``retrieve`` or ``touch`` whose only write, its access-time refresh, is refused by the
+  store with ``StoreError`` (a Redis at ``maxmemory`` with ``noeviction``) is still answered
+  with the session: a full store keeps serving reads. Each such read is counted
+  (:attr:`ManagerCounters.store_warnings`, in ``stats()``) and logged as a WARNING, at most
+  once per :data:`WARN_EVERY` seconds;
 - anything else is a bug or an injected fault: the actor crashes, every waiting caller gets
   ``ServerDown`` at once (the service turns it into ``ServiceUnavailable``), the supervisor
   starts a new manager, which re-opens the store. Committed writes survive it.
+
+Shared stores that can refresh access times while loading
+(:class:`~workers.stores.base.TouchingStore`, redis) load the sessions of ``retrieve`` and
+``touch`` that way: a read costs one round trip, not a load and then a commit.
 
 Reads and access times: a manager that owns its store alone keeps a bounded cache of the
 sessions it read and committed (``cache_size``), and with ``access_write_delay`` it writes the
@@ -74,20 +90,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import outcome
+import trio
 
 from supervisor import Actor, ReplySlot, TimerHandle
 
 from ..record.errors import SessionError, StoreError
 from ..record.session import Session
-from ..stores.base import ImmediateStore, Mark, Put, Store, Write, write_id
+from ..stores.base import (
+    Delete,
+    ImmediateStore,
+    Mark,
+    PartialCommit,
+    PartialLoad,
+    Put,
+    Store,
+    TouchingStore,
+    Write,
+    write_id,
+    write_ids,
+)
 from .cache import ReadCache
 from .metrics import Metrics
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
 
-#: The clock high-water mark is persisted when it moved on by this much (ms) since the last time.
+#: The clock high-water mark is persisted when it moved on by this much (ms) since the last time
+#: (or since the last attempt that failed).
 MARK_EVERY_MS = 1000
+#: Seconds between two WARNING lines about reads answered without their access-time write.
+WARN_EVERY = 10.0
 #: How often an operation whose conditional write lost a race is tried before giving up.
 MAX_ATTEMPTS = 16
 #: Backoff before the n-th retry: uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**n)] seconds.
@@ -124,6 +156,9 @@ class ServiceClock:
     high_water_ms: int = 0
     #: The high water last committed to the store (a Mark write), or read from it.
     persisted_ms: int = 0
+    #: The high water of the last Mark whose commit failed: a failing store (a full Redis) is
+    #: not sent a Mark with every batch, only once per MARK_EVERY_MS.
+    tried_ms: int = 0
 
     def now_ms(self) -> int:
         """The wall clock in ms, held back so that it never goes backwards."""
@@ -133,7 +168,9 @@ class ServiceClock:
     def mark(self) -> Mark | None:
         """A Mark write for the batch when the high water moved on by MARK_EVERY_MS since the
         last one (it rides on the batch's single commit: no transaction of its own)."""
-        if not self.persist or self.high_water_ms - self.persisted_ms < MARK_EVERY_MS:
+        if not self.persist:
+            return None
+        if self.high_water_ms - max(self.persisted_ms, self.tried_ms) < MARK_EVERY_MS:
             return None
         return Mark(self.high_water_ms)
 
@@ -141,6 +178,32 @@ class ServiceClock:
         """Start no earlier than ``mark``, the mark a store held when it was opened."""
         self.high_water_ms = max(self.high_water_ms, mark)
         self.persisted_ms = max(self.persisted_ms, mark)
+
+
+@dataclass(slots=True)
+class ManagerCounters:
+    """Figures the managers keep for operators. Owned by the service (like
+    :class:`ServiceClock`), so they add up across manager restarts."""
+
+    #: Reads answered although the store refused to write their access time (module docstring).
+    store_warnings: int = 0
+    #: Of those, how many the log has not mentioned yet, and when it last did (Trio time).
+    unlogged: int = 0
+    logged_at: float = -WARN_EVERY
+
+    def warn(self, reads: int, error: SessionError) -> None:
+        """Count ``reads`` answered without their access-time write; log it, rate-limited."""
+        self.store_warnings += reads
+        self.unlogged += reads
+        now = trio.current_time()
+        if now - self.logged_at >= WARN_EVERY:
+            log.warning(
+                "%d reads answered without writing their access time (the store refused the "
+                "write; sessions may expire early until it takes writes again): %s",
+                self.unlogged,
+                error,
+            )
+            self.unlogged, self.logged_at = 0, now
 
 
 @dataclass(slots=True)
@@ -167,13 +230,19 @@ class SessionManager(Actor):
     """Owns one store; see the module docstring. Requests are Operation instances."""
 
     async def init(
-        self, store: Store, settings: ManagerSettings, clock: ServiceClock, telemetry: Metrics
+        self,
+        store: Store,
+        settings: ManagerSettings,
+        clock: ServiceClock,
+        counters: ManagerCounters | None = None,
+        telemetry: Metrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.counters = ManagerCounters() if counters is None else counters
         #: The service's figures (batch sizes, inline answers, cache hits, store errors).
-        self.telemetry = telemetry
+        self.telemetry = Metrics() if telemetry is None else telemetry
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -189,6 +258,8 @@ class SessionManager(Actor):
         self.immediate = store if isinstance(store, ImmediateStore) else None
         self.defer_ms = round(settings.access_write_delay * 1000)
         self.max_unwritten = max(settings.cache_size, settings.max_batch)
+        #: The store, when it refreshes access times as it loads (only if none are deferred).
+        self.touching = store if isinstance(store, TouchingStore) and not self.defer_ms else None
         await store.open()
         # After a process restart, "now" starts no earlier than the latest time persisted.
         clock.restored(await store.load_mark())
@@ -244,7 +315,7 @@ class SessionManager(Actor):
                 writes, mark = self._with_mark(view.writes)
                 if writes:
                     outcomes = store.commit_now(writes)[: len(view.writes)]
-                    self._marked(mark)
+                    self._marked(mark, True)
         except SessionError as exc:
             self.telemetry.inline += 1
             return outcome.Error(exc)
@@ -321,14 +392,28 @@ class SessionManager(Actor):
             self.telemetry.cache_misses += len(missing)
         return missing
 
-    async def _load(self, view: View, ids: set[str]) -> None:
-        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store."""
+    async def _load(self, view: View, ids: set[str], touch: set[str]) -> dict[str, SessionError]:
+        """Put the sessions ``ids`` into ``view``: unwritten refreshes, cache, then store.
+
+        Those in ``touch`` are refreshed by the store as it loads them, if it can. Returns the
+        error of each id a sharded store could not load (the other shards' were loaded).
+        """
         missing = self._known(view, ids)
-        if missing:
-            loaded = await self.store.load(missing)
-            for session in loaded.values():
-                self.cache.put(session)
-            view.sessions.update(loaded)
+        if not missing:
+            return {}
+        errors: dict[str, SessionError] = {}
+        try:
+            if self.touching is not None and touch:
+                loaded = await self.touching.load_touching(missing, touch, view.now_ms)
+            else:
+                loaded = await self.store.load(missing)
+        except PartialLoad as exc:
+            loaded, errors = exc.found, exc.errors
+            self.telemetry.store_error(next(iter(errors.values()), exc))
+        for session in loaded.values():
+            self.cache.put(session)
+        view.sessions.update(loaded)
+        return errors
 
     def _with_mark(self, writes: list[Write]) -> tuple[list[Write], Mark | None]:
         """``writes`` with the clock mark added when one is due (it rides on their commit)."""
@@ -336,8 +421,8 @@ class SessionManager(Actor):
         return (writes, None) if mark is None else ([*writes, mark], mark)
 
     async def _persist_mark(self) -> None:
-        """Commit the clock mark alone if it is due; a failure is logged, and a later batch
-        tries again (the mark only moves up)."""
+        """Commit the clock mark alone if it is due; a failure is logged, and a batch at least
+        MARK_EVERY_MS later tries again (the mark only moves up)."""
         mark = self.clock.mark()
         if mark is None:
             return
@@ -346,13 +431,17 @@ class SessionManager(Actor):
         except SessionError as exc:
             self.telemetry.store_error(exc)
             log.warning("could not persist the clock mark: %s", exc)
+            self._marked(mark, False)
         else:
-            self._marked(mark)
+            self._marked(mark, True)
 
-    def _marked(self, mark: Mark | None) -> None:
-        """Note that ``mark`` (if any) was committed."""
+    def _marked(self, mark: Mark | None, ok: bool) -> None:
+        """Note that ``mark`` (if any) was committed, or that committing it failed."""
         if mark is not None:
-            self.clock.persisted_ms = mark.ms
+            if ok:
+                self.clock.persisted_ms = mark.ms
+            else:
+                self.clock.tried_ms = mark.ms
 
     def _remember(self, view: View, outcomes: list[bool]) -> None:
         """Keep the cache and the unwritten refreshes in step with a committed batch."""
@@ -408,7 +497,11 @@ class SessionManager(Actor):
                     continue
             ready.append(item)
         try:
-            await self._load(view, {i for q in ready for i in q.op.ids()})
+            unloaded = await self._load(
+                view,
+                {i for q in ready for i in q.op.ids()},
+                {i for q in ready if q.op.touches for i in q.op.ids()},
+            )
         except SessionError as exc:
             return self._fail_all(ready, exc)
 
@@ -416,37 +509,81 @@ class SessionManager(Actor):
         for item in ready:
             start = len(view.writes)
             try:
+                missed = next((unloaded[i] for i in item.op.ids() if i in unloaded), None)
+                if missed is not None:
+                    raise _fresh(missed)
                 result = item.op.apply(view)
             except SessionError as exc:
                 item.slot.fail(exc)
             else:
                 applied.append((item, result, start, len(view.writes)))
 
-        outcomes: list[bool] = []
+        outcomes: list[bool | SessionError] = []
         if not view.writes:
             # A batch of reads only: the mark gets a commit of its own, at most one a second.
             await self._persist_mark()
         else:
             writes, mark = self._with_mark(view.writes)
             try:
-                outcomes = await self.store.commit(writes)
+                outcomes = list(await self.store.commit(writes))
+            except PartialCommit as exc:
+                outcomes = exc.outcomes
             except SessionError as exc:
-                return self._fail_all([item for item, *_ in applied], exc)
-            self._marked(mark)
+                outcomes = [exc] * len(writes)
+            self._marked(mark, outcomes[-1] is True)
             outcomes = outcomes[: len(view.writes)]
 
-        self._remember(view, outcomes)
-        lost = _lost_races(view.writes, outcomes)
+        self._remember(view, [ok is True for ok in outcomes])
+        self._answer(applied, view.writes, outcomes)
+
+    def _answer(
+        self,
+        applied: list[tuple[_Queued, Any, int, int]],
+        writes: list[Write],
+        outcomes: list[bool | SessionError],
+    ) -> None:
+        """Answer each applied operation from the outcomes of its writes (module docstring)."""
+        limits = self.settings.limits
+        lost = _lost_races(writes, outcomes)
         retry: list[_Queued] = []
+        failed_ids: set[str] = set()  # ids with a write that failed with an error, so far
+        first_error: SessionError | None = None
+        refused: SessionError | None = None  # a refresh the store refused (answered anyway)
+        refused_reads = 0
+        seen = 0
         for item, result, start, end in applied:
+            for write, ok in zip(writes[seen:start], outcomes[seen:start], strict=True):
+                if isinstance(ok, SessionError):
+                    failed_ids.update(write_ids(write))
+                    first_error = first_error or ok
+            seen = start
+            op = item.op
             mine = outcomes[start:end]
-            if not any(lost[start:end]):
-                item.slot.reply(item.op.finish(result, mine))
+            error = next((ok for ok in mine if isinstance(ok, SessionError)), None)
+            if first_error is not None and (
+                op.reads_store(limits) or not failed_ids.isdisjoint(op.ids())
+            ):
+                # What it read includes a write that failed: its answer would report it.
+                item.slot.fail(_fresh(first_error))
+            elif error is not None:
+                if op.access_only and isinstance(error, StoreError):
+                    refused, refused_reads = error, refused_reads + 1
+                    item.slot.reply(op.finish(result, [False] * len(mine)))
+                else:
+                    item.slot.fail(_fresh(error))
+            elif not any(lost[start:end]):
+                item.slot.reply(op.finish(result, mine))
             elif item.attempts + 1 < MAX_ATTEMPTS:
                 item.attempts += 1
                 retry.append(item)
             else:
                 item.slot.fail(StoreError("the session kept changing under this write; retry"))
+        errors = [ok for ok in outcomes if isinstance(ok, SessionError)]
+        if errors:
+            self.telemetry.store_error(errors[0])
+            log.warning("store failed %d of %d writes: %s", len(errors), len(writes), errors[0])
+        if refused is not None:
+            self.counters.warn(refused_reads, refused)
         if retry:
             # Jittered exponential backoff, one timer for the batch: managers that keep losing
             # to each other stop colliding, and the retried operations stay one batch (one
@@ -458,24 +595,32 @@ class SessionManager(Actor):
         self.telemetry.store_error(exc)
         log.warning("store failed a batch of %d requests: %s", len(items), exc)
         for item in items:
-            # A fresh instance per caller: one exception object raised in many tasks would
-            # collect all their tracebacks.
-            item.slot.fail(type(exc)(str(exc)))
+            item.slot.fail(_fresh(exc))
 
 
-def _lost_races(writes: list[Write], outcomes: list[bool]) -> list[bool]:
+def _lost_races(writes: list[Write], outcomes: list[bool | SessionError]) -> list[bool]:
     """Per write, whether it failed because the store did not hold what the batch expected.
 
-    A failed Put lost a race to another writer of a shared store. A later write of the batch
-    to the same id then fails too (the failed-write rule of ``stores/base.py``), Delete
-    included: computed from the state the failed write expected, it is retried with its
-    operation, never answered as if there had been nothing to delete.
+    A failed Put, or a failed Delete that named the version it loaded, lost a race to another
+    writer of a shared store. A later write of the batch to the same id then fails too (the
+    failed-write rule of ``stores/base.py``), any Delete included: computed from the state the
+    failed write expected, it is retried with its operation, never answered as if there had
+    been nothing to delete. A write that failed with an error lost no race.
     """
     failed: set[str] = set()
     lost: list[bool] = []
     for write, ok in zip(writes, outcomes, strict=True):
-        sid = write_id(write)
-        lost.append(not ok and (isinstance(write, Put) or sid in failed))
-        if not ok:
-            failed.add(sid)
+        ids = write_ids(write)
+        race = isinstance(write, Put) or (
+            isinstance(write, Delete) and write.expected_version is not None
+        )
+        lost.append(ok is False and (race or not failed.isdisjoint(ids)))
+        if ok is False:
+            failed.update(ids)
     return lost
+
+
+def _fresh(exc: SessionError) -> SessionError:
+    # A fresh instance per caller: one exception object raised in many tasks would collect
+    # all their tracebacks.
+    return type(exc)(str(exc))

@@ -45,7 +45,7 @@ from ..record.errors import (
 )
 from ..record.session import MAX_VERSION, Session, check_id, new_id
 from ..stores import base as writes
-from ..stores.base import Store, Write
+from ..stores.base import BucketedStore, Store, Write
 
 
 @dataclass(slots=True)
@@ -142,19 +142,26 @@ class View:
         self.put(refreshed)
         return refreshed
 
-    def put(self, session: Session) -> int:
-        """Write ``session`` over what the view holds for its id; returns the write's index."""
+    def put(self, session: Session, moved_from: str | None = None) -> int:
+        """Write ``session`` over what the view holds for its id; returns the write's index.
+
+        ``moved_from``: a rotate's put, valid only while that id holds this very version.
+        """
         previous = self.sessions.get(session.id)
-        self.writes.append(writes.Put(session, None if previous is None else previous.version))
+        version = None if previous is None else previous.version
+        self.writes.append(writes.Put(session, version, moved_from))
         self.sessions[session.id] = session
         if self.live_total is not None and (previous is None or previous.expired_at(self.now_ms)):
             self.live_total += 1
         return len(self.writes) - 1
 
-    def delete(self, session_id: str, if_expired: bool = False) -> int:
-        """Remove ``session_id``; with ``if_expired``, only while the store finds it expired."""
+    def delete(self, session_id: str, if_expired: bool = False, if_unchanged: bool = False) -> int:
+        """Remove ``session_id``; with ``if_expired``, only while the store finds it expired;
+        with ``if_unchanged``, only while it holds the version this batch sees (no update made
+        elsewhere since it was loaded is deleted unseen)."""
         previous = self.sessions.get(session_id)
-        self.writes.append(writes.Delete(session_id, self.now_ms if if_expired else None))
+        version = previous.version if if_unchanged and previous is not None else None
+        self.writes.append(writes.Delete(session_id, self.now_ms if if_expired else None, version))
         self.sessions[session_id] = None
         was_live = previous is not None and not previous.expired_at(self.now_ms)
         if self.live_total is not None and was_live:
@@ -171,6 +178,9 @@ class Operation:
     #: Whether its only write is an access-time refresh, which a manager that defers those
     #: keeps in memory: then it needs no store I/O when its session is cached.
     access_only: ClassVar[bool] = False
+    #: Whether it refreshes the access time of the session it names, which a shared store can
+    #: do while loading it (:class:`~workers.stores.base.TouchingStore`): one round trip.
+    touches: ClassVar[bool] = False
 
     def ids(self) -> Iterable[str]:
         """The session ids to load before ``apply``."""
@@ -249,6 +259,33 @@ def _draw_id(view: View) -> str:
     return check_id(session_id)
 
 
+#: Draws a rotate makes, per bucket of the store, to find a new id in the old id's bucket: a
+#: random id misses all of them with probability (1 - 1/n) ** (64 n) < e ** -64.
+DRAWS_PER_BUCKET = 64
+
+
+def _draw_id_near(view: View, session_id: str) -> str:
+    """A new id in the bucket of ``session_id`` (any new id for a store without buckets).
+
+    On a :class:`~workers.stores.base.BucketedStore` (Redis Cluster) each bucket is committed
+    atomically on its own, so a rotate keeps the session in its bucket to move it atomically.
+    The bucket is a hash of the id, so ids are drawn until one falls in it: with n buckets, n
+    draws on average; the new id stays as random as any (its bucket is known: log2(n) bits).
+    """
+    store = view.store
+    if not isinstance(store, BucketedStore):
+        return _draw_id(view)
+    bucket = store.bucket_of(session_id)
+    for _ in range(DRAWS_PER_BUCKET * max(1, store.buckets)):
+        new = _draw_id(view)
+        if store.bucket_of(new) == bucket:
+            return new
+    raise SessionError(
+        f"id_factory gave no id in bucket {bucket} of the store in "
+        f"{DRAWS_PER_BUCKET * store.buckets} draws: rotate needs ids spread like random ones"
+    )
+
+
 def _check_free(view: View, session_id: str) -> None:
     existing = view.stored(session_id)
     if existing is not None and not existing.expired_at(view.now_ms):
@@ -261,6 +298,7 @@ class Retrieve(OnSession):
 
     method: ClassVar[str] = "retrieve"
     access_only: ClassVar[bool] = True
+    touches: ClassVar[bool] = True
 
     def apply(self, view: View) -> Session:
         return view.refresh(view.live(self.id))
@@ -281,6 +319,7 @@ class Peek(OnSession):
 class Touch(OnSession):
     method: ClassVar[str] = "touch"
     access_only: ClassVar[bool] = True
+    touches: ClassVar[bool] = True
 
     def apply(self, view: View) -> None:
         view.refresh(view.live(self.id))
@@ -380,7 +419,7 @@ class Rotate(OnSession):
     new_id: str = ""
 
     def prepare(self, view: View) -> None:
-        self.new_id = _draw_id(view)
+        self.new_id = _draw_id_near(view, self.id)
 
     def ids(self) -> Iterable[str]:
         return (self.id, self.new_id)
@@ -388,8 +427,10 @@ class Rotate(OnSession):
     def apply(self, view: View) -> str:
         session = view.live(self.id)
         _check_free(view, self.new_id)
-        view.delete(self.id)
-        view.put(replace(session.accessed(view.now_ms), id=self.new_id))
+        # Both writes take effect or neither (see stores/base.py, "No lost update"): the put
+        # only while the old id holds the version loaded, then the delete of that version.
+        view.put(replace(session.accessed(view.now_ms), id=self.new_id), moved_from=self.id)
+        view.delete(self.id, if_unchanged=True)
         return self.new_id
 
 
@@ -472,7 +513,7 @@ class DeleteWhere(Operation):
         for session_id in self.matches:
             session = view.stored(session_id)
             if session is not None and session.metadata.get(self.key, _MISSING) == self.value:
-                view.delete(session_id)
+                view.delete(session_id, if_unchanged=True)  # it matched as loaded
 
     def finish(self, result: Any, outcomes: Sequence[bool]) -> tuple[int, str | None]:
         return sum(outcomes), self.next_cursor

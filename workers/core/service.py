@@ -30,6 +30,7 @@ from functools import partial
 from time import perf_counter
 from typing import Any
 
+import sniffio
 import trio
 
 import workers
@@ -63,7 +64,7 @@ from ..record.session import (
 )
 from ..stores import Store, canonical_backend, make_store
 from .api import METHODS, Kind, Method
-from .manager import ManagerSettings, ServiceClock, SessionManager
+from .manager import ManagerCounters, ManagerSettings, ServiceClock, SessionManager
 from .metrics import Metrics
 from .operations import (
     CleanupExpired,
@@ -144,6 +145,8 @@ class SessionService:
         self.telemetry = Metrics()
         #: The supervision tree, once built (read by ``tree()``).
         self._tree: Supervisor | None = None
+        #: What the managers count for operators (store warnings), across their restarts.
+        self.counters = ManagerCounters()
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -419,6 +422,7 @@ class SessionService:
             "backend": self.backend,
             "version": workers.__version__,
             "pid": os.getpid(),
+            "store_warnings": self.counters.store_warnings,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "restarts": self.restarts,
             "mailbox": mailbox,
@@ -614,6 +618,7 @@ async def run_session_service(
             store,
             settings,
             ServiceClock(clock or time.time, persist=not read_only),
+            service.counters,
             service.telemetry,
             name=service._manager,
         ),
@@ -667,7 +672,23 @@ async def open_session_service(**options: Any) -> AsyncIterator[SessionService]:
     Takes the options of :func:`run_session_service`. Errors from starting the tree (a store
     that cannot be opened: ``StoreError``) and from the tree giving up
     (``SupervisorShutdown``) are raised bare, not wrapped in an exception group.
+
+    Under asyncio the tree runs in Trio's guest mode on asyncio's own loop, and the object
+    yielded has the same methods as asyncio coroutines (:mod:`workers.core.guest`).
     """
+    if sniffio.current_async_library() == "trio":
+        manager = open_trio_service(**options)
+    else:
+        from .guest import open_guest_service  # loaded only by asyncio programs
+
+        manager = open_guest_service(**options)  # type: ignore[assignment]
+    async with manager as service:
+        yield service
+
+
+@asynccontextmanager
+async def open_trio_service(**options: Any) -> AsyncIterator[SessionService]:
+    """:func:`open_session_service` for Trio code."""
     try:
         async with trio.open_nursery() as nursery:
             service = await nursery.start(partial(run_session_service, **options))

@@ -1,13 +1,13 @@
 """Stores: one module per backend, all behind :class:`~workers.stores.base.Store`.
 
-=========  ========  ===========================================================
+=========  ========  ===========================================================================
 backend    seed row  what it is
-=========  ========  ===========================================================
+=========  ========  ===========================================================================
 memory     ets       in-process dict; outlives manager restarts, not the process
 disk       dets      diskcache (SQLite) directory; single owner; durable
 lmdb       leveldb   LMDB environment; single owner; durable; large data sets
-redis      mnesia    a Redis server shared by many processes and machines
-=========  ========  ===========================================================
+redis      mnesia    Redis (a server, Sentinel or Cluster) shared by many processes and machines
+=========  ========  ===========================================================================
 """
 
 from __future__ import annotations

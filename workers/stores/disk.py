@@ -170,7 +170,7 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, write_id
+from .base import Delete, Mark, Put, Write, apply_in_order, may_delete, source_holds, write_ids
 from .files import Durability, OnCorrupt, StoreFiles, check_file_options, create_private
 from .thread import ThreadedStore
 
@@ -231,6 +231,7 @@ _UPDATE = (
 )
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
 _DELETE_EXPIRED = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag < ?"
+_DELETE_ROW = "DELETE FROM Cache WHERE rowid = ?"
 
 
 class SessionDisk(diskcache.Disk):
@@ -416,11 +417,11 @@ class DiskStore(ThreadedStore):
             now = time.time()
             return apply_in_order(
                 prepared,
-                lambda item: item[0].session.id if isinstance(item, tuple) else write_id(item),
+                lambda item: write_ids(item[0] if isinstance(item, tuple) else item),
                 lambda item: (
                     _apply_put(execute, cache.disk, now, *item)
                     if isinstance(item, tuple)
-                    else _apply_delete(execute, item)
+                    else _apply_delete(execute, cache.disk, item)
                     if isinstance(item, Delete)
                     else _apply_mark(execute, item)
                 ),
@@ -474,18 +475,30 @@ def _apply_put(
     # SessionDisk still decides what may go in: a str key, an inline bytes value.
     key, _ = disk.put(session.id)
     _, mode, _, value = disk.store(record, False)
+    if put.moved_from is not None:
+        source = _current(execute, disk, put.moved_from)
+        if not source_holds(put, None if source is None else source[1]):
+            return False
     if put.expected_version is None:
         cursor = execute(_INSERT, (key, now, now, session.expires_at, mode, value))
         return cursor.rowcount == 1
+    current = _current(execute, disk, key)
+    if current is None or current[1].version != put.expected_version:
+        return False
+    execute(_UPDATE, (now, now, session.expires_at, mode, value, current[0]))
+    return True
+
+
+def _current(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, session_id: str
+) -> tuple[int, Session] | None:
+    """The row id and the stored session of ``session_id``, if there is one."""
+    key, _ = disk.put(session_id)
     row = execute(_CURRENT, (key,)).fetchone()
     if row is None:
-        return False
-    rowid, stored_mode, filename, stored = row
-    current = _decode(key, disk.fetch(stored_mode, filename, stored, False))
-    if current.version != put.expected_version:
-        return False
-    execute(_UPDATE, (now, now, session.expires_at, mode, value, rowid))
-    return True
+        return None
+    rowid, mode, filename, stored = row
+    return rowid, _decode(key, disk.fetch(mode, filename, stored, False))
 
 
 def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
@@ -499,7 +512,14 @@ def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
     return True
 
 
-def _apply_delete(execute: Callable[..., sqlite3.Cursor], delete: Delete) -> bool:
+def _apply_delete(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, delete: Delete
+) -> bool:
+    if delete.expected_version is not None:  # the version is in the record: read it
+        current = _current(execute, disk, delete.id)
+        if current is None or not may_delete(delete, current[1]):
+            return False
+        return execute(_DELETE_ROW, (current[0],)).rowcount > 0
     # The tag is the session's expires_at, so "expired at t" (t > expires_at) is ``tag < t``:
     # the stored record need not be read and decoded, and NULL (never expires) never matches.
     if delete.if_expired_at is None:

@@ -103,7 +103,7 @@ import lmdb
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, write_id
+from .base import Delete, Mark, Put, Write, apply_in_order, may_delete, source_holds, write_ids
 from .files import FILE_MODE, Durability, OnCorrupt, StoreFiles, check_file_options
 from .mapped_pages import MappedPages
 from .thread import ThreadedStore
@@ -342,7 +342,7 @@ class LmdbStore(ThreadedStore):
                 return self._delete(txn, w)
             return self._mark(txn, w)
 
-        return apply_in_order(writes, write_id, apply)
+        return apply_in_order(writes, write_ids, apply)
 
     def _mark(self, txn: lmdb.Transaction, write: Mark) -> bool:
         stored = txn.get(MARK_KEY, db=self._meta)
@@ -370,6 +370,10 @@ class LmdbStore(ThreadedStore):
             if old.version != write.expected_version:
                 return False
             old_expiry = old.expires_at
+        if write.moved_from is not None:
+            source = txn.get(write.moved_from.encode(), db=self._sessions)
+            if not source_holds(write, None if source is None else decode_session(source)):
+                return False
         txn.put(key, encode_session(session), db=self._sessions)
         if old_expiry != session.expires_at:
             if old_expiry is not None:
@@ -384,7 +388,7 @@ class LmdbStore(ThreadedStore):
         if data is None:
             return False
         old = decode_session(data)
-        if write.if_expired_at is not None and not old.expired_at(write.if_expired_at):
+        if not may_delete(write, old):
             return False
         txn.delete(key, db=self._sessions)
         if old.expires_at is not None:

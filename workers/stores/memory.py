@@ -66,7 +66,17 @@ from itertools import islice
 
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Put, Write, apply_in_order, check_limit, check_writes, write_id
+from .base import (
+    Delete,
+    Put,
+    Write,
+    apply_in_order,
+    check_limit,
+    check_writes,
+    may_delete,
+    source_holds,
+    write_ids,
+)
 
 #: Number of dicts the sessions are spread over: the granularity of a scan's resume sort.
 _BUCKETS = 1024
@@ -123,7 +133,7 @@ class MemoryStore:
     def commit_now(self, writes: Sequence[Write]) -> list[bool]:
         self._check_open()
         check_writes(writes)
-        return apply_in_order(writes, write_id, self._apply)
+        return apply_in_order(writes, write_ids, self._apply)
 
     async def load_mark(self) -> int:
         self._check_open()
@@ -183,12 +193,14 @@ class MemoryStore:
         sid = session.id
         bucket = self._buckets[hash(sid) & _MASK]
         old = bucket.get(sid)
-        if old is None:
-            if put.expected_version is not None:
-                return False
-            self._count += 1
-        elif put.expected_version is None or old.version != put.expected_version:
+        if (None if old is None else old.version) != put.expected_version:
             return False
+        if put.moved_from is not None and not source_holds(
+            put, self._buckets[hash(put.moved_from) & _MASK].get(put.moved_from)
+        ):
+            return False
+        if old is None:
+            self._count += 1
         bucket[sid] = session
         self._reindex(sid, old, session)
         return True
@@ -197,9 +209,7 @@ class MemoryStore:
         sid = delete.id
         bucket = self._buckets[hash(sid) & _MASK]
         old = bucket.get(sid)
-        if old is None:
-            return False
-        if delete.if_expired_at is not None and not old.expired_at(delete.if_expired_at):
+        if old is None or not may_delete(delete, old):
             return False
         del bucket[sid]
         self._count -= 1

@@ -1,37 +1,72 @@
-"""The ``redis`` store (the seed's mnesia row): one Redis server shared by many processes.
+"""The ``redis`` store (the seed's mnesia row): sessions in Redis, shared by many processes.
+
+Three deployments, by URL (:mod:`~workers.stores.redis_urls`): one server
+(``redis://HOST:PORT/DB``), a primary found and followed through Sentinel
+(``redis+sentinel://HOST:PORT[,...]/SERVICE_NAME``), or a Redis Cluster
+(``redis+cluster://HOST:PORT[,...]``, seed nodes). coredis follows a Sentinel failover and a
+cluster's ``MOVED``/``ASK`` redirections and failovers by itself; the store adds the layout.
 
 Layout
 ------
-Under a key prefix (``prefix``, default ``"sessions:"``), a store keeps:
+Sessions live in *buckets*: one on a server (Sentinel included), ``buckets`` (default 64) on a
+cluster. Under a key prefix (``prefix``, default ``"sessions:"``), bucket ``b`` keeps:
 
-``<prefix>s:<id>``
-    the session's msgpack record (:func:`~workers.record.codec.encode_session`), a plain string, so
-    :meth:`RedisStore.load` is one ``MGET``. Nothing is ever pickled.
-``<prefix>ids``
-    a sorted set of every stored id, all scored 0, so that Redis orders it by id: a
-    :meth:`~RedisStore.scan` page is one ``ZRANGE ... BYLEX`` from the last id returned (the
-    opaque cursor) plus one ``MGET``. ``SCAN`` would need no index, but it may return a key
-    twice (when Redis shrinks its table between calls), which the Store protocol forbids.
-``<prefix>expiry``
-    a sorted set of the ids of the sessions that expire, scored by ``expires_at``:
-    :meth:`~RedisStore.expired` is one ``ZRANGE ... BYSCORE`` and :meth:`~RedisStore.count` is
-    ``ZCARD ids - ZCOUNT expiry -inf (now``, so neither reads a live session.
-``<prefix>mark``
+``<head>s:<id>``
+    the session's msgpack record (:func:`~workers.record.codec.encode_session`), a plain string,
+    so a load is one ``MGET`` per bucket. Nothing is ever pickled.
+``<head>ids``
+    a sorted set of the bucket's ids, all scored 0, so that Redis orders it by id: a
+    :meth:`~RedisStore.scan` page is one ``ZRANGE ... BYLEX`` from the last id returned plus
+    one ``MGET``. ``SCAN`` would need no index, but it may return a key twice (when Redis
+    shrinks its table between calls), which the Store protocol forbids.
+``<head>expiry``
+    a sorted set of the ids of the bucket's sessions that expire, scored by ``expires_at``:
+    :meth:`~RedisStore.expired` is one ``ZRANGE ... BYSCORE`` a bucket and
+    :meth:`~RedisStore.count` is ``ZCARD ids - ZCOUNT expiry -inf (now``, so neither reads a
+    live session.
+``<head>mark`` (bucket 0 only)
     the clock high-water mark in ms (:class:`~workers.stores.base.Mark`); raised, never
     lowered, inside the commit script. Not a session key: never listed or counted.
 
+On a server ``<head>`` is the prefix itself (``sessions:s:<id>``, ``sessions:ids``...). On a
+cluster it is ``<prefix>{<tag>}``, a hash tag per bucket, so that every key of a bucket is in
+one hash slot and each script (which must touch one slot) covers a whole bucket. The tags are
+chosen so that bucket ``b`` falls in the ``b``-th 1/``buckets`` of the 16384 slots: buckets
+spread over the masters as evenly as the slots do, and sessions with them. A cluster store also
+records ``<prefix>layout`` (its bucket count) before its first commit, and refuses to open data
+laid out with another.
+
+The bucket of a session is ``crc32(id) % buckets``: a pure function of the id, so any process
+finds any session. The trade-off is in ``rotate``, which must keep a session in its bucket to
+move it atomically (one script): it draws new random ids until one falls in the bucket, ``buckets``
+draws on average (64 draws of 16 random bytes: microseconds), and the new id keeps 128 random
+bits of which ``log2(buckets)`` are known to anyone who knows the old id (its bucket). Putting
+the bucket *in* the id instead (a fixed hex digit) would cost the same bits, every id would
+show it, and ids from an application's ``id_factory`` would have to be rewritten; drawing leaves
+every id as the factory made it.
+
 Writes
 ------
-:meth:`~RedisStore.commit` sends the whole batch as one ``EVALSHA`` of :data:`COMMIT_SCRIPT`.
-Redis runs a script without interleaving any other client's commands, so the checks (a create
-needs a free id, a put needs the version it names, a conditional delete needs an expired
-session) and the writes of a batch are atomic with respect to every other store object sharing
-the server: concurrent read-modify-write cycles from several processes lose nothing, the loser
-of a race sees ``False`` and its manager retries. Once a write to an id fails, the later writes
-of the batch to that id fail too (the Store protocol's rule): a manager that queued
-``Put(v2, expected 1)`` then ``Put(v3, expected 2)`` must not see the second succeed on another
-process's version 2. The script does every check before its first write, so an error (an
-unreadable record) leaves the store untouched.
+:meth:`~RedisStore.commit` runs one ``EVALSHA`` of
+:data:`~workers.stores.redis_scripts.COMMIT_SCRIPT` per bucket the batch touches (one, on a
+server). A script runs without interleaving any other client's commands, so within a bucket the
+checks (a create needs a free id, a put the version it names, a delete the version or the
+expiry it names, a rotate's put the old id at the version it moves) and the writes are atomic
+with respect to every other store sharing the data: concurrent read-modify-write cycles from
+several processes lose nothing, the loser of a race sees ``False`` and its manager retries. Once
+a write to an id fails, the later writes of the batch to that id fail too (the Store protocol's
+rule). The script checks everything before its first write, so an error leaves the bucket
+untouched. A batch over several buckets (a cluster) commits each bucket on its own,
+concurrently; when some buckets fail and others do not, the commit raises
+:class:`~workers.stores.base.PartialCommit` with each write's outcome, and the manager answers
+each operation from its own bucket's.
+
+A ``retrieve`` costs one round trip: the manager loads the sessions it refreshes with
+:meth:`~RedisStore.load_touching`, one script per bucket that checks expiry, writes the new
+access time and returns the record. If that write is refused (a Redis at ``maxmemory`` with
+``noeviction``), the bucket is read with a plain ``MGET`` instead, and the manager answers the
+read anyway (see ``core/manager.py``): a full Redis keeps serving reads while writes fail with
+:class:`~workers.StoreError`.
 
 Expiry
 ------
@@ -50,12 +85,25 @@ whose key Redis already dropped is removed by the sweep's delete (which then rep
 Failures
 --------
 When Redis cannot be reached, does not answer within ``connect_timeout`` +
-``command_timeout``, or is loading its data set, a call raises
-:class:`~workers.ServiceUnavailable` promptly and never hangs; other Redis errors (out of memory
-under ``maxmemory-policy noeviction``, a read-only replica, a broken record) raise
-:class:`~workers.StoreError`. The connection pool reconnects by itself: the first call
-after Redis is back succeeds. A commit is never retried by the store, since a commit whose
-reply was lost may have been applied; reads are retried once on a dropped connection.
+``command_timeout``, is loading its data set, or is failing over (a cluster without a master
+for a slot, a Sentinel primary being replaced), a call raises
+:class:`~workers.ServiceUnavailable` promptly and never hangs; once the new primary answers,
+calls succeed again with no restart of anything. Other Redis errors (out of memory under
+``maxmemory-policy noeviction``, a read-only replica named as the server, a broken record)
+raise :class:`~workers.StoreError`, and so does a URL of the wrong form: a ``redis://`` URL
+naming a cluster node, or a ``redis+cluster://`` URL naming a lone server, says which form to
+use (a cluster's ``MOVED``, ``ASK`` and ``CROSSSLOT`` replies never reach a caller raw). A
+commit is never retried by the store, since a commit whose reply was lost may have been
+applied; reads are retried once on a dropped connection.
+
+Durability and failover
+-----------------------
+Redis replicates asynchronously: a write acknowledged by a primary that fails before its
+replica received it is lost in the failover. ``wait_replicas=N`` makes every commit wait (Redis
+``WAIT``, at most ``wait_timeout`` seconds) until ``N`` replicas hold it; a commit that they do
+not confirm in time raises :class:`~workers.ServiceUnavailable` (it was applied on the primary
+and may or may not survive a failover). Access-time refreshes are not waited for: losing one
+makes a session expire earlier by that read's idle time, never later.
 
 coredis and Trio
 ----------------
@@ -70,171 +118,125 @@ Running Redis for sessions
 A session store must not lose sessions silently: run Redis with ``maxmemory-policy
 noeviction`` (writes then fail with :class:`StoreError` instead of Redis evicting sessions),
 with persistence (``appendonly yes``, ``appendfsync everysec`` or ``always``) if sessions must
-survive a restart of Redis, and with a replica for availability (a failover may lose the last
-acknowledged writes, as Redis replication is asynchronous). Several services (daemons or
-embedded) share sessions by using the same URL and ``prefix``; different prefixes (or database
-numbers) keep unrelated services apart. All of a store's keys are used together in scripts, so
-on Redis Cluster they must hash to one slot: a prefix with a hash tag, like
-``"{sessions}:"``, does that (the store itself speaks to a single Redis server).
+survive a restart of Redis, and with replicas and Sentinel or Cluster for availability (see
+"Durability and failover"). Several services (daemons or embedded) share sessions by using the
+same URL and ``prefix``; different prefixes (or database numbers) keep unrelated services apart.
 """
 
 from __future__ import annotations
 
+import binascii
+import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import zlib
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import coredis
 import trio
+from coredis.exceptions import (
+    ClusterCrossSlotError,
+    RedisClusterError,
+    RedisError,
+    ReplicationError,
+    SentinelError,
+)
 from coredis.exceptions import ConnectionError as RedisConnectionError
-from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from ..record.codec import decode_session, encode_session
-from ..record.errors import ServiceUnavailable, StoreError
+from ..record.errors import ServiceUnavailable, SessionError, StoreError
 from ..record.session import Session
-from .base import Mark, Put, Write, check_limit, check_writes
-from .urls import redact_url
+from .base import (
+    Delete,
+    Mark,
+    PartialCommit,
+    PartialLoad,
+    Put,
+    Write,
+    check_limit,
+    check_writes,
+    write_id,
+)
+from .redis_scripts import COMMIT_SCRIPT, COUNT_SCRIPT, TOUCH_SCRIPT
+from .redis_sentinel import FailoverWatch, leaf
+from .redis_urls import RedisTarget, clients_for, parse_url, redact_url
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The batch of conditional writes, atomically. See the comments in the script.
-COMMIT_SCRIPT = r"""
--- KEYS[1]: the id index; KEYS[2]: the expiry index; KEYS[2 + i]: the key of write i.
--- ARGV, 7 per write: op ('P' put, 'D' delete, 'M' mark: raise the number at its key to the
--- 7th value, never lower it; always takes effect), id, condition (expected version or
--- if_expired_at, '' for none), record, expires_at ('' never), ttl ms ('' none), version.
--- Returns one 0/1 per write. Phase 1 checks every write against the stored state (as changed
--- by the earlier writes of the batch) without writing; phase 2 writes. An error in phase 1
--- (a record it cannot read) therefore leaves the store untouched. Once a write to an id fails,
--- the later writes to that id fail too: they were computed from the state it expected.
+#: Hash slots of a Redis Cluster.
+SLOTS = 16384
+#: Buckets of a cluster store unless told otherwise: enough to spread sessions evenly over a
+#: few dozen masters, few enough that a count or a sweep (one call per bucket) stays cheap.
+CLUSTER_BUCKETS = 64
+#: Calls to different buckets in flight at once (count, sweep, a batch over many buckets).
+PARALLEL_BUCKETS = 16
+#: Redis error replies that only a cluster node sends.
+_CLUSTER_REPLIES = ("MOVED", "ASK", "CROSSSLOT", "CLUSTERDOWN", "TRYAGAIN")
 
--- msgpack integer or nil at position p of s: value (false for nil), next position.
-local function mp_int(s, p)
-  local b = string.byte(s, p)
-  if b <= 0x7f then return b, p + 1 end
-  if b >= 0xe0 then return b - 0x100, p + 1 end
-  if b == 0xc0 then return false, p + 1 end
-  local fmt = ({[0xcc] = '>I1', [0xcd] = '>I2', [0xce] = '>I4', [0xcf] = '>I8',
-                [0xd0] = '>i1', [0xd1] = '>i2', [0xd2] = '>i4', [0xd3] = '>i8'})[b]
-  if not fmt then error('session record: no integer at byte ' .. p) end
-  return struct.unpack(fmt, s, p + 1)
-end
 
--- Position just after the msgpack string at position p of s.
-local function mp_str_end(s, p)
-  local b = string.byte(s, p)
-  if b >= 0xa0 and b <= 0xbf then return p + 1 + b - 0xa0 end
-  if b == 0xd9 then return p + 2 + string.byte(s, p + 1) end
-  if b == 0xda then return p + 3 + struct.unpack('>I2', s, p + 1) end
-  if b == 0xdb then return p + 5 + struct.unpack('>I4', s, p + 1) end
-  error('session record: no string at byte ' .. p)
-end
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """The keys of one bucket (see the module docstring, "Layout")."""
 
--- Version and expires_at (false: never) of a stored record, read from its fixed header
--- [1, id, created_at, last_accessed, timeout_ms, version, metadata] without decoding the
--- metadata (Redis's cmsgpack cannot read msgpack's bin type).
-local function header(record)
-  if string.byte(record, 1) ~= 0x97 or string.byte(record, 2) ~= 0x01 then
-    error('session record of an unknown format')
-  end
-  local p = mp_str_end(record, 3)
-  local last_accessed, timeout, version, _
-  _, p = mp_int(record, p)
-  last_accessed, p = mp_int(record, p)
-  timeout, p = mp_int(record, p)
-  version = mp_int(record, p)
-  return version, timeout and (last_accessed + timeout)
-end
+    index: int
+    ids: str
+    expiry: str
+    sessions: str
 
-local state, plan, results = {}, {}, {}
-for i = 1, #KEYS - 2 do
-  local a = (i - 1) * 7
-  local op, id, cond = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local s = state[id]
-  if op == 'M' then
-    s = {}
-  elseif s == nil then
-    local record = redis.call('GET', KEYS[2 + i])
-    s = {version = false, expires = false}
-    if record then s.version, s.expires = header(record) end
-    state[id] = s
-  end
-  local ok = false
-  if op == 'M' then
-    ok = true
-    plan[#plan + 1] = i
-  elseif s.failed then
-    -- An earlier write of the batch to this id did not take effect: neither does this one.
-  elseif op == 'P' then
-    if cond == '' then ok = not s.version else ok = s.version == tonumber(cond) end
-    if ok then
-      s.version = tonumber(ARGV[a + 7])
-      s.expires = ARGV[a + 5] ~= '' and tonumber(ARGV[a + 5])
-      plan[#plan + 1] = i
-    end
-  elseif s.version then
-    ok = cond == '' or (s.expires and s.expires < tonumber(cond))
-    if ok then
-      s.version, s.expires = false, false
-      plan[#plan + 1] = i
-    end
-  else
-    -- Nothing stored (Redis may have expired the key): drop index entries it left behind.
-    plan[#plan + 1] = i
-  end
-  if not ok then s.failed = true end
-  results[i] = ok and 1 or 0
-end
 
-for _, i in ipairs(plan) do
-  local a = (i - 1) * 7
-  local key, id = KEYS[2 + i], ARGV[a + 2]
-  if ARGV[a + 1] == 'M' then
-    local ms = tonumber(ARGV[a + 7])
-    if ms > (tonumber(redis.call('GET', key)) or 0) then redis.call('SET', key, ARGV[a + 7]) end
-  elseif ARGV[a + 1] == 'P' then
-    if ARGV[a + 6] == '' then
-      redis.call('SET', key, ARGV[a + 4])
-    else
-      redis.call('SET', key, ARGV[a + 4], 'PX', ARGV[a + 6])
-    end
-    redis.call('ZADD', KEYS[1], 0, id)
-    if ARGV[a + 5] == '' then
-      redis.call('ZREM', KEYS[2], id)
-    else
-      redis.call('ZADD', KEYS[2], ARGV[a + 5], id)
-    end
-  else
-    redis.call('DEL', key)
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-  end
-end
-return results
-"""
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """What the system task runs: ``managers`` entered in order (the last one is the client
+    commands go to), and ``follow`` alongside while they are open."""
 
-#: Live sessions at ARGV[1]: every id, minus those whose expires_at is before it.
-COUNT_SCRIPT = """
-return redis.call('ZCARD', KEYS[1]) - redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[1])
-"""
+    managers: tuple[Any, ...]
+    follow: Callable[[], Awaitable[None]] | None = None
+
+
+@functools.cache
+def bucket_tags(n: int) -> tuple[str, ...]:
+    """The hash tag of each of ``n`` buckets: tag ``b`` hashes to a slot in the ``b``-th
+    1/``n`` of the slots, so that buckets spread over masters as evenly as slots do."""
+    tags: list[str | None] = [None] * n
+    missing, k = n, 0
+    while missing:
+        tag = f"{k:x}"
+        # crc_hqx is Redis's CRC16 (XMODEM): the key slot is crc16(tag) mod 16384.
+        b = (binascii.crc_hqx(tag.encode(), 0) % SLOTS) * n // SLOTS
+        if tags[b] is None:
+            tags[b] = tag
+            missing -= 1
+        k += 1
+    return tuple(tag for tag in tags if tag is not None)
 
 
 class RedisStore:
-    """Sessions in the Redis server at ``url``, under the key prefix ``prefix``.
+    """Sessions in the Redis at ``url`` (a server, a Sentinel primary or a Redis Cluster), under
+    the key prefix ``prefix``.
 
-    Several store objects, in any number of processes, may use the same server and prefix at
-    once: that is how several services share sessions.
+    Several store objects, in any number of processes, may use the same data at once: that is
+    how several services share sessions. They must agree on ``url``'s form, ``prefix`` and, on
+    a cluster, ``buckets``.
 
-    :param url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
-        ``unix://[[user]:password@]/path/to/socket?db=N``.
-    :param prefix: the start of every key this store uses.
+    :param url: see :mod:`~workers.stores.redis_urls`.
+    :param prefix: the start of every key this store uses (no ``{`` or ``}`` on a cluster: the
+        store chooses the hash tags).
     :param connect_timeout: seconds to establish a connection before giving up.
     :param command_timeout: seconds to wait for Redis to answer one command.
     :param expiry_grace: seconds that Redis keeps an expired session past its idle timeout
         before deleting it by itself (see the module docstring).
+    :param buckets: buckets of a cluster store (default 64; every service on the same data
+        must use the same number). Also ``?buckets=`` in the URL.
+    :param wait_replicas: replicas every commit waits for (Redis ``WAIT``); 0 waits for none.
+        Also ``?wait_replicas=`` in the URL.
+    :param wait_timeout: seconds a commit waits for them before it fails with
+        ``ServiceUnavailable``. Also ``?wait_timeout=`` in the URL.
     :param create: with False, ``open`` refuses (:class:`StoreError` naming the URL and the
         prefix) a prefix under which no service ever kept sessions: no id index and no clock
         mark. For tools that must not take a typo for an empty store.
@@ -251,6 +253,9 @@ class RedisStore:
         connect_timeout: float = 2.0,
         command_timeout: float = 5.0,
         expiry_grace: float = 60.0,
+        buckets: int | None = None,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
         create: bool = True,
     ) -> None:
         if not prefix:
@@ -258,48 +263,67 @@ class RedisStore:
         if connect_timeout <= 0 or command_timeout <= 0 or expiry_grace < 0:
             raise ValueError("timeouts must be positive and expiry_grace not negative")
         self.url = url
+        self._where = redact_url(url)
+        try:
+            self.target = parse_url(url)
+            settings = _settings(self.target, prefix, buckets, wait_replicas, wait_timeout)
+        except ValueError as exc:
+            raise StoreError(f"cannot use Redis URL {self._where}: {exc}") from None
+        cluster = self.target.kind == "cluster"
+        self.buckets: int = settings["buckets"]
+        self.wait_replicas: int = settings["wait_replicas"]
+        self.wait_timeout: float = settings["wait_timeout"]
         self.prefix = prefix
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.expiry_grace = expiry_grace
         self.create = create
-        self._where = redact_url(url)
-        self._ids_key = f"{prefix}ids"
-        self._expiry_key = f"{prefix}expiry"
-        #: The clock high-water mark (:class:`~workers.stores.base.Mark`): a number, in ms.
-        self._mark_key = f"{prefix}mark"
-        self._session_prefix = f"{prefix}s:"
         self._grace_ms = round(expiry_grace * 1000)
+        heads = [f"{prefix}{{{tag}}}" for tag in bucket_tags(self.buckets)] if cluster else [prefix]
+        self._buckets = [
+            Bucket(b, f"{head}ids", f"{head}expiry", f"{head}s:") for b, head in enumerate(heads)
+        ]
+        #: The clock mark, in bucket 0 (its slot, on a cluster), where Mark writes are committed.
+        self._mark_key = f"{heads[0]}mark"
+        #: Where a cluster store records its bucket count (see "Layout"), and whether it has.
+        self._layout_key = f"{prefix}layout"
+        self._layout_recorded = not cluster
         # Whatever coredis does inside, one call never takes longer than this.
         self._deadline = connect_timeout + command_timeout + 1.0
-        self._client: coredis.Redis[bytes] | None = None
-        self._commit_script: Any = None
-        self._count_script: Any = None
+        if self.wait_replicas:
+            self._deadline += self.wait_timeout
+        self._client: Any = None
+        self._start_error: BaseException | None = None
+        self._scripts: dict[str, Any] = {}
+        self._limiter = trio.CapacityLimiter(PARALLEL_BUCKETS)
+        #: What a sentinel store hears of failovers (see redis_sentinel).
+        self._watch: FailoverWatch | None = None
         self._closing: trio.Event | None = None
         self._closed: trio.Event | None = None
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self.prefix!r})"
 
+    def bucket_of(self, session_id: str) -> int:
+        """The bucket of ``session_id``: ``crc32(id) % buckets`` (see "Layout")."""
+        if self.buckets == 1:
+            return 0
+        return zlib.crc32(session_id.encode("utf-8", "surrogatepass")) % self.buckets
+
     # -- the Store protocol ------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Start the client and PING the server; :class:`StoreError` naming the URL if it fails."""
+        """Start the client and check the URL's form against what answers; :class:`StoreError`
+        naming the URL (and the form to use) if it fails."""
         if self._closing is not None:
             raise StoreError(f"{self!r} is already open")
         try:
-            client = coredis.Redis.from_url(
-                self.url,
-                connect_timeout=self.connect_timeout,
-                stream_timeout=self.command_timeout,
-                # Retrying a command whose reply was lost could apply a commit twice; the
-                # store decides itself what is safe to retry.
-                retry_policy=NoRetryPolicy(),
-            )
+            client = self._client_factory()
         except (ValueError, TypeError, RedisError) as exc:
             raise StoreError(f"cannot use Redis URL {self._where}: {exc}") from None
         self._closing, self._closed = trio.Event(), trio.Event()
         ready = trio.Event()
+        self._start_error = None
         trio.lowlevel.spawn_system_task(
             self._own_client,
             client,
@@ -309,17 +333,24 @@ class RedisStore:
             name=f"redis store client {self._where}",
         )
         try:
-            await ready.wait()
+            with trio.move_on_after(self._deadline) as waited:
+                await ready.wait()
+            if waited.cancelled_caught:
+                raise StoreError(f"cannot open the redis store: no answer from {self._where}")
             if self._client is None:
-                raise StoreError(f"cannot start a Redis client for {self._where}")
+                raise await self._start_failure()
             try:
-                await self._call("PING", lambda c: c.ping(), retry=False)
+                await self._check_form()
                 if not self.create:
                     await self._check_exists()
             except ServiceUnavailable as exc:
                 raise StoreError(f"cannot open the redis store: {exc}") from None
-            self._commit_script = client.register_script(COMMIT_SCRIPT)
-            self._count_script = client.register_script(COUNT_SCRIPT)
+            client = self._client
+            self._scripts = {
+                "commit": client.register_script(COMMIT_SCRIPT),
+                "touch": client.register_script(TOUCH_SCRIPT),
+                "count": client.register_script(COUNT_SCRIPT),
+            }
         except BaseException:
             await self.close()
             raise
@@ -335,31 +366,208 @@ class RedisStore:
             await closed.wait()
 
     async def load(self, ids: Iterable[str]) -> dict[str, Session]:
-        """The stored sessions among ``ids`` (expired ones included), with one ``MGET``."""
-        ids = list(dict.fromkeys(ids))
-        if not ids:
-            return {}
-        keys = [self._key(sid) for sid in ids]
-        records = await self._call("MGET", lambda c: c.mget(keys), retry=True)
-        return {
-            sid: decode_session(record)
-            for sid, record in zip(ids, records, strict=True)
-            if record is not None
-        }
+        """The stored sessions among ``ids`` (expired ones included): one ``MGET`` a bucket."""
+        return await self.load_touching(ids, (), 0)
+
+    async def load_touching(
+        self, ids: Iterable[str], touch: Collection[str], now_ms: int
+    ) -> dict[str, Session]:
+        """:meth:`load`, refreshing the sessions in ``touch`` as it reads them, one script a
+        bucket (:class:`~workers.stores.base.TouchingStore`, and "Writes" above)."""
+        if touch and self._watch is not None:
+            self._watch.check_writable(self._where)
+        by_bucket = self._group(list(dict.fromkeys(ids)))
+        calls = [
+            functools.partial(self._load_bucket, bucket, bucket_ids, touch, now_ms)
+            for bucket, bucket_ids in by_bucket.items()
+        ]
+        found: dict[str, Session] = {}
+        errors: dict[str, SessionError] = {}
+        for bucket_ids, result in zip(by_bucket.values(), await self._each(calls), strict=True):
+            if isinstance(result, SessionError):
+                errors.update(dict.fromkeys(bucket_ids, result))
+            else:
+                found.update(result)
+        if errors:
+            error = next(iter(errors.values()))
+            if not found and len(errors) == sum(len(i) for i in by_bucket.values()):
+                raise error
+            raise PartialLoad(f"some buckets could not be read: {error}", found, errors)
+        return found
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        """Apply ``writes`` in order, atomically, with one script call; per write, whether it
-        took effect. Never retried: on :class:`ServiceUnavailable` the batch may or may not have
-        been applied."""
+        """Apply ``writes`` in order, each bucket's atomically with one script call; per write,
+        whether it took effect. Never retried: on :class:`ServiceUnavailable` a bucket's writes
+        may or may not have been applied. :class:`PartialCommit` when some buckets failed and
+        others did not."""
         check_writes(writes)
         if not writes:
             return []
-        keys: list[str] = [self._ids_key, self._expiry_key]
+        if self._watch is not None:
+            self._watch.check_writable(self._where)
+        groups: dict[Bucket, list[int]] = {}
+        for i, write in enumerate(writes):
+            b = 0 if isinstance(write, Mark) else self.bucket_of(write_id(write))
+            if isinstance(write, Put) and write.moved_from is not None:
+                if self.bucket_of(write.moved_from) != b:
+                    raise ValueError(
+                        f"a rotate moves a session within its bucket, not from bucket "
+                        f"{self.bucket_of(write.moved_from)} to {b} (BucketedStore)"
+                    )
+            groups.setdefault(self._buckets[b], []).append(i)
+        if not self._layout_recorded:
+            await self._check_layout(record=True)
+        calls = [
+            functools.partial(self._commit_bucket, bucket, [writes[i] for i in indexes])
+            for bucket, indexes in groups.items()
+        ]
+        outcomes: list[bool | SessionError] = [False] * len(writes)
+        failures: list[SessionError] = []
+        for indexes, result in zip(groups.values(), await self._each(calls), strict=True):
+            if isinstance(result, SessionError):
+                failures.append(result)
+                for i in indexes:
+                    outcomes[i] = result
+            else:
+                for i, ok in zip(indexes, result, strict=True):
+                    outcomes[i] = ok
+        if failures:
+            if len(failures) == len(groups):
+                raise failures[0]
+            raise PartialCommit(f"some buckets failed the commit: {failures[0]}", outcomes)
+        return [ok is True for ok in outcomes]
+
+    async def scan(
+        self, now_ms: int, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        """Up to ``limit`` live sessions after ``cursor``: bucket by bucket, each in id order.
+        The cursor is ``"<bucket>:<last id>"``."""
+        check_limit(limit)
+        index, after = self._parse_cursor(cursor)
+        page: list[Session] = []
+        for bucket in self._buckets[index:]:
+            while True:
+                start = "-" if after is None else "(" + after
+                members = await self._call(
+                    "ZRANGE",
+                    lambda c, key=bucket.ids, start=start: c.zrange(
+                        key, start, "+", sortby=coredis.PureToken.BYLEX, offset=0, count=limit
+                    ),
+                    retry=True,
+                )
+                ids = [member.decode() for member in members]
+                found = await self._mget(bucket, ids)
+                for sid in ids:
+                    session = found.get(sid)
+                    if session is not None and not session.expired_at(now_ms):
+                        page.append(session)
+                        if len(page) == limit:
+                            return page, f"{bucket.index}:{sid}"
+                if len(ids) < limit:
+                    break
+                after = ids[-1]
+            after = None  # every later bucket is read from its start
+        return page, None
+
+    async def expired(self, now_ms: int, limit: int) -> list[str]:
+        """Up to ``limit`` ids of sessions expired at ``now_ms``, soonest expired first."""
+        check_limit(limit)
+        calls = [
+            functools.partial(self._expired_in, bucket, now_ms, limit) for bucket in self._buckets
+        ]
+        found = [pair for pairs in _all(await self._each(calls)) for pair in pairs]
+        found.sort()
+        return [sid for _, sid in found[:limit]]
+
+    async def load_mark(self) -> int:
+        """The clock high-water mark (the highest Mark any store committed here), 0 if none."""
+        key = self._mark_key
+        value = await self._call("GET", lambda c: c.get(key), retry=True)
+        return 0 if value is None else int(value)
+
+    async def count(self, now_ms: int) -> int:
+        """The number of live sessions at ``now_ms``, from the indexes of every bucket."""
+        script = self._scripts["count"]
+        calls = [
+            functools.partial(
+                self._call,
+                "count",
+                lambda c, b=bucket: script(keys=[b.ids, b.expiry], args=[now_ms], client=c),
+                retry=True,
+            )
+            for bucket in self._buckets
+        ]
+        return sum(int(n) for n in _all(await self._each(calls)))
+
+    # -- buckets -----------------------------------------------------------------------------
+
+    def _group(self, ids: list[str]) -> dict[Bucket, list[str]]:
+        groups: dict[Bucket, list[str]] = {}
+        for sid in ids:
+            groups.setdefault(self._buckets[self.bucket_of(sid)], []).append(sid)
+        return groups
+
+    async def _each(self, calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | SessionError]:
+        """Run ``calls`` (one per bucket) concurrently; each one's result or SessionError."""
+        if len(calls) == 1:  # the common case on a server: no nursery
+            try:
+                return [await calls[0]()]
+            except SessionError as exc:
+                return [exc]
+        results: list[T | SessionError] = [StoreError("not run")] * len(calls)
+
+        async def run(i: int) -> None:
+            async with self._limiter:
+                try:
+                    results[i] = await calls[i]()
+                except SessionError as exc:
+                    results[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(calls)):
+                nursery.start_soon(run, i)
+        return results
+
+    async def _mget(self, bucket: Bucket, ids: list[str]) -> dict[str, Session]:
+        if not ids:
+            return {}
+        keys = [bucket.sessions + sid for sid in ids]
+        records = await self._call("MGET", lambda c: c.mget(keys), retry=True)
+        return _decoded(ids, records)
+
+    async def _load_bucket(
+        self, bucket: Bucket, ids: list[str], touch: Collection[str], now_ms: int
+    ) -> dict[str, Session]:
+        flags = ["1" if sid in touch else "0" for sid in ids]
+        if "1" not in flags:
+            return await self._mget(bucket, ids)
+        keys = [bucket.expiry, *(bucket.sessions + sid for sid in ids)]
+        args: list[str | int] = [now_ms, self._grace_ms]
+        for sid, flag in zip(ids, flags, strict=True):
+            args += [sid, flag]
+        script = self._scripts["touch"]
+        try:
+            records = await self._call(
+                "touch", lambda c: script(keys=keys, args=args, client=c), retry=False
+            )
+        except StoreError:
+            # The refresh was refused (a full Redis): read them as they are; the manager
+            # answers the reads and counts the refreshes it could not write.
+            return await self._mget(bucket, ids)
+        return _decoded(ids, records)
+
+    async def _commit_bucket(self, bucket: Bucket, writes: list[Write]) -> list[bool]:
+        keys: list[str] = [bucket.ids, bucket.expiry]
+        sources: list[str] = []
         args: list[str | bytes | int] = []
         for write in writes:
             if isinstance(write, Put):
                 session = write.session
-                keys.append(self._key(session.id))
+                keys.append(bucket.sessions + session.id)
+                source: int | str = ""
+                if write.moved_from is not None:
+                    sources.append(bucket.sessions + write.moved_from)
+                    source = len(writes) + 2 + len(sources)  # its index in KEYS (from 1)
                 args += [
                     "P",
                     session.id,
@@ -368,118 +576,170 @@ class RedisStore:
                     _or_empty(session.expires_at),
                     "" if session.timeout_ms is None else session.timeout_ms + self._grace_ms,
                     session.version,
+                    source,
                 ]
             elif isinstance(write, Mark):
                 keys.append(self._mark_key)
-                args += ["M", "", "", "", "", "", write.ms]
+                args += ["M", "", "", "", "", "", write.ms, ""]
             else:
-                keys.append(self._key(write.id))
-                args += ["D", write.id, _or_empty(write.if_expired_at), "", "", "", ""]
-        script = self._commit_script
-        results = await self._call(
-            "commit", lambda c: script(keys=keys, args=args, client=c), retry=False
-        )
+                assert isinstance(write, Delete)
+                keys.append(bucket.sessions + write.id)
+                args += [
+                    "D",
+                    write.id,
+                    _or_empty(write.if_expired_at),
+                    "",
+                    "",
+                    "",
+                    _or_empty(write.expected_version),
+                    "",
+                ]
+        keys += sources
+        script = self._scripts["commit"]
+
+        async def run(client: Any) -> list[int]:
+            if not self.wait_replicas:
+                return await script(keys=keys, args=args, client=client)
+            with client.ensure_replication(self.wait_replicas, round(self.wait_timeout * 1000)):
+                return await script(keys=keys, args=args, client=client)
+
+        results = await self._call("commit", run, retry=False)
         return [bool(ok) for ok in results]
 
-    async def scan(
-        self, now_ms: int, cursor: str | None, limit: int
-    ) -> tuple[list[Session], str | None]:
-        """Up to ``limit`` live sessions with ids after ``cursor``, in id order."""
-        check_limit(limit)
-        page: list[Session] = []
-        after = cursor
-        while True:
-            start = "-" if after is None else "(" + after
-            members = await self._call(
-                "ZRANGE",
-                lambda c, start=start: c.zrange(
-                    self._ids_key, start, "+", sortby=coredis.PureToken.BYLEX, offset=0, count=limit
-                ),
-                retry=True,
-            )
-            ids = [member.decode() for member in members]
-            found = await self.load(ids)
-            for sid in ids:
-                session = found.get(sid)
-                if session is not None and not session.expired_at(now_ms):
-                    page.append(session)
-                    if len(page) == limit:
-                        return page, sid
-            if len(ids) < limit:
-                return page, None
-            after = ids[-1]
-
-    async def expired(self, now_ms: int, limit: int) -> list[str]:
-        """Up to ``limit`` ids of sessions expired at ``now_ms``, soonest expired first."""
-        check_limit(limit)
+    async def _expired_in(self, bucket: Bucket, now_ms: int, limit: int) -> list[tuple[int, str]]:
         members = await self._call(
             "ZRANGE",
             lambda c: c.zrange(
-                self._expiry_key,
+                bucket.expiry,
                 "-inf",
                 f"({now_ms}",
                 sortby=coredis.PureToken.BYSCORE,
                 offset=0,
                 count=limit,
+                withscores=True,
             ),
             retry=True,
         )
-        return [member.decode() for member in members]
+        return [(int(score), member.decode()) for member, score in members]
 
-    async def load_mark(self) -> int:
-        """The clock high-water mark (the highest Mark any store committed here), 0 if none."""
-        value = await self._call("GET", lambda c: c.get(self._mark_key), retry=True)
-        return 0 if value is None else int(value)
+    def _parse_cursor(self, cursor: str | None) -> tuple[int, str | None]:
+        """The bucket to resume in and the id to resume after (None: the bucket's start)."""
+        if cursor is None:
+            return 0, None
+        index, sep, after = cursor.partition(":")
+        if sep and index.isdigit() and int(index) < self.buckets and after:
+            return int(index), after
+        raise StoreError(f"not a redis store scan cursor: {cursor!r:.80}")
 
-    async def count(self, now_ms: int) -> int:
-        """The number of live sessions at ``now_ms``, from the two indexes."""
-        script = self._count_script
-        return int(
-            await self._call(
-                "count",
-                lambda c: script(keys=[self._ids_key, self._expiry_key], args=[now_ms], client=c),
-                retry=True,
-            )
+    # -- the client ----------------------------------------------------------------------------
+
+    def _client_factory(self) -> _Client:
+        """The client this URL needs, for the system task to enter (see "coredis and Trio")."""
+        # Retrying a command whose reply was lost could apply a commit twice; the store
+        # decides itself what is safe to retry.
+        managers = clients_for(
+            self.target,
+            connect_timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            retry_policy=NoRetryPolicy(),
         )
-
-    # -- internals ---------------------------------------------------------------------------
-
-    async def _check_exists(self) -> None:
-        """StoreError unless a service kept sessions under the prefix (an index or a mark)."""
-        keys = [self._ids_key, self._mark_key]
-        if not await self._call("EXISTS", lambda c: c.exists(keys), retry=True):
-            raise StoreError(
-                f"no redis store at {self._where} under prefix {self.prefix!r}: no session "
-                "was ever kept there (check --url and --prefix)"
-            )
-
-    def _key(self, session_id: str) -> str:
-        return self._session_prefix + session_id
+        if self.target.kind != "sentinel":
+            return _Client(managers)
+        sentinel, primary = managers
+        watch = FailoverWatch(self.target.service, primary.connection_pool.disconnect)
+        self._watch = watch
+        return _Client(managers, functools.partial(watch.run, sentinel.sentinels))
 
     async def _own_client(
-        self,
-        client: coredis.Redis[bytes],
-        ready: trio.Event,
-        closing: trio.Event,
-        closed: trio.Event,
+        self, client: _Client, ready: trio.Event, closing: trio.Event, closed: trio.Event
     ) -> None:
         try:
-            async with client:
-                self._client = client
-                ready.set()
-                await closing.wait()
-        except Exception:
-            # An exception out of a system task would crash the whole Trio run: report it
-            # here; the store's calls fail with StoreError from now on.
-            log.exception("the Redis client of %r stopped", self)
+            async with contextlib.AsyncExitStack() as stack:
+                for manager in client.managers:
+                    await stack.enter_async_context(manager)
+                async with trio.open_nursery() as nursery:
+                    if client.follow is not None:
+                        nursery.start_soon(client.follow)
+                    self._client = client.managers[-1]
+                    ready.set()
+                    await closing.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # An exception out of a system task would crash the whole Trio run: keep it for
+            # open, or report it here; the store's calls fail with StoreError from now on.
+            if ready.is_set():
+                log.error("the Redis client of %r stopped: %s", self, leaf(exc))
+            else:
+                self._start_error = leaf(exc)
         finally:
             self._client = None
             ready.set()
             closed.set()
 
-    async def _call(
-        self, what: str, command: Callable[[coredis.Redis[bytes]], Awaitable[T]], *, retry: bool
-    ) -> T:
+    async def _start_failure(self) -> StoreError:
+        """The StoreError for a client that could not start (a cluster that cannot be found)."""
+        error = self._start_error
+        if self.target.kind == "cluster":
+            for host, port in self.target.nodes:
+                if await _cluster_enabled(host, port, self.connect_timeout) is False:
+                    return StoreError(
+                        f"Redis at {host}:{port} is a single server, not a cluster node "
+                        f"({self._where}): use redis://{host}:{port}/0 (or redis+sentinel://)"
+                    )
+        return StoreError(f"cannot open the redis store at {self._where}: {error}")
+
+    async def _check_exists(self) -> None:
+        """StoreError unless sessions were ever kept under the prefix: its clock mark, or an
+        id index (a store filled by ``migrate`` has no mark). One key at a time: on a
+        cluster they live in different slots."""
+        for key in (self._mark_key, *(bucket.ids for bucket in self._buckets)):
+            if await self._call("EXISTS", lambda c, key=key: c.exists([key]), retry=True):
+                return
+        raise StoreError(
+            f"no redis store at {self._where} under prefix {self.prefix!r}: no session was "
+            "ever kept there (check --url and --prefix)"
+        )
+
+    async def _check_form(self) -> None:
+        """Refuse a URL whose form does not match what answers (see "Failures")."""
+        if self.target.kind == "cluster":
+            await self._check_layout()
+            return
+        try:
+            enabled = await self._call("INFO", lambda c: c.info("cluster"), retry=True)
+        except StoreError as exc:
+            if "cluster mode" in str(exc):  # SELECT is not allowed in cluster mode
+                raise self._wrong_form() from None
+            raise
+        if enabled.get("cluster_enabled") == 1:
+            raise self._wrong_form()
+
+    def _wrong_form(self) -> StoreError:
+        parts = urlsplit(self.target.url)
+        hosts = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else "HOST:PORT"
+        return StoreError(
+            f"Redis at {self._where} is a Redis Cluster node: use "
+            f"redis+cluster://{hosts}[,HOST:PORT...] (seed nodes), not a single-server URL"
+        )
+
+    async def _check_layout(self, *, record: bool = False) -> None:
+        """Check this cluster store's bucket count against the one its data was written with;
+        with ``record``, record it first if there is none (before the first commit: opening
+        writes nothing, so a store only read never leaves a key behind)."""
+        key, layout = self._layout_key, f"buckets={self.buckets}"
+        if record:
+            await self._call(
+                "SET", lambda c: c.set(key, layout, condition=coredis.PureToken.NX), retry=True
+            )
+        stored = await self._call("GET", lambda c: c.get(key), retry=True)
+        if stored is not None and stored.decode() != layout:
+            raise StoreError(
+                f"the sessions under {self.prefix!r} at {self._where} are laid out with "
+                f"{stored.decode()}, not {layout}: every service on them needs the same buckets"
+            )
+        self._layout_recorded = stored is not None
+
+    async def _call(self, what: str, command: Callable[[Any], Awaitable[T]], *, retry: bool) -> T:
         """Run ``command(client)``, mapping failures to the service's errors.
 
         With ``retry``, a dropped connection is retried once: a pooled connection that died
@@ -497,7 +757,7 @@ class RedisStore:
                 error = exc
         raise ServiceUnavailable(f"Redis at {self._where} is unreachable ({error})") from None
 
-    async def _send(self, what: str, command: Callable[[coredis.Redis[bytes]], Awaitable[T]]) -> T:
+    async def _send(self, what: str, command: Callable[[Any], Awaitable[T]]) -> T:
         client = self._client
         if client is None:
             raise StoreError(f"{self!r} is not open (or its client stopped)")
@@ -513,8 +773,108 @@ class RedisStore:
         except (TimeoutError, OSError) as exc:
             raise ServiceUnavailable(f"Redis at {self._where} is unreachable ({exc})") from None
         except RedisError as exc:
-            raise StoreError(f"Redis at {self._where} failed {what}: {exc}") from None
+            raise self._error(what, exc) from None
+
+    def _error(self, what: str, exc: RedisError) -> SessionError:
+        """The service's error for a Redis error reply (see "Failures")."""
+        text = str(exc)
+        kind = self.target.kind
+        if isinstance(exc, ReplicationError):
+            return ServiceUnavailable(
+                f"Redis at {self._where} applied {what} but fewer than {self.wait_replicas} "
+                f"replicas confirmed it within {self.wait_timeout:g} s: a failover may lose it"
+            )
+        if isinstance(exc, RedisClusterError) or text.startswith(_CLUSTER_REPLIES):
+            if kind != "cluster":
+                return self._wrong_form()
+            if isinstance(exc, ClusterCrossSlotError):  # a bug: the store keeps to one slot
+                return StoreError(f"Redis Cluster at {self._where} refused {what}: {text}")
+            # A slot without a master, redirections that did not settle: a failover.
+            return ServiceUnavailable(f"Redis Cluster at {self._where} is failing over: {text}")
+        if isinstance(exc, SentinelError):
+            return ServiceUnavailable(f"no primary for Redis at {self._where} now: {text}")
+        if text.startswith("READONLY"):
+            if kind == "sentinel":  # the primary was just demoted: a failover is under way
+                return ServiceUnavailable(f"Redis at {self._where} is failing over: {text}")
+            return StoreError(
+                f"Redis at {self._where} is a read-only replica: point the URL at the primary, "
+                f"or use redis+sentinel:// to follow it ({text})"
+            )
+        if text.startswith("OOM"):
+            return StoreError(
+                f"Redis at {self._where} is full (maxmemory reached; with maxmemory-policy "
+                f"noeviction nothing stored was lost): {what} refused"
+            )
+        if "unknown command" in text.lower() and "sentinel" in text.lower():
+            return StoreError(f"{self._where} names a Redis that is not a Sentinel: {text}")
+        return StoreError(f"Redis at {self._where} failed {what}: {text}")
+
+
+async def _cluster_enabled(host: str, port: int, timeout: float) -> bool | None:
+    """Whether the Redis at host:port runs in cluster mode; None if it does not answer."""
+    try:
+        with trio.fail_after(timeout + 1):
+            async with coredis.Redis(
+                host, port, connect_timeout=timeout, stream_timeout=timeout
+            ) as client:
+                return (await client.info("cluster")).get("cluster_enabled") == 1
+    except Exception:  # anything at all: this only picks the message of another error
+        return None
+
+
+def _settings(
+    target: RedisTarget,
+    prefix: str,
+    buckets: int | None,
+    wait_replicas: int | None,
+    wait_timeout: float | None,
+) -> dict[str, Any]:
+    """The store's settings from its arguments and the URL's query; ValueError if wrong."""
+    cluster = target.kind == "cluster"
+    settings = {
+        "buckets": CLUSTER_BUCKETS if cluster else 1,
+        "wait_replicas": 0,
+        "wait_timeout": 1.0,
+        **target.settings,
+    }
+    given = {"buckets": buckets, "wait_replicas": wait_replicas, "wait_timeout": wait_timeout}
+    for name, value in given.items():
+        if value is not None:
+            if name in target.settings and target.settings[name] != value:
+                raise ValueError(
+                    f"{name} is {value!r} here and {target.settings[name]!r} in the URL"
+                )
+            settings[name] = value
+    if not 1 <= settings["buckets"] <= SLOTS:
+        raise ValueError(f"buckets is between 1 and {SLOTS}, got {settings['buckets']}")
+    if cluster and ("{" in prefix or "}" in prefix):
+        raise ValueError(
+            f"a cluster store's prefix must not hold a hash tag ({prefix!r}): the store "
+            "spreads its buckets over the cluster with tags of its own"
+        )
+    if settings["wait_replicas"] < 0 or settings["wait_timeout"] <= 0:
+        raise ValueError("wait_replicas must not be negative, wait_timeout must be positive")
+    return settings
+
+
+def _all(results: Sequence[T | SessionError]) -> list[T]:
+    """``results``, or the first error among them raised: for calls that need every bucket."""
+    for result in results:
+        if isinstance(result, SessionError):
+            raise result
+    return list(results)  # type: ignore[arg-type]
+
+
+def _decoded(ids: list[str], records: Sequence[bytes | None]) -> dict[str, Session]:
+    return {
+        sid: decode_session(record)
+        for sid, record in zip(ids, records, strict=True)
+        if record is not None
+    }
 
 
 def _or_empty(value: int | None) -> int | str:
     return "" if value is None else value
+
+
+__all__ = ["CLUSTER_BUCKETS", "RedisStore", "bucket_tags", "redact_url"]

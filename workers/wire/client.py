@@ -1,4 +1,5 @@
-"""Clients of the daemon: :func:`connect` for Trio code, :class:`SyncClient` for the rest.
+"""Clients of the daemon: :func:`connect` for async code (Trio or asyncio), :class:`SyncClient`
+for the rest.
 
 ::
 
@@ -21,11 +22,15 @@ classes. What differs is what the wire forces:
   may not have been applied. The next call reconnects (and authenticates again), retrying with
   exponential backoff for up to ``reconnect_timeout`` seconds before it raises
   ``ServiceUnavailable`` in turn. Calls are never retried behind the caller's back.
+* Nothing waits forever: ``timeout`` (30 s by default) bounds every call and every attempt to
+  connect. A daemon that does not answer in time (stopped, wedged, or behind a dead network)
+  costs the call a ``ServiceUnavailable``, and the connection is dropped.
 * Arguments msgpack cannot carry raise ``InvalidMetadata`` before anything is sent, and a
   request above ``max_message_size`` raises ``InvalidRequest``.
 
-The async client is pipelined: any number of tasks may call it at once over its one
-connection, and each gets its own answer as soon as the daemon has it. ``SyncClient`` sends
+The async client is written on anyio, so it runs under Trio and under asyncio (FastAPI,
+Starlette, the MCP SDK) alike. It is pipelined: any number of tasks may call it at once over its
+one connection, and each gets its own answer as soon as the daemon has it. ``SyncClient`` sends
 one request at a time (a lock makes it safe to share between threads).
 """
 
@@ -39,7 +44,9 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
-import trio
+import anyio
+import anyio.abc
+from anyio.abc import TaskGroup, TaskStatus
 
 from ..core.api import METHODS, PAGE_SIZE, REQUIRED, Method
 from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
@@ -59,11 +66,13 @@ from .protocol import (
     Role,
     decode_error,
 )
-from .transport import RECEIVE_SIZE, Outbox, open_stream
+from .transport import RECEIVE_SIZE
 
 #: Reconnection backoff: first delay, and the cap the doubling stops at (seconds).
 BACKOFF_FIRST = 0.02
 BACKOFF_MAX = 1.0
+#: Seconds a call (or an attempt to connect) may take before ServiceUnavailable.
+DEFAULT_TIMEOUT = 30.0
 
 #: A request a client method plans: the method and its wire parameters.
 Plan = Generator[tuple[Method, list[Any]], Any, Any]
@@ -180,48 +189,77 @@ class _Reply:
     __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = anyio.Event()
         self.result: Any = None
         self.error: SessionError | None = None
 
 
-class _Link:
-    """One connection of an async client: a reader task, a writer task, replies by msgid."""
+async def _open_stream(address: Address, timeout: float) -> anyio.abc.ByteStream:
+    """Connect to the daemon at ``address``; OSError (TimeoutError after ``timeout`` seconds)
+    when nothing answers there."""
+    with anyio.fail_after(timeout):
+        if address.scheme == "unix":
+            return await anyio.connect_unix(address.path)
+        return await anyio.connect_tcp(address.host, address.port)  # sets TCP_NODELAY
 
-    def __init__(self, stream: trio.SocketStream, max_message_size: int) -> None:
+
+class _Link:
+    """One connection of an async client: a reader task, a writer task, replies by msgid.
+
+    Requests from any number of tasks are queued and sent by the one writer task, so a burst of
+    pipelined calls costs one ``send``; a caller that gives up never interrupts a write half way.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteStream, max_message_size: int) -> None:
         self.stream = stream
         self.protocol = Connection(Role.CLIENT, max_message_size=max_message_size)
-        self.outbox = Outbox(stream)
         self.pending: dict[int, _Reply] = {}
         self.open = True
         self.reason = "the connection to the daemon closed"
-        self._scope = trio.CancelScope()
+        self._scope = anyio.CancelScope()
+        self._queued = bytearray()
+        self._queued_event = anyio.Event()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with self._scope:
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.outbox.run)
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._write)
                     task_status.started()
                     await self._read()
-                    nursery.cancel_scope.cancel()
+                    tasks.cancel_scope.cancel()
             finally:
                 self.open = False
                 for reply in self.pending.values():
                     reply.error = _lost(self.reason)
                     reply.done.set()
                 self.pending.clear()
-                await trio.aclose_forcefully(self.stream)
+                await anyio.aclose_forcefully(self.stream)
 
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        if reason is not None and self.open:
+            self.reason = reason
         self.open = False
         self._scope.cancel()
+
+    async def _write(self) -> None:
+        while True:
+            await self._queued_event.wait()
+            self._queued_event = anyio.Event()
+            data, self._queued = bytes(self._queued), bytearray()
+            try:
+                await self.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self.close(f"the connection to the daemon broke ({exc})")
+                return
 
     async def _read(self) -> None:
         while True:
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                data = await self.stream.receive(RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                data = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 self.reason = f"the connection to the daemon broke ({exc})"
                 return
             self.protocol.receive_data(data)
@@ -246,18 +284,27 @@ class _Link:
                     return
                 # InvalidMessage: the late answer to a call its caller gave up on.
 
-    async def call(self, method: Method, params: Sequence[Any]) -> Any:
+    async def call(self, method: Method, params: Sequence[Any], timeout: float) -> Any:
+        """Send one request and wait for its answer, at most ``timeout`` seconds.
+
+        When the daemon does not answer in time the connection is dropped (a daemon that is
+        stopped or wedged would hold every later call too) and ServiceUnavailable is raised.
+        """
         if not self.open:
             raise _lost(self.reason)
         msgid, data = _encode_request(self.protocol, method, params)
         reply = self.pending[msgid] = _Reply()
-        self.outbox.send(data)
+        self._queued += data
+        self._queued_event.set()
         try:
-            await reply.done.wait()
-        except BaseException:
-            if self.pending.pop(msgid, None) is not None:
+            with anyio.move_on_after(timeout):
+                await reply.done.wait()
+        finally:
+            if self.pending.pop(msgid, None) is not None:  # cancelled, or out of time
                 self.protocol.forget(msgid)
-            raise
+        if not reply.done.is_set():
+            self.close(f"the daemon did not answer {method.name} within {timeout} s")
+            raise _lost(f"{self.reason}; the connection was dropped")
         if reply.error is not None:
             raise reply.error
         return method.decode_result(reply.result)
@@ -272,26 +319,28 @@ class Client(_TableMethods):
     def __init__(
         self,
         address: Address,
-        nursery: trio.Nursery,
+        task_group: TaskGroup,
         *,
         token: str | None,
+        timeout: float,
         reconnect_timeout: float,
         max_message_size: int,
     ) -> None:
         self.address = address
-        self._nursery = nursery
+        self._task_group = task_group
         self._token = token
+        self._timeout = _positive("timeout", timeout)
         self._reconnect_timeout = reconnect_timeout
         self._max_message_size = max_message_size
         self._link: _Link | None = None
-        self._connecting = trio.Lock()
+        self._connecting = anyio.Lock()
         self._closed = False
 
     async def _call(self, method: Method, params: list[Any]) -> Any:
         link = self._link
         if link is None or not link.open:
             link = await self._reconnect()
-        return await link.call(method, params)
+        return await link.call(method, params, self._timeout)
 
     async def _drive(self, plan: Plan) -> Any:
         try:
@@ -307,25 +356,25 @@ class Client(_TableMethods):
                 return self._link  # another task reconnected meanwhile
             if self._closed:
                 raise ServiceUnavailable("the client is closed")
-            deadline = trio.current_time() + self._reconnect_timeout
+            deadline = anyio.current_time() + self._reconnect_timeout
             delay = BACKOFF_FIRST
             while True:
                 try:
                     self._link = await self._open_link()
                     return self._link
                 except (OSError, ServiceUnavailable) as exc:
-                    if trio.current_time() + delay > deadline:
+                    if anyio.current_time() + delay > deadline:
                         raise ServiceUnavailable(
                             f"cannot reach the daemon at {self.address}: {exc}"
                         ) from None
-                await trio.sleep(delay)
+                await anyio.sleep(delay)
                 delay = min(2 * delay, BACKOFF_MAX)
 
     async def _open_link(self) -> _Link:
-        link = _Link(await open_stream(self.address), self._max_message_size)
-        await self._nursery.start(link.run)
+        link = _Link(await _open_stream(self.address, self._timeout), self._max_message_size)
+        await self._task_group.start(link.run)
         try:
-            await link.call(METHODS["auth"], [self._token])
+            await link.call(METHODS["auth"], [self._token], self._timeout)
         except BaseException:
             link.close()
             raise
@@ -343,41 +392,58 @@ async def connect(
     address: str,
     *,
     token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
     reconnect_timeout: float = 5.0,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    lazy: bool = False,
     client_class: type[Client] = Client,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon at ``address`` (``tcp://HOST:PORT`` or ``unix:///path``).
 
-    Raises ``ServiceUnavailable`` when the daemon cannot be reached within
-    ``reconnect_timeout`` seconds, ``AuthenticationFailed`` for a wrong or missing token.
-    ``client_class`` may be a subclass of :class:`Client` with a ``methods`` table of its own,
-    for a daemon that answers more methods than this release's table.
+    Works under Trio and asyncio (it is written on anyio). ``timeout`` bounds each call, and
+    each attempt to connect: a daemon that does not answer within it costs the call a
+    ``ServiceUnavailable`` and drops the connection (the next call opens a new one). Raises
+    ``ServiceUnavailable`` when the daemon cannot be reached within ``reconnect_timeout``
+    seconds, ``AuthenticationFailed`` for a wrong or missing token. With ``lazy=True`` nothing
+    is connected until the first call, so a daemon that is down when the block is entered
+    makes calls fail (and retry on the next one) instead of the ``async with``: what a server
+    that starts before its daemon needs. ``client_class`` may be a subclass of :class:`Client`
+    with a ``methods`` table of its own, for a daemon that answers more methods than this
+    release's table.
     """
     try:
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as task_group:
             client = client_class(
                 parse_address(address),
-                nursery,
+                task_group,
                 token=token,
+                timeout=timeout,
                 reconnect_timeout=reconnect_timeout,
                 max_message_size=max_message_size,
             )
             try:
-                await client._reconnect()
+                if not lazy:
+                    await client._reconnect()
                 yield client
             finally:
                 await client.aclose()
-    except BaseExceptionGroup as group:  # the caller's own error, not wrapped by our nursery
+    except BaseExceptionGroup as group:  # the caller's own error, not wrapped by our tasks
         raise _unwrap(group) from None
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} is a positive number of seconds, got {value!r}")
+    return value
 
 
 class SyncClient(_TableMethods):
     """A blocking client of the daemon, for code that is not async; use it as ``with``.
 
     It has the methods of :class:`Client` (see the module docstring), as plain functions.
-    ``timeout`` bounds each call; a call that times out raises ``ServiceUnavailable`` and
-    drops the connection.
+    ``timeout`` bounds each call (from sending the request to the last byte of its answer) and
+    each attempt to connect; a call that times out raises ``ServiceUnavailable`` and drops the
+    connection.
     """
 
     def __init__(
@@ -385,13 +451,13 @@ class SyncClient(_TableMethods):
         address: str,
         *,
         token: str | None = None,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
         reconnect_timeout: float = 5.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.address = parse_address(address)
         self._token = token
-        self._timeout = timeout
+        self._timeout = _positive("timeout", timeout)
         self._reconnect_timeout = reconnect_timeout
         self._max_message_size = max_message_size
         self._sock: socket.socket | None = None
@@ -459,22 +525,31 @@ class SyncClient(_TableMethods):
         return sock
 
     def _exchange(self, method: Method, params: Sequence[Any]) -> Any:
-        """Send one request and wait for its answer; ServiceUnavailable if the link fails."""
-        assert self._sock is not None
+        """Send one request and wait for its answer, at most ``timeout`` seconds in all;
+        ServiceUnavailable (and the connection dropped) if the link fails or time runs out."""
+        sock = self._sock
+        assert sock is not None
         msgid, data = _encode_request(self._protocol, method, params)
+        deadline = time.monotonic() + self._timeout
         reason = "the connection to the daemon closed"
         try:
-            self._sock.sendall(data)
+            sock.settimeout(self._timeout)
+            sock.sendall(data)
             while True:
                 event: Event | object = self._protocol.next_event()
                 if event is NEED_DATA:
-                    self._protocol.receive_data(self._sock.recv(RECEIVE_SIZE))
+                    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    self._protocol.receive_data(sock.recv(RECEIVE_SIZE))
                 elif isinstance(event, Response) and event.msgid == msgid:
                     break
                 elif isinstance(event, Notification):
                     reason = _notified_reason(event) or reason
                 elif isinstance(event, ConnectionClosed):
                     raise ConnectionError(reason)
+        except TimeoutError:
+            self._drop()
+            why = f"the daemon did not answer {method.name} within {self._timeout} s"
+            raise _lost(f"{why}; the connection was dropped") from None
         except (OSError, RemoteProtocolError) as exc:
             self._drop()
             raise _lost(f"{reason} ({exc})" if str(exc) != reason else reason) from None
