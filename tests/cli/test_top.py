@@ -129,20 +129,23 @@ def test_top_shows_the_tree_restarts_and_rates_and_quits_on_q(
         assert row(screen, "cleanup")[1:3] == ["running", "1"]
         assert re.search(r"requests [1-9][\d.]*/s", screen)
         assert re.search(r"MANAGER mailbox \d+ +batches [\d.]+/s", screen)
-        terminal.keys("q")
-        screen = terminal.wait_for(lambda s: "TOP-EXITED=" in s)
-        assert "TOP-EXITED=0" in screen and "Traceback" not in screen
+        quits(terminal, "q")
     finally:
         terminal.close()
+
+
+def quits(terminal: Tmux, key: str) -> None:
+    """``key`` ends the view: it exits 0, without a traceback."""
+    terminal.keys(key)
+    screen = terminal.wait_for(lambda s: "TOP-EXITED=" in s)
+    assert "TOP-EXITED=0" in screen and "Traceback" not in screen
 
 
 def test_top_quits_on_ctrl_c(daemon: DaemonProcess, tmp_path: Path) -> None:
     terminal = Tmux(top(daemon), tmp_path)
     try:
         terminal.wait_for(lambda s: "TREE sessions-" in s)
-        terminal.keys("C-c")
-        screen = terminal.wait_for(lambda s: "TOP-EXITED=" in s)
-        assert "TOP-EXITED=0" in screen and "Traceback" not in screen
+        quits(terminal, "C-c")
     finally:
         terminal.close()
 

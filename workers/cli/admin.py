@@ -541,29 +541,30 @@ def _report(report: dict[str, Any], args: argparse.Namespace, out: IO[str]) -> N
 # -- command line ----------------------------------------------------------------------------
 
 
-def _list_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=positive_int, help="show at most N sessions")
+def _add_match(
+    parser: argparse.ArgumentParser, name: str, what: str, more: str = "", **options: Any
+) -> None:
+    """A ``KEY=VALUE`` argument (see :func:`match`)."""
     parser.add_argument(
-        "--where",
-        action="append",
+        name,
         type=match,
         metavar="KEY=VALUE",
-        help="only sessions whose metadata KEY is the string VALUE (KEY:=JSON for other "
-        "values, e.g. age:=42); repeat to require several",
+        help=f"{what} whose metadata KEY is the string VALUE (KEY:=JSON for other values, "
+        f"e.g. age:=42){more}",
+        **options,
     )
+
+
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=positive_int, help="show at most N sessions")
+    _add_match(parser, "--where", "only sessions", "; repeat to require several", action="append")
     parser.add_argument(
         "--count-only", action="store_true", help="print only how many sessions there are"
     )
 
 
 def _delete_where_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "match",
-        type=match,
-        metavar="KEY=VALUE",
-        help="delete the sessions whose metadata KEY is the string VALUE (KEY:=JSON for other "
-        "values)",
-    )
+    _add_match(parser, "match", "delete the sessions")
     parser.add_argument(
         "--dry-run", action="store_true", help="only count the sessions that would go"
     )
