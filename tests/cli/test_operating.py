@@ -137,6 +137,14 @@ def test_start_failures_are_one_line_naming_the_cause(tmp_path: Path) -> None:
         cases = {
             "port in use": (["--port", str(port)], f"cannot listen on tcp://127.0.0.1:{port}: "),
             "path is a file": (["--path", "afile"], "afile is a file, not a directory"),
+            "socket is a file": (
+                ["--unix", str(tmp_path / "afile")],
+                "a file that is not a socket is in the way",
+            ),
+            "socket directory missing": (
+                ["--unix", str(tmp_path / "no" / "s.sock")],
+                "the socket's directory does not exist",
+            ),
             "store locked": (
                 ["--path", str(holder.store_path)],
                 f"locked by another owner (pid {holder.process.pid})",

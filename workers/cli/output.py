@@ -87,7 +87,7 @@ def _expected(exc: BaseException) -> bool:
 
 
 #: What to say about a socket error, by errno: the cause, and what to do.
-_OS_REASONS = {
+_OS_REASONS: dict[int, str] = {
     errno.ECONNREFUSED: "connection refused: nothing listens there (is sessiond running?)",
     errno.ENOENT: "no such socket file (is sessiond running?)",
     errno.EADDRINUSE: "the address is in use (another sessiond? stop it or choose another port)",
@@ -99,10 +99,19 @@ _OS_REASONS = {
 }
 
 
-def os_reason(exc: BaseException) -> str:
-    """Why a connect or a bind failed, in words an operator can act on. Searches the
-    exception groups and the ``raise ... from`` chains Trio and the client build around the
-    real error; the message of ``exc`` itself when none is known."""
+#: The same when listening, where some errors mean something else.
+_LISTEN_REASONS = {
+    **_OS_REASONS,
+    errno.ENOENT: "the socket's directory does not exist",
+    errno.EEXIST: "a file that is not a socket is in the way",
+}
+
+
+def os_reason(exc: BaseException, *, listening: bool = False) -> str:
+    """Why a connect (or, ``listening``, a bind) failed, in words an operator can act on.
+    Searches the exception groups and the ``raise ... from`` chains Trio and the client build
+    around the real error; the message of ``exc`` itself when none is known."""
+    reasons = _LISTEN_REASONS if listening else _OS_REASONS
     seen: set[int] = set()
     pending = [exc]
     while pending:
@@ -112,11 +121,13 @@ def os_reason(exc: BaseException) -> str:
         seen.add(id(current))
         if isinstance(current, socket.gaierror):
             return f"cannot resolve the host name ({one_line(str(current.strerror or current))})"
-        if isinstance(current, OSError) and current.errno in _OS_REASONS:
-            return _OS_REASONS[current.errno]
+        if isinstance(current, OSError) and current.errno in reasons:
+            return reasons[current.errno]
         if isinstance(current, BaseExceptionGroup):
             pending += current.exceptions
         pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+    if isinstance(exc, OSError) and exc.strerror:
+        return one_line(exc.strerror)  # without the "[Errno N]" in front
     return one_line(str(exc))
 
 

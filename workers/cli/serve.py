@@ -115,10 +115,11 @@ def start_failure(settings: Settings, exc: StartError) -> str:
     cause = exc.cause
     if exc.child_id == "listener" and isinstance(cause, OSError):
         where = ", ".join(str(a) for a in settings.addresses())
-        return f"cannot listen on {where}: {os_reason(cause)}"
+        return f"cannot listen on {where}: {os_reason(cause, listening=True)}"
     if exc.child_id == "metrics" and isinstance(cause, OSError):
         where = f"{settings.metrics_host}:{settings.metrics_port}"
-        return f"cannot serve metrics on {where} (--metrics-port): {os_reason(cause)}"
+        reason = os_reason(cause, listening=True)
+        return f"cannot serve metrics on {where} (--metrics-port): {reason}"
     return f"cannot start the {exc.child_id}: {type(cause).__name__}: {cause}"
 
 
