@@ -103,6 +103,12 @@ def families(figures: dict[str, Any], tree: dict[str, Any] | None = None) -> Ite
     yield _labelled_counter(
         f"{ns}_store_errors", "Store failures by error.", "error", figures["store_errors"]
     )
+    if "store_warnings" in figures:
+        yield CounterMetricFamily(
+            f"{ns}_store_warnings",
+            "Reads answered although the store refused to write their access time.",
+            figures["store_warnings"],
+        )
     yield _labelled_counter(
         f"{ns}_restarts", "Restarts by child of the tree.", "child", figures["restarts_by_child"]
     )
