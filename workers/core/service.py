@@ -46,7 +46,13 @@ from supervisor import (
 )
 
 from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
-from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
+from ..record.errors import (
+    InvalidMetadata,
+    InvalidRequest,
+    ServiceUnavailable,
+    SessionError,
+    describe,
+)
 from ..record.session import (
     DEFAULT,
     Session,
@@ -194,7 +200,7 @@ class SessionService:
         """
         entry = METHODS.get(method) if isinstance(method, str) else method
         if entry is None or entry.kind is not Kind.OPERATION:
-            raise InvalidRequest(f"{method!r:.80} is not a method that is one operation")
+            raise InvalidRequest(f"{describe(method)} is not a method that is one operation")
         build: Callable[..., Operation] = getattr(self, entry.builder)
         return build(*args)
 
@@ -299,7 +305,7 @@ class SessionService:
     ) -> tuple[list[Session], str | None]:
         """One page of live sessions and the cursor of the next page (None after the last)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {limit!r:.40}")
+            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {describe(limit)}")
         if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_LENGTH):
             raise ValueError("cursor is the string a previous page gave, or None")
         page, next_cursor = await self._call(ListPage(cursor, limit))
@@ -374,7 +380,7 @@ class SessionService:
         actor = self.actors.get(name) if isinstance(name, str) else None
         if actor is None:
             known = ", ".join(self.actors)
-            raise InvalidRequest(f"crash_actor: no actor {name!r:.80} (known: {known})")
+            raise InvalidRequest(f"crash_actor: no actor {describe(name)} (known: {known})")
         log.warning("fault injection: crashing the %s actor", name)
         try:
             await exit_actor(

@@ -97,6 +97,7 @@ from ..record.errors import (
     InvalidRequest,
     ServiceUnavailable,
     SessionError,
+    describe,
 )
 from .address import Address
 from .guard import FailureBudget, LogLimiter, peer_key
@@ -111,7 +112,6 @@ from .protocol import (
     RemoteProtocolError,
     Request,
     Role,
-    describe,
 )
 from .reactor import Reactor
 from .transport import (
