@@ -107,3 +107,100 @@ def test_the_restart_budget_reaches_the_service() -> None:
     assert (s.service_options()["intensity"], s.service_options()["period"]) == (50, 2.0)
     with pytest.raises(ConfigError, match="restart_period"):
         load_settings(env={}, overrides={"restart_period": 0.0})
+
+
+def test_the_guards_reach_the_server_limits() -> None:
+    limits = Settings().server_limits()
+    assert (limits.max_unauthenticated, limits.auth_timeout, limits.max_auth_failures) == (
+        128,
+        5.0,
+        10,
+    )
+    s = load_settings(
+        env={"SESSIOND_MAX_UNAUTHENTICATED": "16", "SESSIOND_MESSAGE_TIMEOUT": "2.5"},
+        overrides={"max_buffered_bytes": 2**24, "max_auth_failures": 3, "auth_timeout": 1.0},
+    )
+    limits = s.server_limits()
+    assert (limits.max_unauthenticated, limits.message_timeout) == (16, 2.5)
+    assert (limits.max_buffered_bytes, limits.max_auth_failures, limits.auth_timeout) == (
+        2**24,
+        3,
+        1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_unauthenticated": 0}, "max_unauthenticated is a positive integer"),
+        ({"message_timeout": 0.0}, "message_timeout is a number of seconds above 0"),
+        ({"max_buffered_bytes": 2**22}, "must hold one message in progress"),
+        ({"max_message_size": 10}, r"too small for an auth request \(16 bytes"),
+        ({"max_message_size": 200, "token": "t" * 200}, r"too small for an auth request \(21"),
+        ({"token": "t" * 4001}, "the token is 4001 bytes long; at most 4000"),
+        ({"token": " "}, "the token is empty"),
+    ],
+)
+def test_limits_that_cannot_work_are_refused_at_start(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env={}, overrides=overrides)
+
+
+def test_the_token_comes_from_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("  s3cret-token\n")
+    s = load_settings(env={"SESSIOND_TOKEN_FILE": str(token_file)})
+    assert s.token == "s3cret-token"
+    config = tmp_path / "sessiond.toml"
+    config.write_text(f'token_file = "{token_file}"\nhost = "0.0.0.0"\n')
+    assert load_settings(config, env={}).token == "s3cret-token"
+    with pytest.raises(ConfigError, match="both token and token_file"):
+        load_settings(config, env={"SESSIOND_TOKEN": "other"})
+    with pytest.raises(ConfigError, match="cannot read the token file"):
+        load_settings(env={}, overrides={"token_file": str(tmp_path / "missing")})
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings(env={"SESSIOND_TOKEN_FILE": str(token_file)})
+
+
+@pytest.mark.parametrize("value", ["", "none", "None", "  "])
+def test_an_empty_token_in_the_environment_is_an_error_not_auth_off(value: str) -> None:
+    with pytest.raises(ConfigError, match="SESSIOND_TOKEN is set but empty"):
+        load_settings(env={"SESSIOND_TOKEN": value})
+
+
+def test_a_wrongly_typed_token_is_never_shown(tmp_path: Path) -> None:
+    config = tmp_path / "sessiond.toml"
+    for value in ("9137544221", '["s3cret-9137544221"]', '{ s3cret = "9137544221" }'):
+        config.write_text(f"token = {value}\n")
+        with pytest.raises(ConfigError, match="token is str or none, got a ") as failure:
+            load_settings(config, env={})
+        assert "9137544221" not in str(failure.value)
+
+
+def test_help_prefers_the_token_file(capsys: pytest.CaptureFixture[str]) -> None:
+    from workers.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--token-file PATH file holding the shared secret" in text
+    assert "preferred to --token, as is SESSIOND_TOKEN" in text
+    assert "visible to every local user in ps" in text
+
+
+def test_a_token_file_others_can_read_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from workers.cli.serve import warn_about_loose_token_file
+
+    token_file = tmp_path / "token"
+    token_file.write_text("t\n")
+    token_file.chmod(0o600)
+    warn_about_loose_token_file(str(token_file))
+    assert not caplog.records
+    token_file.chmod(0o644)
+    warn_about_loose_token_file(str(token_file))
+    assert "has mode 0644: other users may read it" in caplog.text

@@ -129,7 +129,7 @@ def test_a_dead_address(work: Path) -> None:
 @pytest.mark.parametrize(
     ("token", "expected"),
     [
-        (None, "requires a token: give --token or set SESSIOND_TOKEN"),
+        (None, "requires a token: give --token-file (or --token) or set SESSIOND_TOKEN"),
         ("wrong", "refused the token (wrong token)"),
     ],
 )

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from workers import SessionExpired
@@ -76,8 +76,15 @@ class DaemonProcess:
     """One ``sessiond serve`` subprocess on a free loopback port and a Unix socket in
     ``workdir``."""
 
-    def __init__(self, workdir: Path, *args: str, backend: str = "disk") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        backend: str = "disk",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.preexec_fn = preexec_fn  # run in the child before it starts (resource limits)
         self.port = free_port()
         self.socket_path = workdir / "sessiond.sock"
         self.store_path = workdir / "store"
@@ -108,6 +115,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 cwd=self.workdir,
+                preexec_fn=self.preexec_fn,
             )
         if wait:
             self.wait_ready()
@@ -156,6 +164,15 @@ class DaemonProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the daemon never logged {text!r}:\n{self.log()}")
             time.sleep(0.02)
+
+    def status_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of the daemon from ``/proc/PID/status``, in KiB (``VmRSS``: resident
+        now; ``VmHWM``: the most it ever was)."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} line")
 
     def log(self) -> str:
         return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""

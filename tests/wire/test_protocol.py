@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgpack
 import pytest
 from hypothesis import given
@@ -29,7 +31,9 @@ from workers.wire.protocol import (
     Request,
     Response,
     Role,
+    _holds_at_most,
     decode_error,
+    describe,
     encode_error,
 )
 
@@ -128,9 +132,9 @@ def test_garbage_is_fatal_after_the_good_messages() -> None:
     _, good = client.send_request("ping", [])
     server.receive_data(good + b"\xc1" + good)
     assert isinstance(server.next_event(), Request)
-    assert server.broken
     with pytest.raises(RemoteProtocolError, match="not msgpack"):
         server.next_event()
+    assert server.broken
     with pytest.raises(RemoteProtocolError):  # stays broken
         server.next_event()
 
@@ -193,6 +197,181 @@ def test_duplicate_msgid_in_flight_is_invalid() -> None:
     assert first == Request(3, "ping", [])
     assert isinstance(second, InvalidMessage)
     assert second.msgid is None
+
+
+def test_a_message_in_progress_builds_nothing() -> None:
+    """Partial bytes are kept as bytes: an array of a million empty maps arriving in pieces
+    costs its bytes (twice), not the ~70 MB its maps would be in Python."""
+    _, server = pair(max_message_size=4 * 1024 * 1024)
+    body = b"\x80" * (1024 * 1024)
+    stream = b"\x94\x00\x01\xa6create\x91\xdd" + (2**20).to_bytes(4, "big") + body
+    tracemalloc.start()
+    try:
+        for pos in range(0, len(stream) - 1, 65536):
+            server.receive_data(stream[pos : min(pos + 65536, len(stream) - 1)])
+            assert server.next_event() is NEED_DATA
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert server.buffered == len(stream) - 1
+    assert held < 3 * len(stream), held
+    assert peak < 4 * len(stream), peak
+
+
+def test_a_message_holds_a_bounded_number_of_values() -> None:
+    """Past value_limit values a message is refused from its headers, before anything is built
+    (the count is by value, not by byte); it is answered, and the stream goes on."""
+    client, server = pair(max_message_size=1024 * 1024)
+    assert server.value_limit == 131072
+    dense = msgpack.packb([0, 1, "create", [[{}] * 60_000] * 3])  # 180,000 maps in 180 KB
+    fine = msgpack.packb([0, 2, "create", [[0] * 100_000]])
+    flat = msgpack.packb([0, 3, "create", [[None] * 140_000]])
+    _, ping = client.send_request("ping", [])
+    tracemalloc.start()
+    try:
+        server.receive_data(dense + fine + flat + ping)
+        got = events(server)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [type(e) for e in got] == [InvalidMessage, Request, InvalidMessage, Request]
+    assert (got[0].msgid, got[2].msgid) == (1, 3)
+    assert all("more than 131072 values" in got[i].reason for i in (0, 2))
+    assert len(got[1].params[0]) == 100_000
+    assert peak < 8 * 1024 * 1024, peak  # the bytes, and the 100,000 values that were fine
+
+
+#: msgpack values of every type and size class (the lengths that switch str8/16/32 and such).
+_any_value = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(-1e30, 1e30)  # packed as float32 too (use_single_float)
+    | st.text(max_size=40)
+    | st.binary(max_size=300)
+    | st.sampled_from(["x" * 255, "y" * 256, "z" * 65_536, b"b" * 65_536])
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=300))
+    | st.sampled_from([msgpack.ExtType(1, b"e" * n) for n in (1, 2, 4, 8, 16, 65_536)]),
+    lambda inner: (
+        st.lists(inner, max_size=20)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=20)
+        | st.lists(st.none(), min_size=16, max_size=70_000)
+    ),
+    max_leaves=50,
+)
+
+
+def _values(value: object) -> int:
+    if isinstance(value, list):
+        return len(value) + sum(_values(v) for v in value)
+    if isinstance(value, dict):
+        return 2 * len(value) + sum(_values(v) for v in value.values())
+    return 0
+
+
+@given(_any_value, st.booleans())
+def test_values_are_counted_from_the_headers_exactly(value: object, single: bool) -> None:
+    data = msgpack.packb(value, use_bin_type=True, use_single_float=single)
+    exact = _values(value)
+    assert _holds_at_most(data, exact)
+    assert not _holds_at_most(data, exact - 1) or exact == 0
+
+
+def test_the_limit_can_be_lowered_until_the_peer_authenticates() -> None:
+    client, server = pair(max_message_size=1024 * 1024)
+    server.max_message_size = 4096
+    _, auth = client.send_request("auth", ["t" * 100])
+    _, big = client.send_request("create", [{"blob": "x" * 50_000}])
+    server.receive_data(auth + big)
+    first = server.next_event()
+    assert isinstance(first, Request) and first.method == "auth"
+    server.max_message_size = 1024 * 1024  # authenticated: the full limit from now on
+    assert events(server)[0].method == "create"
+    _, server = pair(max_message_size=1024 * 1024)
+    server.max_message_size = 4096
+    server.receive_data(client.send_request("auth", ["t" * 5000])[1])
+    with pytest.raises(RemoteProtocolError, match="longer than 4096"):
+        server.next_event()
+    with pytest.raises(ValueError):
+        server.max_message_size = 8
+
+
+@pytest.mark.parametrize(
+    ("message", "msgid", "reason"),
+    [
+        (b"\x94\x00\x07\xa4ping\x91\xa2\xff\xfe", 7, "cannot be decoded"),  # not UTF-8
+        (b"\x94\x00\x07\xa4ping\x91\x81\x01\x02", 7, "cannot be decoded"),  # an int key
+        (b"\x94\x00\x07\xc4\x02\xff\xfe\x90", 7, "method: str (UTF-8)"),  # bin, not UTF-8
+        (b"\x92\x01\xa2\xff\xfe", None, "cannot be decoded"),  # not even a request
+        (b"\x93\x02\xa1x\x91\x81\x01\x02", None, "cannot be decoded"),  # a notification
+    ],
+)
+def test_well_formed_but_undecodable_messages_are_answered(
+    message: bytes, msgid: int | None, reason: str
+) -> None:
+    client, server = pair()
+    _, good = client.send_request("ping", [])
+    server.receive_data(message + good)
+    bad, request = events(server)
+    assert isinstance(bad, InvalidMessage)
+    assert (bad.msgid, reason in bad.reason) == (msgid, True), bad
+    assert isinstance(request, Request)
+    if msgid is not None:
+        assert b"InvalidRequest" in server.send_response(msgid, error=InvalidRequest(bad.reason))
+
+
+def test_method_names_sent_as_bytes_are_read_as_utf8() -> None:
+    _, server = pair()
+    old = msgpack.Packer(use_bin_type=False)  # bytes as raw: clients before the str/bin split
+    new = msgpack.Packer(use_bin_type=True)  # bytes as bin
+    server.receive_data(
+        old.pack([0, 1, b"ping", []])
+        + new.pack([0, 2, b"ping", []])
+        + new.pack([2, "caf\u00e9".encode(), [1]])
+    )
+    assert events(server) == [
+        Request(1, "ping", []),
+        Request(2, "ping", []),
+        Notification("caf\u00e9", [1]),
+    ]
+
+
+def test_nesting_past_msgpacks_limit_is_fatal() -> None:
+    _, server = pair(max_message_size=4096)
+    server.receive_data(b"\x91" * 1024 + b"\xc0" + b"\x91" * 1025 + b"\xc0")
+    assert isinstance(server.next_event(), InvalidMessage)  # 1024 deep: not a message
+    with pytest.raises(RemoteProtocolError, match="deeper than msgpack's 1024 levels"):
+        server.next_event()
+
+
+def test_a_client_gives_up_on_a_response_it_cannot_decode() -> None:
+    client, _ = pair()
+    msgid, _ = client.send_request("ping", [])
+    client.receive_data(b"\x94\x01" + bytes([msgid]) + b"\xc0\xa2\xff\xfe")
+    with pytest.raises(RemoteProtocolError, match="cannot be decoded"):
+        client.next_event()
+
+
+def test_descriptions_of_what_arrived_are_bounded() -> None:
+    huge = 4 * 1024 * 1024
+    client, server = pair(max_message_size=2 * huge)
+    _, good = client.send_request("ping", [])
+    server.receive_data(
+        msgpack.packb({"k": "x" * huge})
+        + msgpack.packb([7, "x" * huge])
+        + msgpack.packb([0, "x" * huge, "m", []])
+        + msgpack.packb([2, ["x"] * 100_000, []])
+        + good
+    )
+    *bad, request = events(server)
+    assert isinstance(request, Request)
+    assert all(isinstance(e, InvalidMessage) and len(e.reason) < 200 for e in bad), bad
+    assert describe("x" * huge) == "'" + "x" * 40 + "'... (4194304 long)"
+    assert describe(b"ab") == "b'ab'"
+    assert describe({"a": 1}) == "a map of 1"
+    assert describe(msgpack.ExtType(5, b"x" * huge)) == "ext type 5 of 4194304 bytes"
+    assert describe(2**64 - 1) == repr(2**64 - 1)
+    assert describe(object()) == "object"
 
 
 def test_client_side_checks() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -78,13 +77,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     assert d.stop() == 0, d.log()
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS line")
-
-
 def exchange(daemon: DaemonProcess, payload: bytes, authenticate: bool) -> list[Any]:
     """Send ``payload`` (after auth, maybe), close our side, and read all that comes back
     until the daemon closes the connection (a daemon that never does fails the test)."""
@@ -134,15 +126,14 @@ def bystander(daemon: DaemonProcess) -> Iterator[SyncClient]:
 
 @pytest.mark.slow
 def test_memory_stays_bounded(daemon: DaemonProcess, bystander: SyncClient) -> None:
-    assert daemon.process is not None
     nested = b"\x91" * (MAX_MESSAGE - 8) + b"\xc0"
     claims = b"\x94\x00\x01\xdb\xff\xff\xff\xff"  # a 4 GiB method name
     exchange(daemon, nested + claims, True)  # warm up
-    before = rss_kib(daemon.process.pid)
+    before = daemon.status_kib()
     for _ in range(200):
         exchange(daemon, nested, True)
         exchange(daemon, claims, True)
         exchange(daemon, b"\xdd\xff\xff\xff\xff", False)
-    after = rss_kib(daemon.process.pid)
+    after = daemon.status_kib()
     assert after - before < 20_000, (before, after)  # KiB
     assert bystander.ping() == "pong"

@@ -2,7 +2,7 @@
 check``.
 
 Each works against a running daemon (``--address``, default ``tcp://127.0.0.1:7878`` or
-``SESSIOND_ADDRESS``; ``--token`` or ``SESSIOND_TOKEN``). All but ``ping`` and ``health`` also
+``SESSIOND_ADDRESS``; ``--token-file`` or ``SESSIOND_TOKEN``). All but ``ping`` and ``health`` also
 work on a stopped store: give ``--path`` (and ``--backend`` when it is not ``disk``) or ``--url``
 (and ``--prefix``) for redis, and the verb opens the store itself; the store's single-owner
 lock refuses this while a daemon owns it. A stopped store is never made by accident: a path
@@ -321,12 +321,24 @@ def write_stats(figures: dict[str, Any], out: IO[str]) -> None:
         ],
         ["cache", f"hit rate {hit_rate} ({cache['hits']} hits, {cache['misses']} misses)"],
         ["store errors", _counts(figures["store_errors"])],
-        [
-            "connections",
-            f"{figures['connections']} open, {figures['connections_total']} in all, "
-            f"{figures['connections_refused']} refused, {figures['auth_failures']} failed auth",
-        ],
     ]
+    if "connections" in figures:  # a daemon's
+        rows.append(
+            [
+                "connections",
+                f"{figures['connections']} open ({figures['unauthenticated']} not "
+                f"authenticated), {figures['connections_accepted']} accepted, "
+                f"{figures['connections_refused']} refused, "
+                f"{figures['connections_evicted']} evicted",
+            ]
+        )
+        rows.append(
+            [
+                "refusals",
+                f"{figures['auth_failures']} failed auth, {figures['timeouts']} timed out, "
+                f"{figures['invalid_messages']} invalid messages",
+            ]
+        )
     table(rows, ["STAT", "VALUE"], out)
     methods = figures["methods"]
     if methods:

@@ -14,8 +14,15 @@ The TOML file holds the settings as top-level keys, named as the fields of :clas
     log_format = "json"
 
 An environment variable is the field's name in capitals after ``SESSIOND_``
-(``SESSIOND_PORT=7979``, ``SESSIOND_TOKEN=...``); the word ``none`` (or an empty value) unsets an
-optional setting. Unknown keys are refused, so a misspelt setting never goes unnoticed.
+(``SESSIOND_PORT=7979``, ``SESSIOND_TOKEN_FILE=...``); the word ``none`` (or an empty value)
+unsets an optional setting. Unknown keys are refused, so a misspelt setting never goes
+unnoticed.
+
+The token is a secret: give it as ``token_file`` (a file only the daemon's user can read; its
+surrounding whitespace is ignored) or ``SESSIOND_TOKEN`` rather than ``--token``, which every
+local user sees in ``ps``. An empty token, or ``SESSIOND_TOKEN`` set to an empty string or
+``none``, is refused rather than taken as "no token": a daemon without one runs only when no
+token setting is given at all. Error messages never show a token's value.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from typing import Any
 from ..record.codec import DEFAULT_MAX_METADATA_BYTES
 from ..stores import canonical_backend
 from ..wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
-from ..wire.protocol import DEFAULT_MAX_MESSAGE_SIZE
-from ..wire.server import ServerLimits
+from ..wire.protocol import DEFAULT_MAX_MESSAGE_SIZE, MIN_MESSAGE_SIZE
+from ..wire.server import HELD_COPIES, MAX_TOKEN_BYTES, ServerLimits, auth_request_size
 
 ENV_PREFIX = "SESSIOND_"
 _LIMITS = ServerLimits()
+#: Settings whose values never appear in a message.
+SECRETS = frozenset({"token"})
 
 
 class ConfigError(ValueError):
@@ -58,6 +67,8 @@ class Settings:
     tcp: bool = True
     unix: str | None = None
     token: str | None = field(default=None, repr=False)
+    #: A file holding the token (read when the settings are loaded; preferred to ``token``).
+    token_file: str | None = None
     default_ttl: float | None = 3600.0
     cleanup_interval: float = 300.0
     max_sessions: int | None = None
@@ -65,9 +76,17 @@ class Settings:
     durability: str | None = None
     on_corrupt: str | None = None
     max_connections: int = _LIMITS.max_connections
+    #: Connections of one kind (TCP, Unix) that have not authenticated yet.
+    max_unauthenticated: int = _LIMITS.max_unauthenticated
     max_in_flight: int = _LIMITS.max_in_flight
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: Memory for messages in progress all authenticated connections may hold together.
+    max_buffered_bytes: int = _LIMITS.max_buffered_bytes
     auth_timeout: float = _LIMITS.auth_timeout
+    #: Seconds a message may take to arrive in full, from its first byte.
+    message_timeout: float = _LIMITS.message_timeout
+    #: Failed authentications in a row allowed from one address (then one a second).
+    max_auth_failures: int = _LIMITS.max_auth_failures
     shutdown_grace: float = 10.0
     #: The service tree's restart budget: at most this many restarts within the period.
     restart_intensity: int = 5
@@ -103,15 +122,51 @@ class Settings:
         self.log_level = self.log_level.upper()
         if self.restart_intensity < 0 or not self.restart_period > 0:
             raise ConfigError("restart_intensity is >= 0 and restart_period is > 0 seconds")
-        for name in ("max_connections", "max_in_flight", "max_message_size"):
+        for name in (
+            "max_connections",
+            "max_unauthenticated",
+            "max_in_flight",
+            "max_message_size",
+            "max_buffered_bytes",
+            "max_auth_failures",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is a positive integer")
+        for name in ("auth_timeout", "message_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} is a number of seconds above 0")
+        if self.max_buffered_bytes < HELD_COPIES * self.max_message_size:
+            raise ConfigError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must hold one message in "
+                f"progress: at least {HELD_COPIES} x max_message_size ({self.max_message_size})"
+            )
+        self._validate_token()
         addresses = self.addresses()
         exposed = [str(a) for a in addresses if not a.is_local]
         if exposed and not self.token:
             raise ConfigError(
-                f"listening on {', '.join(exposed)} (not loopback) requires a token: "
-                "set token in the config file, SESSIOND_TOKEN or --token"
+                f"listening on {', '.join(exposed)} (not loopback) requires a token: set "
+                "token_file in the config file, SESSIOND_TOKEN_FILE, SESSIOND_TOKEN or --token-file"
+            )
+
+    def _validate_token(self) -> None:
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ConfigError("both token and token_file are set: keep one")
+            self.token = read_token_file(self.token_file)
+        if self.token is None:
+            need = auth_request_size(None)
+        else:
+            size = len(self.token.encode())
+            if not self.token.strip():
+                raise ConfigError("the token is empty: give one, or no token setting at all")
+            if size > MAX_TOKEN_BYTES:
+                raise ConfigError(f"the token is {size} bytes long; at most {MAX_TOKEN_BYTES}")
+            need = auth_request_size(self.token)
+        if self.max_message_size < max(need, MIN_MESSAGE_SIZE):
+            raise ConfigError(
+                f"max_message_size={self.max_message_size} is too small for an auth request "
+                f"({max(need, MIN_MESSAGE_SIZE)} bytes with this token)"
             )
 
     def addresses(self) -> list[Address]:
@@ -147,10 +202,26 @@ class Settings:
     def server_limits(self) -> ServerLimits:
         return ServerLimits(
             max_connections=self.max_connections,
+            max_unauthenticated=self.max_unauthenticated,
             max_in_flight=self.max_in_flight,
             max_message_size=self.max_message_size,
+            max_buffered_bytes=self.max_buffered_bytes,
             auth_timeout=self.auth_timeout,
+            message_timeout=self.message_timeout,
+            max_auth_failures=self.max_auth_failures,
         )
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token held in file ``path`` (surrounding whitespace, such as the final newline,
+    left out); ConfigError when it cannot be read or is empty."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc}") from None
+    if not token:
+        raise ConfigError(f"the token file {path} is empty")
+    return token
 
 
 _HINTS = typing.get_type_hints(Settings)
@@ -190,12 +261,18 @@ def _coerce(name: str, value: Any, source: str, text: bool) -> Any:
     """``value`` as the type of setting ``name`` (parsed, if it is ``text``), or ConfigError."""
     allowed = _types(name)
     if text:
+        if name in SECRETS and value.strip().lower() in ("", "none"):
+            raise ConfigError(
+                f"{source}: {ENV_PREFIX}{name.upper()} is set but empty (or 'none'): unset it "
+                "to run without a token"
+            )
         value = _parse(value, allowed)
     if float in allowed and type(value) is int:
         value = float(value)
     if type(value) not in allowed:
         expected = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
-        raise ConfigError(f"{source}: {name} is {expected}, got {value!r}")
+        shown = f"a {type(value).__name__}" if name in SECRETS else repr(value)
+        raise ConfigError(f"{source}: {name} is {expected}, got {shown}")
     return value
 
 

@@ -1,6 +1,6 @@
-"""How a verb reaches a running daemon: ``--address``, ``--token``, ``--timeout``, and a
-connection whose failures say plainly what went wrong (refused, no such socket, unknown host,
-a token missing or wrong)."""
+"""How a verb reaches a running daemon: ``--address``, ``--token-file`` (or ``--token``),
+``--timeout``, and a connection whose failures say plainly what went wrong (refused, no such
+socket, unknown host, a token missing or wrong)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..record.errors import AuthenticationFailed, ServiceUnavailable
 from ..wire.address import DEFAULT_ADDRESS, parse_address
 from ..wire.client import connect
 from ..wire.transport import open_stream
+from .config import read_token_file
 from .options import address, seconds
 from .output import os_reason
 
@@ -29,9 +30,14 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
         "SESSIOND_ADDRESS)",
     )
     parser.add_argument(
+        "--token-file",
+        default=os.environ.get("SESSIOND_TOKEN_FILE"),
+        help="a file holding the daemon's token (preferred, as is SESSIOND_TOKEN)",
+    )
+    parser.add_argument(
         "--token",
         default=os.environ.get("SESSIOND_TOKEN"),
-        help="the daemon's token (default SESSIOND_TOKEN)",
+        help="the daemon's token itself: visible to every local user in ps",
     )
     parser.add_argument(
         "--timeout",
@@ -44,20 +50,22 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
 @asynccontextmanager
 async def connect_daemon(args: argparse.Namespace) -> AsyncIterator[Any]:
     """:func:`connect` to ``--address`` at once (no retries), its failures said plainly."""
+    token_file = getattr(args, "token_file", None)
+    token = read_token_file(token_file) if token_file else args.token
     async with contextlib.AsyncExitStack() as stack:
         try:
             client = await stack.enter_async_context(
-                connect(args.address, token=args.token, reconnect_timeout=0)
+                connect(args.address, token=token, reconnect_timeout=0)
             )
         except AuthenticationFailed as exc:
-            if args.token is None:
+            if token is None:
                 raise AuthenticationFailed(
-                    f"the daemon at {args.address} requires a token: give --token or set "
-                    "SESSIOND_TOKEN"
+                    f"the daemon at {args.address} requires a token: give --token-file (or "
+                    "--token) or set SESSIOND_TOKEN"
                 ) from None
             raise AuthenticationFailed(
-                f"the daemon at {args.address} refused the token ({exc}): check --token or "
-                "SESSIOND_TOKEN"
+                f"the daemon at {args.address} refused the token ({exc}): check --token-file, "
+                "--token or SESSIOND_TOKEN"
             ) from None
         except ServiceUnavailable as exc:
             raise ServiceUnavailable(await unreachable(args.address, exc)) from None

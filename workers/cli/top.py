@@ -118,8 +118,9 @@ def snapshot(address: str, now: Reading, before: Reading | None) -> dict[str, An
         "restarts": figures["restarts"],
         "connections": {
             "open": figures["connections"],
-            "total": figures["connections_total"],
+            "accepted": figures["connections_accepted"],
             "refused": figures["connections_refused"],
+            "evicted": figures["connections_evicted"],
             "auth_failures": figures["auth_failures"],
         },
         "store_errors": figures["store_errors"],
@@ -179,8 +180,8 @@ def render(view: dict[str, Any], interval: float) -> list[str]:
         f"  mean size {_text(manager['mean_batch'])} (p50 {_text(manager['batch_p50'])}, "
         f"p99 {_text(manager['batch_p99'])})  inline {_text(manager['inline_per_s'])}/s  "
         f"cache hit rate {_percent(manager['cache_hit_rate'])}",
-        f"CONNECTIONS {conns['open']} open, {conns['total']} in all, {conns['refused']} refused,"
-        f" {conns['auth_failures']} failed auth"
+        f"CONNECTIONS {conns['open']} open, {conns['accepted']} accepted, {conns['refused']} "
+        f"refused, {conns['evicted']} evicted, {conns['auth_failures']} failed auth"
         + (f"  STORE ERRORS {view['store_errors']}" if view["store_errors"] else ""),
         "",
     ]

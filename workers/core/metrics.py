@@ -8,7 +8,9 @@ manager restarts) and is filled where things happen:
 * the manager: the size of each batch it runs, the requests it answered inline (a batch of
   one in the caller's task), its read cache's hits and misses, and the store's failures;
 * the supervision tree (its ``on_event`` hook): restarts per child;
-* the daemon's listener: connections open, accepted and refused, failed authentications.
+* the daemon's listener: what it refused before the service saw it (unknown methods, bad
+  arguments), and its own figures (connections, refusals, failed authentications...), which
+  it adds as a source (:meth:`Metrics.add_source`).
 
 Recording is cheap on purpose, since it runs for every request: a dict lookup, a few integer
 increments and one ``bisect`` into a fixed bucket list. Nothing is computed until someone asks:
@@ -29,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_left
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from time import perf_counter
 from typing import Any, Final
 
@@ -176,10 +178,7 @@ class Metrics:
         self.cache_misses = 0
         self.store_errors: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
-        self.connections = 0
-        self.connections_total = 0
-        self.connections_refused = 0
-        self.auth_failures = 0
+        self._sources: list[Callable[[], dict[str, Any]]] = []
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- recording (hot paths: keep these cheap) ---------------------------------------------
@@ -219,6 +218,11 @@ class Metrics:
         name = type(exc).__name__
         self.store_errors[name] = self.store_errors.get(name, 0) + 1
 
+    def add_source(self, figures: Callable[[], dict[str, Any]]) -> None:
+        """Have :meth:`snapshot` include what ``figures()`` gives (plain values, computed
+        when asked: e.g. the daemon's open connections)."""
+        self._sources.append(figures)
+
     def child_event(self, kind: str, child_id: Hashable) -> None:
         """A supervision tree event (see ``supervisor.events``): restarts are counted."""
         if kind == "restart":
@@ -240,7 +244,7 @@ class Metrics:
                 "latency": figures.latency.to_dict(1000, "_ms"),
             }
         lookups = self.cache_hits + self.cache_misses
-        return {
+        figures: dict[str, Any] = {
             "requests": sum(f.count for f in self.methods.values()),
             "errors": dict(sorted(errors.items())),
             "methods": methods,
@@ -252,11 +256,10 @@ class Metrics:
             },
             "store_errors": dict(sorted(self.store_errors.items())),
             "restarts_by_child": dict(sorted(self.restarts.items())),
-            "connections": self.connections,
-            "connections_total": self.connections_total,
-            "connections_refused": self.connections_refused,
-            "auth_failures": self.auth_failures,
         }
+        for source in self._sources:
+            figures.update(source())
+        return figures
 
 
 def _bound_label(bound: float) -> str:

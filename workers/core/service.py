@@ -52,7 +52,13 @@ from supervisor import (
 )
 
 from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
-from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
+from ..record.errors import (
+    InvalidMetadata,
+    InvalidRequest,
+    ServiceUnavailable,
+    SessionError,
+    describe,
+)
 from ..record.session import (
     DEFAULT,
     Session,
@@ -232,7 +238,7 @@ class SessionService:
         """
         entry = METHODS.get(method) if isinstance(method, str) else method
         if entry is None or entry.kind is not Kind.OPERATION:
-            raise InvalidRequest(f"{method!r:.80} is not a method that is one operation")
+            raise InvalidRequest(f"{describe(method)} is not a method that is one operation")
         build: Callable[..., Operation] = getattr(self, entry.builder)
         return build(*args)
 
@@ -344,7 +350,7 @@ class SessionService:
 
     async def _list_page(self, cursor: str | None, limit: int) -> tuple[list[Session], str | None]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {limit!r:.40}")
+            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {describe(limit)}")
         if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_LENGTH):
             raise ValueError("cursor is the string a previous page gave, or None")
         page, next_cursor = await self._call(ListPage(cursor, limit))
@@ -419,8 +425,10 @@ class SessionService:
         by class over all methods; ``batches`` (the manager's batch sizes, same form, and
         ``inline``: requests answered in the caller's task); ``cache`` (``hits``, ``misses``,
         ``hit_rate``; zero without a read cache); ``store_errors`` by class; the manager's
-        ``mailbox`` depth; and, in a daemon, ``connections`` (open), ``connections_total``,
-        ``connections_refused`` and ``auth_failures``. See :mod:`workers.core.metrics`.
+        ``mailbox`` depth; ``store_warnings``; and, in a daemon, its own: ``connections``
+        (open), ``unauthenticated``, ``buffered_bytes``, ``connections_accepted``,
+        ``connections_refused``, ``connections_evicted``, ``auth_failures``, ``timeouts`` and
+        ``invalid_messages``. See :mod:`workers.core.metrics`.
         """
         with self.telemetry.measure("metrics"):
             return self._figures()
@@ -500,7 +508,7 @@ class SessionService:
             actor = self.actors.get(name) if isinstance(name, str) else None
             if actor is None:
                 known = ", ".join(self.actors)
-                raise InvalidRequest(f"crash_actor: no actor {name!r:.80} (known: {known})")
+                raise InvalidRequest(f"crash_actor: no actor {describe(name)} (known: {known})")
             log.warning("fault injection: crashing the %s actor", name)
             try:
                 await exit_actor(

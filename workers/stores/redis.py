@@ -148,7 +148,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import NoRetryPolicy
 
 from ..record.codec import decode_session, encode_session
-from ..record.errors import ServiceUnavailable, SessionError, StoreError
+from ..record.errors import ServiceUnavailable, SessionError, StoreError, describe
 from ..record.session import Session
 from .base import (
     Delete,
@@ -629,7 +629,7 @@ class RedisStore:
         index, sep, after = cursor.partition(":")
         if sep and index.isdigit() and int(index) < self.buckets and after:
             return int(index), after
-        raise StoreError(f"not a redis store scan cursor: {cursor!r:.80}")
+        raise StoreError(f"not a redis store scan cursor: {describe(cursor)}")
 
     # -- the client ----------------------------------------------------------------------------
 

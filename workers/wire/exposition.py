@@ -125,19 +125,27 @@ def families(figures: dict[str, Any], tree: dict[str, Any] | None = None) -> Ite
         for child in tree["children"]:
             running.add_metric([child["id"]], 1 if child["running"] else 0)
         yield running
-    yield GaugeMetricFamily(f"{ns}_connections", "Open client connections.", figures["connections"])
-    yield CounterMetricFamily(
-        f"{ns}_connections_accepted", "Client connections accepted.", figures["connections_total"]
-    )
-    yield CounterMetricFamily(
-        f"{ns}_connections_refused",
-        "Connections refused (too many, or shutting down).",
-        figures["connections_refused"],
-    )
-    yield CounterMetricFamily(
-        f"{ns}_auth_failures", "Connections refused for a wrong or missing token.",
-        figures["auth_failures"],
-    )  # fmt: skip
+    if "connections" in figures:  # the daemon's own figures
+        yield from _daemon_families(figures)
+
+
+def _daemon_families(figures: dict[str, Any]) -> Iterator[Metric]:
+    ns = NAMESPACE
+    for name, doc in (
+        ("connections", "Open client connections."),
+        ("unauthenticated", "Connections that have not authenticated yet."),
+        ("buffered_bytes", "Bytes held for messages in progress."),
+    ):
+        yield GaugeMetricFamily(f"{ns}_{name}", doc, figures[name])
+    for name, doc in (
+        ("connections_accepted", "Client connections accepted."),
+        ("connections_refused", "Connections refused (too many, shutting down, no descriptors)."),
+        ("connections_evicted", "Unauthenticated connections closed for newer ones."),
+        ("auth_failures", "Authentications refused (a wrong or missing token)."),
+        ("timeouts", "Connections closed for taking too long (auth, a message)."),
+        ("invalid_messages", "Invalid messages received."),
+    ):
+        yield CounterMetricFamily(f"{ns}_{name}", doc, figures[name])
 
 
 def _buckets(histogram: dict[str, Any]) -> list[tuple[str, float]]:

@@ -138,17 +138,20 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
 
     async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close at once, without a checkpoint (so that a cancelled task can close it too)."""
         if self.socket.fileno() >= 0:
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
-        await trio.lowlevel.checkpoint()
 
 
-def raw_stream(stream: trio.SocketStream) -> RawSocketStream:
-    """Take over the socket of ``stream`` (which must not be used afterwards)."""
-    trio_socket = stream.socket
-    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
-    return RawSocketStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
+def raw_stream(sock: trio.socket.SocketType) -> RawSocketStream:
+    """Take over the connected Trio socket ``sock`` (which must not be used afterwards)."""
+    family, kind, proto = sock.family, sock.type, sock.proto
+    return RawSocketStream(socket.socket(family, kind, proto, fileno=sock.detach()))
 
 
 class Outbox:
