@@ -46,7 +46,7 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def describe(exc: BaseException) -> tuple[str, str]:
+def _name_and_message(exc: BaseException) -> tuple[str, str]:
     """The (error name, one-line message) a failure is reported with."""
     name = type(exc).__name__
     return name, one_line(str(exc)) or name
@@ -61,7 +61,7 @@ def report_failure(
     """
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    name, message = describe(exc)
+    name, message = _name_and_message(exc)
     if isinstance(exc, Failed):
         line = message
     elif _expected(exc):
