@@ -230,6 +230,13 @@ class ActorRef:
     def alive(self) -> bool:
         return self._process.alive
 
+    @property
+    def message_queue_len(self) -> int:
+        """Messages waiting in the mailbox (Erlang's ``process_info(Pid, message_queue_len)``),
+        for observers; 0 once the actor is dead."""
+        process = self._process
+        return process.queued() if process.alive else 0
+
     async def call(self, request: Any, timeout: float = DEFAULT_TIMEOUT) -> Any:
         """Send ``request`` to ``handle_call`` and return its answer.
 
@@ -372,6 +379,9 @@ class _Process:
         self.send_nowait = mailbox.send_nowait
         self.send = mailbox.send
         self.now = trio.lowlevel.current_clock().current_time
+
+    def queued(self) -> int:
+        return self._recv.statistics().current_buffer_used
 
     def post_nowait(self, message: tuple[Any, ReplySlot | None]) -> None:
         """Put ``message`` in the mailbox or raise trio.WouldBlock; it ends idleness at once

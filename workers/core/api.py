@@ -350,9 +350,33 @@ METHODS: Final[dict[str, Method]] = {
         Method("get_backend", returns="str", doc="The canonical backend name."),
         Method(
             "stats",
-            kind=Kind.SERVER,
             returns="dict[str, Any]",
-            doc="The service's figures, plus the daemon's (connections, requests, pid).",
+            doc=(
+                "Figures for operators: live ``sessions`` plus everything ``metrics`` gives "
+                "(counts, errors and latency per method, batches, cache, restarts, connections)."
+            ),
+        ),
+        Method(
+            "metrics",
+            returns="dict[str, Any]",
+            doc="The figures of ``stats`` but ``sessions``, without asking the store anything.",
+        ),
+        Method(
+            "tree",
+            returns="dict[str, Any]",
+            doc=(
+                "The supervision tree now: each child's state, restarts and last exit, and the "
+                "mailbox depth of each actor (what ``sessiond top`` shows)."
+            ),
+        ),
+        Method(
+            "health",
+            returns="dict[str, Any]",
+            doc=(
+                'Readiness: ``{"status": "ready", ...}`` once the manager runs and the store '
+                "answers a read; ``ServiceUnavailable`` or ``StoreError`` saying why not. "
+                "(``ping`` only says that the daemon answers.)"
+            ),
         ),
         Method(
             "import_sessions",

@@ -110,6 +110,7 @@ from ..stores.base import (
     write_ids,
 )
 from .cache import ReadCache
+from .metrics import Metrics
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
@@ -234,11 +235,14 @@ class SessionManager(Actor):
         settings: ManagerSettings,
         clock: ServiceClock,
         counters: ManagerCounters | None = None,
+        telemetry: Metrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
         self.counters = ManagerCounters() if counters is None else counters
+        #: The service's figures (batch sizes, inline answers, cache hits, store errors).
+        self.telemetry = Metrics() if telemetry is None else telemetry
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -313,8 +317,10 @@ class SessionManager(Actor):
                     outcomes = store.commit_now(writes)[: len(view.writes)]
                     self._marked(mark, True)
         except SessionError as exc:
+            self.telemetry.inline += 1
             return outcome.Error(exc)
         self._remember(view, outcomes)
+        self.telemetry.inline += 1
         return outcome.Value(op.finish(result, outcomes))
 
     async def handle_drained(self) -> None:
@@ -335,6 +341,7 @@ class SessionManager(Actor):
             if access_due and self.unwritten:
                 await self._write_access_times()
         except SessionError as exc:
+            self.telemetry.store_error(exc)
             log.warning(
                 "housekeeping failed (%d access times unwritten, kept for the next try): %s",
                 len(self.unwritten),
@@ -372,12 +379,17 @@ class SessionManager(Actor):
         """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
         ``view``; the ids that must be loaded from the store."""
         missing = []
+        found = 0
         for session_id in ids:
             session = self.unwritten.get(session_id) or self.cache.get(session_id)
             if session is None:
                 missing.append(session_id)
             else:
                 view.sessions[session_id] = session
+                found += 1
+        if self.cache.capacity:  # a manager without a cache has no hit rate to report
+            self.telemetry.cache_hits += found
+            self.telemetry.cache_misses += len(missing)
         return missing
 
     async def _load(self, view: View, ids: set[str], touch: set[str]) -> dict[str, SessionError]:
@@ -397,6 +409,7 @@ class SessionManager(Actor):
                 loaded = await self.store.load(missing)
         except PartialLoad as exc:
             loaded, errors = exc.found, exc.errors
+            self.telemetry.store_error(next(iter(errors.values()), exc))
         for session in loaded.values():
             self.cache.put(session)
         view.sessions.update(loaded)
@@ -416,6 +429,7 @@ class SessionManager(Actor):
         try:
             await self.store.commit([mark])
         except SessionError as exc:
+            self.telemetry.store_error(exc)
             log.warning("could not persist the clock mark: %s", exc)
             self._marked(mark, False)
         else:
@@ -457,25 +471,31 @@ class SessionManager(Actor):
     async def _run_batch(self) -> None:
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
+        self.telemetry.batches.observe(len(batch))
         limits = self.settings.limits
         view = self._view()
         if self.unwritten and any(q.op.reads_store(limits) for q in batch):
             try:
                 await self._write_access_times()
             except SessionError as exc:
-                return _fail_all(batch, exc)
+                return self._fail_all(batch, exc)
 
         ready: list[_Queued] = []
         for item in batch:
             op = item.op
             try:
                 op.prepare(view)
-                if op.reads_store(limits):
-                    await op.read(view)
             except SessionError as exc:
                 item.slot.fail(exc)
-            else:
-                ready.append(item)
+                continue
+            if op.reads_store(limits):
+                try:
+                    await op.read(view)
+                except SessionError as exc:
+                    self.telemetry.store_error(exc)
+                    item.slot.fail(exc)
+                    continue
+            ready.append(item)
         try:
             unloaded = await self._load(
                 view,
@@ -483,7 +503,7 @@ class SessionManager(Actor):
                 {i for q in ready if q.op.touches for i in q.op.ids()},
             )
         except SessionError as exc:
-            return _fail_all(ready, exc)
+            return self._fail_all(ready, exc)
 
         applied = []
         for item in ready:
@@ -560,6 +580,7 @@ class SessionManager(Actor):
                 item.slot.fail(StoreError("the session kept changing under this write; retry"))
         errors = [ok for ok in outcomes if isinstance(ok, SessionError)]
         if errors:
+            self.telemetry.store_error(errors[0])
             log.warning("store failed %d of %d writes: %s", len(errors), len(writes), errors[0])
         if refused is not None:
             self.counters.warn(refused_reads, refused)
@@ -569,6 +590,12 @@ class SessionManager(Actor):
             # load, one commit). Other requests are served meanwhile.
             n = max(item.attempts for item in retry)
             self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
+
+    def _fail_all(self, items: list[_Queued], exc: SessionError) -> None:
+        self.telemetry.store_error(exc)
+        log.warning("store failed a batch of %d requests: %s", len(items), exc)
+        for item in items:
+            item.slot.fail(_fresh(exc))
 
 
 def _lost_races(writes: list[Write], outcomes: list[bool | SessionError]) -> list[bool]:
@@ -597,9 +624,3 @@ def _fresh(exc: SessionError) -> SessionError:
     # A fresh instance per caller: one exception object raised in many tasks would collect
     # all their tracebacks.
     return type(exc)(str(exc))
-
-
-def _fail_all(items: list[_Queued], exc: SessionError) -> None:
-    log.warning("store failed a batch of %d requests: %s", len(items), exc)
-    for item in items:
-        item.slot.fail(_fresh(exc))
