@@ -11,6 +11,10 @@ It knows nothing about what it supervises. Start here:
   builds on it to crash actors on demand or on a schedule, for your tests.
 """
 
+#: Which distribution this package is (``import workers`` checks it: supervisord's package
+#: is also called ``supervisor``).
+__distribution__ = "trio-sessions"
+
 from .actor import Actor, ActorRef, TimerHandle, call, cast, exit_actor, send_request
 from .child import ChildCounts, ChildInfo, ChildSpec, Restart, Shutdown
 from .errors import (

@@ -196,7 +196,7 @@ class Actor:
         busy with need not wait for it; ``handle_call_inline`` decides what that is.
         """
         process = self.__process
-        if process.inline is None or process.mailbox_used():
+        if process.inline is None or process.queued():
             return await awaitable
         process.idle = True
         try:
@@ -278,6 +278,13 @@ class ActorRef:
     @property
     def alive(self) -> bool:
         return self._process.alive
+
+    @property
+    def message_queue_len(self) -> int:
+        """Messages waiting in the mailbox (Erlang's ``process_info(Pid, message_queue_len)``),
+        for observers; 0 once the actor is dead."""
+        process = self._process
+        return process.queued() if process.alive else 0
 
     async def call(self, request: Any, timeout: float = DEFAULT_TIMEOUT) -> Any:
         """Send ``request`` to ``handle_call`` and return its answer.
@@ -429,7 +436,7 @@ class _Process:
         self.send = mailbox.send
         self.now = trio.lowlevel.current_clock().current_time
 
-    def mailbox_used(self) -> int:
+    def queued(self) -> int:
         """Messages waiting in the mailbox (all of them while a handler runs: nobody receives)."""
         return self._recv.statistics().current_buffer_used
 

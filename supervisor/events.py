@@ -1,7 +1,8 @@
 """What a supervisor reports: every start, exit, restart, escalation and overdue shutdown.
 
 Each event goes to stdlib :mod:`logging` (logger ``supervisor.events``; crashes at ERROR with
-their traceback) and, when the supervisor was given ``on_event=``, to that callable as a
+their traceback; the record's ``supervisor_event`` attribute is the :class:`EventKind` value,
+for log filters) and, when the supervisor was given ``on_event=``, to that callable as a
 :class:`SupervisorEvent`, so a service can count restarts or export metrics without parsing
 logs. The hook runs synchronously inside the supervisor: keep it cheap. An exception from it is
 logged and otherwise ignored, because a broken metrics hook must not take the tree down.
@@ -86,6 +87,7 @@ class Reporter:
             "supervisor %(supervisor)r: " + message,
             {"supervisor": self.supervisor, "child": child_id, "reason": reason},
             exc_info=reason if crashed and traceback else None,
+            extra={"supervisor_event": kind.value},
         )
         if self.hook is not None:
             event = SupervisorEvent(kind, self.supervisor, child_id, reason, trio.current_time())

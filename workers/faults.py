@@ -58,7 +58,7 @@ from .record.session import Session
 from .stores.base import Store, Write
 
 #: The methods of the Store protocol a fault can target.
-STORE_METHODS = ("open", "close", "load", "commit", "scan", "expired", "count")
+STORE_METHODS = ("open", "close", "load", "commit", "load_mark", "scan", "expired", "count")
 #: What a fault targets when no methods are named: everything a running manager calls.
 DATA_METHODS = ("load", "commit", "scan", "expired", "count")
 

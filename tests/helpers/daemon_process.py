@@ -48,6 +48,30 @@ def run_verb(
     )
 
 
+def run_verbs(
+    *argvs: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several ``python -m workers ARGS...`` at once (each is mostly interpreter start-up)
+    and return their results in order."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workers", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=env,
+        )
+        for argv in argvs
+    ]
+    results = []
+    for argv, process in zip(argvs, processes, strict=True):
+        out, err = process.communicate(timeout=PATIENCE)
+        results.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
+    return results
+
+
 class DaemonProcess:
     """One ``sessiond serve`` subprocess on a free loopback port and a Unix socket in
     ``workdir``."""

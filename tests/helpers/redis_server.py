@@ -56,11 +56,11 @@ def free_port() -> int:
 
 
 def ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether a Redis server answers PING at ``host:port``."""
+    """Whether a Redis server answers PING at ``host:port`` (asking for a password counts)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 

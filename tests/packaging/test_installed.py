@@ -1,6 +1,8 @@
 """Every verb works from an installed copy: ``pip install .`` into a fresh venv, run elsewhere.
 
-Slow (a venv and a non-editable install, about 15 s, then real processes), so it is marked.
+The install has no extras: the memory and disk stores and the daemon work, and naming the lmdb
+or redis backend says, in one line, which extra to install. Slow (a venv and a non-editable
+install, about 15 s, then real processes), so it is marked.
 """
 
 from __future__ import annotations
@@ -132,11 +134,57 @@ def test_serve_and_every_admin_verb(venv: Path, outside: Path, daemon: Installed
         "--from",
         f"disk:{daemon.store_path}",
         "--to",
-        f"lmdb:{outside / 'copy'}",
+        f"disk:{outside / 'copy'}",
         "--json",
     )
     assert moved.returncode == 0, moved.stderr
     assert '"copied": 1' in moved.stdout
+
+
+def test_what_the_base_install_holds(venv: Path, outside: Path) -> None:
+    embedded = (
+        "import sys, trio, workers\n"
+        "from workers import open_session_service\n"
+        "async def main():\n"
+        "    for backend, path in (('memory', None), ('disk', sys.argv[1])):\n"
+        "        async with open_session_service(backend=backend, path=path) as s:\n"
+        "            sid = await s.create({'u': backend})\n"
+        "            print((await s.retrieve(sid)).metadata['u'])\n"
+        "trio.run(main)\n"
+        "print(workers.__version__)\n"
+    )
+    done = run(venv, outside, "python", "-c", embedded, str(outside / "store"))
+    assert done.returncode == 0, done.stderr
+    memory, disk, version = done.stdout.split()
+    assert (memory, disk) == ("memory", "disk")
+    assert run(venv, outside, "sessiond", "--version").stdout == f"sessiond {version}\n"
+    typed = run(
+        venv,
+        outside,
+        "python",
+        "-c",
+        "import workers, supervisor; print(workers.__file__, supervisor.__file__)",
+    )
+    for init in typed.stdout.split():
+        assert (Path(init).parent / "py.typed").exists()
+
+
+@pytest.mark.parametrize(("backend", "extra"), [("lmdb", "lmdb"), ("redis", "redis")])
+def test_a_backend_without_its_extra_says_which_to_install(
+    venv: Path, outside: Path, backend: str, extra: str
+) -> None:
+    hint = f"pip install 'trio-sessions[{extra}]'"
+    for argv in (
+        ["stats", "--backend", backend, "--path", str(outside)],
+        ["migrate", "--from", f"disk:{outside}", "--to", f"{backend}:{outside / 'x'}"],
+    ):
+        done = run(venv, outside, "sessiond", *argv)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert hint in done.stderr and "Traceback" not in done.stderr
+    served = run(venv, outside, "sessiond", "serve", "--backend", backend, "--port", "0")
+    assert served.returncode == 1 and "Traceback" not in served.stderr
+    (error,) = [line for line in served.stderr.splitlines() if " ERROR " in line]
+    assert hint in error
 
 
 def test_chaos_against_an_installed_daemon(venv: Path, outside: Path) -> None:

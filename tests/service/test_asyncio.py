@@ -235,8 +235,12 @@ def test_leaving_the_block_stops_the_tree_and_closes_the_store(
             with pytest.raises(asyncio.CancelledError):
                 await task
         else:
+            loop = asyncio.get_running_loop()
             with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.05):
+                async with asyncio.timeout(None) as deadline:
+                    # The deadline passes once the session exists (no real time involved).
+                    expire = asyncio.ensure_future(started.wait())
+                    expire.add_done_callback(lambda _: deadline.reschedule(loop.time()))
                     await body()
         async with open_session_service(**disk) as s:
             assert await s.count() == 1

@@ -1,19 +1,22 @@
-"""The admin verbs: ``ping list inspect stats cleanup delete backup restore check``.
+"""The admin verbs: ``ping health list inspect stats cleanup delete delete-where backup restore
+check``.
 
 Each works against a running daemon (``--address``, default ``tcp://127.0.0.1:7878`` or
-``SESSIOND_ADDRESS``; ``--token-file`` or ``SESSIOND_TOKEN``). All but ``ping`` also work on a
-stopped store: give ``--path`` (and ``--backend`` when it is not ``disk``) or ``--url`` for redis,
-and the verb opens the store itself; the store's single-owner lock refuses this while a
-daemon owns it. Output is a human table by default, JSON with ``--json`` (``list --json`` prints
-one JSON object a line). The exit status is 0 on success, 1 when the verb failed (the daemon
-unreachable, no such session, a damaged store...), 2 for bad usage.
+``SESSIOND_ADDRESS``; ``--token-file`` or ``SESSIOND_TOKEN``). All but ``ping`` and ``health`` also
+work on a stopped store: give ``--path`` (and ``--backend`` when it is not ``disk``) or ``--url``
+(and ``--prefix``) for redis, and the verb opens the store itself; the store's single-owner
+lock refuses this while a daemon owns it. A stopped store is never made by accident: a path
+with no store, or a Redis prefix with no sessions, is an error, except for ``restore``. Output
+is a human table by default, JSON with ``--json`` (``list --json`` prints one JSON object a
+line). The exit status is 0 on success, 1 when the verb failed (the daemon unreachable, no such
+session, a damaged store...), 2 for bad usage; see :mod:`workers.cli.output`.
 
 A backup file is a msgpack stream: a header map ``{"format": "sessiond-backup", "version": 1,
 "created_at": ms, "backend": name, "count": n}``, then each session as a bin object holding its
 :func:`workers.record.codec.encode_session` record, then a trailer map ``{"end": true, "count": n}``
 that tells a complete backup from a truncated one. ``restore`` stores the sessions as they are
-(ids, times, versions) and skips ids already in use. Both show a progress bar on stderr for
-large stores when stderr is a terminal.
+(ids, times, versions) and skips ids already in use. Both show a labelled progress bar on
+stderr when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -37,12 +40,24 @@ import trio
 
 from ..core.service import open_session_service
 from ..record.codec import decode_session, encode_session, pack
-from ..record.errors import ServiceUnavailable, SessionError, SessionNotFound, StoreError
+from ..record.errors import (
+    ServiceUnavailable,
+    SessionError,
+    SessionNotFound,
+    StoreError,
+)
 from ..record.session import Session
 from ..stores import canonical_backend, make_store
-from ..wire.address import DEFAULT_ADDRESS
-from ..wire.client import connect
-from .config import read_token_file
+from .options import positive_int
+from .output import (
+    Failed,
+    Progress,
+    debug_requested,
+    report_failure,
+    table,
+    write_json,
+)
+from .remote import add_daemon_options, connect_daemon
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1
@@ -50,12 +65,6 @@ BACKUP_VERSION = 1
 BATCH = 500
 #: Largest single record a backup may hold (far above any max_metadata_bytes in use).
 MAX_RECORD_BYTES = 64 * 1024 * 1024
-#: Stores at least this large get a progress bar (when stderr is a terminal).
-PROGRESS_THRESHOLD = 2000
-
-
-class Failed(Exception):
-    """A verb could not do its job; the message says why (exit status 1)."""
 
 
 # -- where the sessions are ------------------------------------------------------------------
@@ -74,10 +83,11 @@ def _store_options(args: argparse.Namespace, verb: Verb) -> dict[str, Any]:
     options: dict[str, Any] = {"backend": backend, "path": args.path, "url": args.url}
     if getattr(args, "prefix", None) is not None:
         options["prefix"] = args.prefix
-    if verb.reads_only:
-        options["read_only"] = True
-    elif not verb.creates and backend in ("disk", "lmdb"):
-        options["create"] = False
+    read_only = verb.reads_only or getattr(args, "dry_run", False)
+    if read_only:
+        options["read_only"] = True  # implies create=False on disk and lmdb
+    if backend == "redis" or not (read_only or verb.creates):
+        options["create"] = verb.creates
     return options
 
 
@@ -91,8 +101,7 @@ async def open_target(
         opened = open_session_service(**_store_options(args, verb), cleanup_interval=1e9)
     else:
         # No reconnecting: a daemon that is not there fails the verb at once.
-        token = read_token_file(args.token_file) if args.token_file else args.token
-        opened = connect(args.address, token=token, reconnect_timeout=0)
+        opened = connect_daemon(args)
     watchdog.arm("opening")
     async with opened as target:
         watchdog.disarm()
@@ -151,13 +160,50 @@ class _Bounded:
         return bounded
 
 
-async def _pages(target: Any) -> AsyncIterator[list[Session]]:
+async def _pages(target: Any, size: int = BATCH) -> AsyncIterator[list[Session]]:
     cursor = None
     while True:
-        page, cursor = await target.list_page(cursor, BATCH)
+        page, cursor = await target.list_page(cursor, size)
         yield page
         if cursor is None:
             return
+
+
+_MISSING = object()
+
+
+def match(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (VALUE a string) or ``KEY:=JSON`` (any JSON value: ``age:=42``,
+    ``admin:=true``) as a (key, value) pair; argparse's error (exit status 2) otherwise."""
+    raw = ":=" in text and text.index(":=") < text.find("=") + 1
+    key, _, value = text.partition(":=" if raw else "=")
+    if not key or (not raw and "=" not in text):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or KEY:=JSON, got {text!r}")
+    if not raw:
+        return key, value
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}:= takes a JSON value, got {value!r}") from None
+
+
+def _matches(session: Session, where: list[tuple[str, Any]]) -> bool:
+    return all(session.metadata.get(key, _MISSING) == value for key, value in where)
+
+
+async def _selected(target: Any, args: argparse.Namespace) -> AsyncIterator[Session]:
+    """The live sessions ``list`` shows: those matching every ``--where``, ``--limit`` at most."""
+    where = args.where or []
+    limit = args.limit
+    size = min(BATCH, limit) if limit and not where else BATCH
+    shown = 0
+    async for page in _pages(target, size):
+        for s in page:
+            if limit is not None and shown >= limit:
+                return
+            if _matches(s, where):
+                shown += 1
+                yield s
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -170,47 +216,10 @@ def _time(ms: int | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _table(rows: list[list[str]], headers: list[str], out: IO[str]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for row in [headers, *rows]:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        out.write("\n")
-
-
 def _session_row(s: Session) -> list[str]:
     ttl = "never" if s.timeout_ms is None else f"{s.timeout_ms / 1000:g}s"
     metadata = json.dumps(s.metadata, default=repr, ensure_ascii=False)
     return [s.id, _time(s.created_at), _time(s.last_accessed), ttl, str(s.version), metadata[:60]]
-
-
-def _json(value: Any, out: IO[str]) -> None:
-    out.write(json.dumps(value, default=repr, ensure_ascii=False) + "\n")
-
-
-class Progress:
-    """A one-line progress bar on stderr, shown only for large jobs on a terminal."""
-
-    def __init__(self, label: str, total: int | None, stream: IO[str] = sys.stderr) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self._stream = stream
-        self._shown = bool(total and total >= PROGRESS_THRESHOLD and stream.isatty())
-        self._last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self._shown and (now - self._last > 0.1 or self.done >= (self.total or 0)):
-            self._last = now
-            fraction = min(1.0, self.done / (self.total or 1))
-            bar = "#" * int(30 * fraction)
-            self._stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total}")
-            self._stream.flush()
-
-    def finish(self) -> None:
-        if self._shown:
-            self._stream.write("\n")
 
 
 # -- the verbs -------------------------------------------------------------------------------
@@ -221,29 +230,49 @@ async def ping(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     answer = await target.ping()
     elapsed_ms = (time.perf_counter() - start) * 1000
     if args.json:
-        _json({"address": args.address, "reply": answer, "ms": round(elapsed_ms, 3)}, out)
+        write_json({"address": args.address, "reply": answer, "ms": round(elapsed_ms, 3)}, out)
     else:
         out.write(f"{answer} from {args.address} in {elapsed_ms:.2f} ms\n")
 
 
+async def health(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
+    answer = await target.health()
+    if args.json:
+        write_json({"address": args.address, **answer}, out)
+    else:
+        out.write(f"ready: the {answer['backend']} store answered in {answer['store_ms']} ms\n")
+
+
 async def list_(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
+    if args.count_only:
+        if args.where:
+            n = 0
+            async for _ in _selected(target, args):
+                n += 1
+        else:
+            n = await target.count()
+            n = n if args.limit is None else min(n, args.limit)
+        if args.json:
+            write_json({"count": n}, out)
+        else:
+            out.write(f"{n}\n")
+        return
     rows = []
-    async for page in _pages(target):
-        for s in page:
-            if args.json:
-                _json(s.to_dict(), out)
-            else:
-                rows.append(_session_row(s))
+    async for s in _selected(target, args):
+        if args.json:
+            write_json(s.to_dict(), out)
+        else:
+            rows.append(_session_row(s))
     if not args.json:
         headers = ["ID", "CREATED (UTC)", "LAST ACCESSED", "TTL", "VER", "METADATA"]
-        _table(rows, headers, out)
+        table(rows, headers, out)
         out.write(f"{len(rows)} live sessions\n")
 
 
 async def inspect(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     s = await target.peek(args.id)
     if args.json:
-        _json(s.to_dict(), out)
+        write_json(s.to_dict(), out)
         return
     rows = [
         ["id", s.id],
@@ -260,15 +289,80 @@ async def inspect(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
 async def stats(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     figures = await target.stats()
     if args.json:
-        _json(figures, out)
+        write_json(figures, out)
     else:
-        _table([[k, str(v)] for k, v in figures.items()], ["STAT", "VALUE"], out)
+        write_stats(figures, out)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items()) or "-"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def write_stats(figures: dict[str, Any], out: IO[str]) -> None:
+    """The figures of ``stats()`` for a person: the service, then a row per method."""
+    batches, cache = figures["batches"], figures["cache"]
+    hit_rate = "-" if cache["hit_rate"] is None else f"{cache['hit_rate']:.1%}"
+    rows = [
+        [name, str(figures[name])]
+        for name in ("backend", "sessions", "version", "pid", "uptime_s", "mailbox", "requests")
+        if name in figures
+    ]
+    rows += [
+        ["errors", _counts(figures["errors"])],
+        ["restarts", f"{figures['restarts']} ({_counts(figures['restarts_by_child'])})"],
+        [
+            "batches",
+            f"{batches['count']} (p50 {_ms(batches['p50'])}, p99 {_ms(batches['p99'])}), "
+            f"{batches['inline']} answered inline",
+        ],
+        ["cache", f"hit rate {hit_rate} ({cache['hits']} hits, {cache['misses']} misses)"],
+        ["store errors", _counts(figures["store_errors"])],
+    ]
+    if "connections" in figures:  # a daemon's
+        rows.append(
+            [
+                "connections",
+                f"{figures['connections']} open ({figures['unauthenticated']} not "
+                f"authenticated), {figures['connections_accepted']} accepted, "
+                f"{figures['connections_refused']} refused, "
+                f"{figures['connections_evicted']} evicted",
+            ]
+        )
+        rows.append(
+            [
+                "refusals",
+                f"{figures['auth_failures']} failed auth, {figures['timeouts']} timed out, "
+                f"{figures['invalid_messages']} invalid messages",
+            ]
+        )
+    table(rows, ["STAT", "VALUE"], out)
+    methods = figures["methods"]
+    if methods:
+        out.write("\n")
+        table(
+            [
+                [
+                    name,
+                    str(m["count"]),
+                    _counts(m["errors"]),
+                    _ms(m["latency"]["p50_ms"]),
+                    _ms(m["latency"]["p99_ms"]),
+                ]
+                for name, m in methods.items()
+            ],
+            ["METHOD", "COUNT", "ERRORS", "P50 MS", "P99 MS"],
+            out,
+        )
 
 
 async def cleanup(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     removed = await target.cleanup_expired()
     if args.json:
-        _json({"removed": removed}, out)
+        write_json({"removed": removed}, out)
     else:
         out.write(f"removed {removed} expired sessions\n")
 
@@ -276,11 +370,26 @@ async def cleanup(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
 async def delete(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     removed = await target.delete(args.id)
     if args.json:
-        _json({"id": args.id, "deleted": removed}, out)
+        write_json({"id": args.id, "deleted": removed}, out)
     elif removed:
         out.write(f"deleted {args.id}\n")
     if not removed:
         raise SessionNotFound(f"no live session {args.id!r}")
+
+
+async def delete_where(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
+    key, value = args.match
+    if args.dry_run:
+        n = 0
+        async for page in _pages(target):
+            n += sum(1 for s in page if _matches(s, [(key, value)]))
+    else:
+        n = await target.delete_where(key, value)
+    if args.json:
+        write_json({"key": key, "value": value, "deleted": n, "dry_run": args.dry_run}, out)
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        out.write(f"{verb} {n} sessions where {key} = {json.dumps(value, default=repr)}\n")
 
 
 async def backup(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
@@ -302,7 +411,7 @@ async def backup(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
     progress.finish()
     written = progress.done
     if args.json:
-        _json({"file": args.file, "sessions": written}, out)
+        write_json({"file": args.file, "sessions": written}, out)
     else:
         out.write(f"backed up {written} sessions to {args.file}\n")
 
@@ -384,7 +493,7 @@ async def restore(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
             progress.advance(len(batch))
         progress.finish()
     if args.json:
-        _json({"file": args.file, "restored": restored, "skipped": seen - restored}, out)
+        write_json({"file": args.file, "restored": restored, "skipped": seen - restored}, out)
     else:
         out.write(f"restored {restored} sessions from {args.file} ({seen - restored} skipped)\n")
 
@@ -410,6 +519,8 @@ async def check_store(args: argparse.Namespace, out: IO[str], watchdog: Watchdog
         # Only --repair may change anything: it quarantines a damaged store.
         options["on_corrupt"] = "quarantine" if args.repair else "fail"
         options.update({"create": False} if args.repair else {"read_only": True})
+    elif backend == "redis":
+        options["create"] = False
     store = watchdog.bound(make_store(backend, path=args.path, url=args.url, **options))
     await store.open()
     try:
@@ -432,14 +543,51 @@ def _report(report: dict[str, Any], args: argparse.Namespace, out: IO[str]) -> N
     if report["sessions"] != report["count"]:
         report["ok"] = False
     if args.json:
-        _json(report, out)
+        write_json(report, out)
     else:
-        _table([[k, str(v)] for k, v in report.items()], ["CHECK", "RESULT"], out)
+        table([[k, str(v)] for k, v in report.items()], ["CHECK", "RESULT"], out)
     if not report["ok"]:
         raise Failed(f"{report['sessions']} sessions read but the store counts {report['count']}")
 
 
 # -- command line ----------------------------------------------------------------------------
+
+
+def _add_match(
+    parser: argparse.ArgumentParser, name: str, what: str, more: str = "", **options: Any
+) -> None:
+    """A ``KEY=VALUE`` argument (see :func:`match`)."""
+    parser.add_argument(
+        name,
+        type=match,
+        metavar="KEY=VALUE",
+        help=f"{what} whose metadata KEY is the string VALUE (KEY:=JSON for other values, "
+        f"e.g. age:=42){more}",
+        **options,
+    )
+
+
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=positive_int, help="show at most N sessions")
+    _add_match(parser, "--where", "only sessions", "; repeat to require several", action="append")
+    parser.add_argument(
+        "--count-only", action="store_true", help="print only how many sessions there are"
+    )
+
+
+def _delete_where_options(parser: argparse.ArgumentParser) -> None:
+    _add_match(parser, "match", "delete the sessions")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="only count the sessions that would go"
+    )
+
+
+def _check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="move a corrupt stopped store aside (quarantine) and start it empty",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,15 +599,29 @@ class Verb:
     argument: str | None = None  # one positional argument (ID or FILE)
     reads_only: bool = True  # opens a stopped store read-only
     creates: bool = False  # may make a new store (restore)
+    options: Callable[[argparse.ArgumentParser], None] | None = None  # the verb's own
 
 
 VERBS = (
-    Verb("ping", ping, "check that the daemon answers", local=False),
-    Verb("list", list_, "list live sessions"),
+    Verb("ping", ping, "check that the daemon answers (liveness)", local=False),
+    Verb(
+        "health",
+        health,
+        "check that the daemon and its store answer (readiness)",
+        local=False,
+    ),
+    Verb("list", list_, "list live sessions", options=_list_options),
     Verb("inspect", inspect, "show one session (does not refresh it)", argument="id"),
     Verb("stats", stats, "the service's figures"),
     Verb("cleanup", cleanup, "remove expired sessions now", reads_only=False),
     Verb("delete", delete, "delete one session", argument="id", reads_only=False),
+    Verb(
+        "delete-where",
+        delete_where,
+        'delete every session whose metadata KEY is VALUE ("log out everywhere")',
+        reads_only=False,
+        options=_delete_where_options,
+    ),
     Verb("backup", backup, "write every live session to a backup file", argument="file"),
     Verb(
         "restore",
@@ -469,7 +631,7 @@ VERBS = (
         reads_only=False,
         creates=True,
     ),
-    Verb("check", check, "check the store's integrity"),
+    Verb("check", check, "check the store's integrity", options=_check_options),
 )
 
 
@@ -487,10 +649,10 @@ def _run(verb: Verb, args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except (Failed, SessionError, OSError, ValueError) as exc:
-        kind = "" if isinstance(exc, Failed) else f"{type(exc).__name__}: "
-        print(f"{verb.name}: {kind}{exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        raise  # the reader went away: the command line ends quietly
+    except (Failed, SessionError, OSError, ValueError, ImportError) as exc:
+        return report_failure(verb.name, exc, json_output=args.json, debug=debug_requested(args))
     return 0
 
 
@@ -505,37 +667,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         if verb.argument:
             parser.add_argument(verb.argument, metavar=verb.argument.upper())
-        parser.add_argument(
-            "--address",
-            default=os.environ.get("SESSIOND_ADDRESS", DEFAULT_ADDRESS),
-            help=f"the daemon: tcp://HOST:PORT or unix:///path (default {DEFAULT_ADDRESS})",
-        )
-        parser.add_argument(
-            "--token-file",
-            default=os.environ.get("SESSIOND_TOKEN_FILE"),
-            help="a file holding the daemon's token (preferred, as is SESSIOND_TOKEN)",
-        )
-        parser.add_argument(
-            "--token",
-            default=os.environ.get("SESSIOND_TOKEN"),
-            help="the daemon's token itself: visible to every local user in ps",
-        )
-        parser.add_argument(
-            "--timeout",
-            type=float,
-            default=10.0,
-            help="seconds each call may take, connecting included (default 10)",
-        )
+        add_daemon_options(parser)
         if verb.local:
             parser.add_argument("--backend", help="a stopped store's backend (default disk)")
             parser.add_argument("--path", help="a stopped store's directory")
             parser.add_argument("--url", help="a redis store's URL")
             parser.add_argument("--prefix", help="a redis store's key prefix (default sessions:)")
-        if verb.name == "check":
-            parser.add_argument(
-                "--repair",
-                action="store_true",
-                help="move a corrupt stopped store aside (quarantine) and start it empty",
-            )
+        if verb.options is not None:
+            verb.options(parser)
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.set_defaults(func=lambda args, verb=verb: _run(verb, args))

@@ -93,6 +93,9 @@ class Settings:
     restart_period: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
+    #: HTTP port for ``/metrics`` (Prometheus) and ``/health``; None: no metrics endpoint.
+    metrics_port: int | None = None
+    metrics_host: str = DEFAULT_HOST
     #: Answer the ``crash_actor`` RPC (chaos testing only; never on a production daemon).
     allow_fault_injection: bool = False
 
@@ -104,8 +107,10 @@ class Settings:
             raise ConfigError(str(exc)) from None
         if not self.tcp and not self.unix:
             raise ConfigError("nothing to listen on: tcp is off and no unix socket is set")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port is 0 to 65535, got {self.port}")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(f"{name} is 0 to 65535, got {value}")
         if self.unix and not os.path.isabs(self.unix):
             self.unix = os.path.abspath(self.unix)
         if self.log_format not in ("text", "json"):

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
@@ -33,6 +32,9 @@ import trio
 from ..record.errors import SessionError
 from ..stores import canonical_backend, make_store
 from ..stores.base import Put, Store
+from .options import positive_int
+from .output import Progress as ProgressBar
+from .output import debug_requested, report_failure
 
 #: ``progress(done, total)``: sessions handled so far (copied or skipped), and the number of
 #: live sessions the source held when the migration began (:func:`migrate` always knows it;
@@ -98,7 +100,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--batch",
-        type=_positive,
+        type=positive_int,
         default=500,
         help="sessions per page and per write (default 500)",
     )
@@ -126,16 +128,6 @@ def location(text: str) -> tuple[str, dict[str, Any]]:
     return backend, {"path": where}
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _redis_options(url: str) -> dict[str, Any]:
     if not url:
         return {}
@@ -154,14 +146,12 @@ def _redis_options(url: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """The ``migrate`` verb: 0 when every live session is in the target, else 1."""
-    if args.source == args.target:
-        print("migrate: the source and the target are the same store", file=sys.stderr)
-        return 1
     try:
+        if args.source == args.target:
+            raise ValueError("the source and the target are the same store")
         copied, handled = trio.run(_run, args)
-    except (SessionError, ValueError) as exc:
-        print(f"migrate: {exc}", file=sys.stderr)
-        return 1
+    except (SessionError, OSError, ValueError, ImportError) as exc:
+        return report_failure("migrate", exc, json_output=args.json, debug=debug_requested(args))
     skipped = handled - copied
     if args.json:
         print(json.dumps({"copied": copied, "skipped": skipped}))
@@ -175,15 +165,22 @@ async def _run(args: argparse.Namespace) -> tuple[int, int]:
     backend, options = args.source
     if backend in ("disk", "lmdb"):
         options = {**options, "read_only": True}  # a source is only read, and never made
+    elif backend == "redis":
+        options = {**options, "create": False}  # a prefix with no sessions is a typo
     source = make_store(backend, **options)
     target = make_store(args.target[0], **args.target[1])
-    bar = ProgressBar(sys.stderr)
+    bar = ProgressBar("migrate", None)
+    progress: Progress = bar.update
     await source.open()
     try:
         await target.open()
         try:
             copied = await migrate(
-                source, target, now_ms=int(time.time() * 1000), batch=args.batch, progress=bar
+                source,
+                target,
+                now_ms=int(time.time() * 1000),
+                batch=args.batch,
+                progress=progress,
             )
         finally:
             await target.close()
@@ -191,31 +188,3 @@ async def _run(args: argparse.Namespace) -> tuple[int, int]:
         await source.close()
         bar.finish()
     return copied, bar.done
-
-
-class ProgressBar:
-    """A one-line progress bar, redrawn in place on ``out``: ``[#####     ] 512/1024``."""
-
-    width = 30
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.done = 0
-        self._drawn = False
-
-    def __call__(self, done: int, total: int | None) -> None:
-        self.done = done
-        if total:
-            filled = min(done * self.width // total, self.width)
-            line = f"[{'#' * filled}{' ' * (self.width - filled)}] {done}/{total}"
-        else:
-            line = f"{done} sessions"
-        self.out.write(f"\r{line}")
-        self.out.flush()
-        self._drawn = True
-
-    def finish(self) -> None:
-        """End the bar's line, if one was drawn."""
-        if self._drawn:
-            self.out.write("\n")
-            self.out.flush()

@@ -9,13 +9,19 @@
 Settings come from :mod:`workers.cli.config` (defaults, ``--config`` TOML file, ``SESSIOND_*``
 variables, flags). Logs go to stderr, as text or one JSON object a line (``--log-format json``).
 
-Lifecycle: the listener is the last child of the service's rest_for_one tree, so it starts
-once the store is open and is stopped first. SIGTERM or SIGINT drains the listener (no new
-connections or requests; requests in flight are answered within ``shutdown_grace`` seconds),
+Lifecycle: the listener (and, with ``--metrics-port``, the HTTP endpoint of
+:mod:`workers.wire.exposition`) are the last children of the service's rest_for_one tree, so
+they start once the store is open and are stopped first. SIGTERM or SIGINT drains the listener
+(no new connections or requests; requests in flight are answered within ``shutdown_grace`` seconds),
 then stops the tree in reverse order, which closes the store, and the process exits 0. A second
 signal during that exits at once with status 128 + signal number; acknowledged writes are
 already committed. A tree that exceeds its restart budget, a store that cannot be opened and an
-address that cannot be bound each end the process with status 1 and one ERROR line saying why.
+address that cannot be bound each end the process with status 1 and one ERROR line saying why
+(no traceback: ``--debug`` or ``SESSIOND_DEBUG=1`` adds it); bad settings exit with status 2.
+
+The ready line names the store (a Redis URL with its password redacted) and the version. At
+``--log-level debug`` every request is logged as one line (:mod:`workers.core.metrics`);
+third-party libraries' records (coredis's retries and reconnections) are shown only then.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ from types import FrameType
 
 import trio
 
+import workers
 from supervisor import ChildSpec, StartError, SupervisorShutdown
 
 from ..core.service import SessionService, open_session_service
 from ..record.errors import StoreError
+from ..stores.urls import DEFAULT_REDIS_URL, redact_url
 from ..wire.server import Server
 from .config import FIELDS, ConfigError, Settings, load_settings
+from .output import debug_requested, demote_libraries, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +74,58 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Send every log record at ``level`` or above to stderr, as text or JSON lines."""
+class _StartupFilter(logging.Filter):
+    """Until the daemon is ready, leave out the tree's "failed to start" records: the reason
+    is the one ERROR line :func:`serve` logs (the traceback only with ``--debug``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.starting and getattr(record, "supervisor_event", None) == "start_failed")
+
+
+def configure_logging(level: str, log_format: str, *, debug: bool = False) -> _StartupFilter:
+    """Send every log record at ``level`` or above to stderr, as text or JSON lines; returns
+    the filter that hides start failures until the daemon is ready (none with ``debug``)."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    startup = _StartupFilter()
+    startup.starting = not debug
+    handler.addFilter(startup)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    demote_libraries()
+    return startup
+
+
+def describe_store(settings: Settings) -> str:
+    """Where the sessions are, for the ready line: never a password."""
+    if settings.backend == "redis":
+        prefix = settings.prefix or "sessions:"
+        return f"redis store at {redact_url(settings.url or DEFAULT_REDIS_URL)} prefix {prefix!r}"
+    if settings.backend == "memory":
+        return "memory store (its sessions end with this process)"
+    return f"{settings.backend} store at {os.path.abspath(settings.path or '.')}"
+
+
+def start_failure(settings: Settings, exc: StartError) -> str:
+    """The ERROR line for a child of the tree that could not start."""
+    cause = exc.cause
+    if exc.child_id == "listener" and isinstance(cause, OSError):
+        where = ", ".join(str(a) for a in settings.addresses())
+        return f"cannot listen on {where}: {os_reason(cause, listening=True)}"
+    if exc.child_id == "metrics" and isinstance(cause, OSError):
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
+        reason = os_reason(cause, listening=True)
+        return f"cannot serve metrics on {where} (--metrics-port): {reason}"
+    return f"cannot start the {exc.child_id}: {type(cause).__name__}: {cause}"
 
 
 def _exit_at_once(signum: int, frame: FrameType | None) -> None:
@@ -144,7 +195,7 @@ def warn_about_loose_token_file(path: str | None) -> None:
         )
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, startup: _StartupFilter | None = None) -> int:
     """Run the daemon until a signal stops it; returns the process exit status."""
     servers: list[Server] = []
 
@@ -157,18 +208,22 @@ async def serve(settings: Settings) -> int:
             allow_fault_injection=settings.allow_fault_injection,
         )
         servers.append(server)
-        return [ChildSpec("listener", server.run)]
+        children = [ChildSpec("listener", server.run)]
+        if settings.metrics_port is not None:
+            from ..wire.exposition import MetricsEndpoint  # prometheus-client, only when asked
+
+            endpoint = MetricsEndpoint(service, settings.metrics_host, settings.metrics_port)
+            children.append(ChildSpec("metrics", endpoint.run))
+        return children
 
     try:
         with trio.open_signal_receiver(*_SIGNALS) as signals:
             options = settings.service_options()
-            async with open_session_service(**options, extra_children=listener) as sessions:
-                log.info(
-                    "sessiond ready: pid %d, %s store%s",
-                    os.getpid(),
-                    sessions.backend,
-                    f" at {settings.path}" if sessions.backend in ("disk", "lmdb") else "",
-                )
+            async with open_session_service(**options, extra_children=listener):
+                if startup is not None:
+                    startup.starting = False
+                where = describe_store(settings)
+                log.info("sessiond %s ready: pid %d, %s", workers.__version__, os.getpid(), where)
                 if settings.allow_fault_injection:
                     log.warning("fault injection is on: crash_actor can crash service actors")
                 signum = await signals.__anext__()
@@ -187,7 +242,7 @@ async def serve(settings: Settings) -> int:
         log.error("cannot open the store: %s", exc)
         return 1
     except StartError as exc:
-        log.error("cannot start the %s: %s", exc.child_id, exc.cause)
+        log.error("%s", start_failure(settings, exc))
         return 1
     log.info("sessiond stopped; the store is closed")
     return 0
@@ -201,11 +256,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    startup = configure_logging(
+        settings.log_level, settings.log_format, debug=debug_requested(args)
+    )
     warn_about_loose_token_file(settings.token_file)
     fit_descriptor_limit(settings.max_connections)
     return_large_buffers_to_the_system()
-    return trio.run(serve, settings)
+    return trio.run(serve, settings, startup)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -255,9 +312,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     add("--log-format", choices=("text", "json"), help="stderr log format (default text)")
     add(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics (Prometheus) and /health over HTTP on this port (default: none)",
+    )
+    add("--metrics-host", help="host of the metrics endpoint (default 127.0.0.1)")
+    add(
         "--allow-fault-injection",
         action="store_const",
         const=True,
         help="answer the crash_actor RPC, which crashes a service actor (chaos tests only)",
     )
-    parser.set_defaults(func=run_serve)
+    parser.set_defaults(func=run_serve, own_logging=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..record.codec import canonical_metadata
-from ..record.errors import InvalidMetadata, InvalidRequest, ProtocolError
+from ..record.errors import InvalidMetadata, InvalidRequest, ProtocolError, describe
 from ..record.session import DEFAULT, Session
 
 
@@ -162,7 +162,7 @@ class Method:
             return session_from_wire(result)
         if self.result is Result.PAGE:
             if not (isinstance(result, list) and len(result) == 2 and isinstance(result[0], list)):
-                raise ProtocolError(f"not a page of sessions: {result!r:.120}")
+                raise ProtocolError(f"not a page of sessions: {describe(result)}")
             return [session_from_wire(s) for s in result[0]], result[1]
         return result
 
@@ -198,11 +198,11 @@ def session_to_wire(session: Session) -> dict[str, Any]:
 def session_from_wire(obj: object) -> Session:
     """Rebuild a session from :func:`session_to_wire`; ProtocolError if it is not one."""
     if not isinstance(obj, dict) or obj.keys() != _SESSION_FIELDS.keys():
-        raise ProtocolError(f"not a session: {obj!r:.120}")
+        raise ProtocolError(f"not a session: {describe(obj)}")
     for name, types in _SESSION_FIELDS.items():
         value = obj[name]
         if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(f"session field {name} has the wrong type: {value!r:.80}")
+            raise ProtocolError(f"session field {name} has the wrong type: {describe(value)}")
     return Session(**obj)
 
 
@@ -350,9 +350,33 @@ METHODS: Final[dict[str, Method]] = {
         Method("get_backend", returns="str", doc="The canonical backend name."),
         Method(
             "stats",
-            kind=Kind.SERVER,
             returns="dict[str, Any]",
-            doc="The service's figures, plus the daemon's (connections, requests, pid).",
+            doc=(
+                "Figures for operators: live ``sessions`` plus everything ``metrics`` gives "
+                "(counts, errors and latency per method, batches, cache, restarts, connections)."
+            ),
+        ),
+        Method(
+            "metrics",
+            returns="dict[str, Any]",
+            doc="The figures of ``stats`` but ``sessions``, without asking the store anything.",
+        ),
+        Method(
+            "tree",
+            returns="dict[str, Any]",
+            doc=(
+                "The supervision tree now: each child's state, restarts and last exit, and the "
+                "mailbox depth of each actor (what ``sessiond top`` shows)."
+            ),
+        ),
+        Method(
+            "health",
+            returns="dict[str, Any]",
+            doc=(
+                'Readiness: ``{"status": "ready", ...}`` once the manager runs and the store '
+                "answers a read; ``ServiceUnavailable`` or ``StoreError`` saying why not. "
+                "(``ping`` only says that the daemon answers.)"
+            ),
         ),
         Method(
             "import_sessions",

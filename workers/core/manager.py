@@ -133,6 +133,7 @@ from ..stores.base import (
     write_ids,
 )
 from .cache import ReadCache
+from .metrics import Metrics
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
@@ -302,11 +303,14 @@ class SessionManager(Actor):
         settings: ManagerSettings,
         clock: ServiceClock,
         counters: ManagerCounters | None = None,
+        telemetry: Metrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
         self.counters = ManagerCounters() if counters is None else counters
+        #: The service's figures (batch sizes, inline answers, cache hits, store errors).
+        self.telemetry = Metrics() if telemetry is None else telemetry
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -407,9 +411,11 @@ class SessionManager(Actor):
                     self._ask_for_mark()  # only the mark is due: the manager writes it
         except SessionError as exc:
             self._ask_for_mark()
+            self.telemetry.inline += 1
             return outcome.Error(exc)
         if self.cache.capacity or self.unwritten or view.touched:
             self._remember(view, outcomes)
+        self.telemetry.inline += 1
         return outcome.Value(op.finish(result, outcomes))
 
     def _writes_now(self, store: ImmediateStore, count: int) -> bool:
@@ -440,6 +446,7 @@ class SessionManager(Actor):
             if access_due and self.unwritten:
                 await self._write_access_times()
         except SessionError as exc:
+            self.telemetry.store_error(exc)
             log.warning(
                 "housekeeping failed (%d access times unwritten, kept for the next try): %s",
                 len(self.unwritten),
@@ -509,6 +516,7 @@ class SessionManager(Actor):
         refreshes, the cache) into ``view``; the ids that must be loaded from the store."""
         missing = []
         pending = self.pending
+        found = 0
         for session_id in ids:
             if session_id in pending:
                 view.sessions[session_id] = pending[session_id]
@@ -518,6 +526,10 @@ class SessionManager(Actor):
                 missing.append(session_id)
             else:
                 view.sessions[session_id] = session
+                found += 1
+        if self.cache.capacity:  # a manager without a cache has no hit rate to report
+            self.telemetry.cache_hits += found
+            self.telemetry.cache_misses += len(missing)
         return missing
 
     async def _load(self, view: View, ids: set[str], touch: set[str]) -> dict[str, SessionError]:
@@ -540,6 +552,7 @@ class SessionManager(Actor):
                 loaded = await self._meanwhile(self.store.load(missing))
         except PartialLoad as exc:
             loaded, errors = exc.found, exc.errors
+            self.telemetry.store_error(next(iter(errors.values()), exc))
         view.sessions.update(self._loaded(loaded))
         return errors
 
@@ -562,6 +575,7 @@ class SessionManager(Actor):
         try:
             await self._commit([mark])
         except SessionError as exc:
+            self.telemetry.store_error(exc)
             log.warning("could not persist the clock mark: %s", exc)
             self._marked(mark, False)
         else:
@@ -607,6 +621,7 @@ class SessionManager(Actor):
     async def _run_batch(self) -> None:
         size = self.settings.max_batch
         batch, self.queue = self.queue[:size], self.queue[size:]
+        self.telemetry.batches.observe(len(batch))
         limits = self.settings.limits
         if any(q.op.reads_store(limits) for q in batch):
             await self._drain()  # it reads the store as a whole: nothing may be out
@@ -614,7 +629,7 @@ class SessionManager(Actor):
                 try:
                     await self._write_access_times()
                 except SessionError as exc:
-                    return _fail_all(batch, exc)
+                    return self._fail_all(batch, exc)
         base = self.out  # the batch whose writes this one may see before they are committed
         view = self._view()
         ready: list[_Queued] = []
@@ -622,12 +637,17 @@ class SessionManager(Actor):
             op = item.op
             try:
                 op.prepare(view)
-                if op.reads_store(limits):
-                    await self._meanwhile(op.read(view))
             except SessionError as exc:
                 item.slot.fail(exc)  # nothing read yet: its own error, whatever happens next
-            else:
-                ready.append(item)
+                continue
+            if op.reads_store(limits):
+                try:
+                    await self._meanwhile(op.read(view))
+                except SessionError as exc:
+                    self.telemetry.store_error(exc)
+                    item.slot.fail(exc)
+                    continue
+            ready.append(item)
         ids = {i for q in ready for i in q.op.ids()}
         # Whether it reads what the batch that is out writes (checked before the await below:
         # that batch may be done by then, and its writes no longer in pending).
@@ -638,7 +658,7 @@ class SessionManager(Actor):
                 view, ids, {i for q in ready if q.op.touches for i in q.op.ids()}
             )
         except SessionError as exc:
-            return _fail_all(ready, exc)
+            return self._fail_all(ready, exc)
         finally:
             self.busy = None
 
@@ -720,6 +740,12 @@ class SessionManager(Actor):
         except SessionError as exc:
             return [exc] * len(writes)
 
+    def _fail_all(self, items: list[_Queued], exc: SessionError) -> None:
+        self.telemetry.store_error(exc)
+        log.warning("store failed a batch of %d requests: %s", len(items), exc)
+        for item in items:
+            item.slot.fail(_fresh(exc))
+
     def _finish(self, done: _Batch, outcomes: list[bool | SessionError]) -> None:
         """Answer the batch whose commit gave ``outcomes`` (retry the writes that lost a race)."""
         if done.mark is not None:
@@ -777,6 +803,7 @@ class SessionManager(Actor):
                 item.slot.fail(StoreError("the session kept changing under this write; retry"))
         errors = [ok for ok in outcomes if isinstance(ok, SessionError)]
         if errors:
+            self.telemetry.store_error(errors[0])
             log.warning("store failed %d of %d writes: %s", len(errors), len(writes), errors[0])
         if refused is not None:
             self.counters.warn(refused_reads, refused)
@@ -814,9 +841,3 @@ def _fresh(exc: SessionError) -> SessionError:
     # A fresh instance per caller: one exception object raised in many tasks would collect
     # all their tracebacks.
     return type(exc)(str(exc))
-
-
-def _fail_all(items: list[_Queued], exc: SessionError) -> None:
-    log.warning("store failed a batch of %d requests: %s", len(items), exc)
-    for item in items:
-        item.slot.fail(_fresh(exc))

@@ -173,6 +173,8 @@ class View:
 class Operation:
     """One request to the manager. Subclasses define ``ids``, ``read`` and ``apply``."""
 
+    #: The method of the service it serves (the name its requests are counted under).
+    method: ClassVar[str] = ""
     #: Whether its only write is an access-time refresh, which a manager that defers those
     #: keeps in memory: then it needs no store I/O when its session is cached.
     access_only: ClassVar[bool] = False
@@ -216,6 +218,8 @@ class OnSession(Operation):
 
 @dataclass(slots=True)
 class Create(Operation):
+    method: ClassVar[str] = "create"
+
     metadata: dict[str, Any]
     timeout_ms: int | None
     id: str = ""
@@ -295,6 +299,7 @@ def _check_free(view: View, session_id: str) -> None:
 class Retrieve(OnSession):
     """``retrieve``: the live session, its access time refreshed."""
 
+    method: ClassVar[str] = "retrieve"
     access_only: ClassVar[bool] = True
     touches: ClassVar[bool] = True
 
@@ -306,6 +311,7 @@ class Retrieve(OnSession):
 class Peek(OnSession):
     """``peek``: the live session as it is."""
 
+    method: ClassVar[str] = "peek"
     access_only: ClassVar[bool] = True
 
     def apply(self, view: View) -> Session:
@@ -314,6 +320,7 @@ class Peek(OnSession):
 
 @dataclass(slots=True)
 class Touch(OnSession):
+    method: ClassVar[str] = "touch"
     access_only: ClassVar[bool] = True
     touches: ClassVar[bool] = True
 
@@ -323,6 +330,8 @@ class Touch(OnSession):
 
 @dataclass(slots=True)
 class SetTTL(OnSession):
+    method: ClassVar[str] = "set_ttl"
+
     timeout_ms: int | None
 
     def apply(self, view: View) -> None:
@@ -360,6 +369,8 @@ def _store_new_metadata(view: View, session: Session, metadata: object) -> Sessi
 class Update(OnSession):
     """``update(id, fn)``: ``fn(metadata) -> dict`` runs here, so it is atomic per session."""
 
+    method: ClassVar[str] = "update"
+
     fn: Callable[[dict[str, Any]], dict[str, Any]]
     expected_version: int | None = None
 
@@ -381,6 +392,8 @@ class Update(OnSession):
 class Patch(OnSession):
     """The wire form of update: set some keys, remove others."""
 
+    method: ClassVar[str] = "update"
+
     set: dict[str, Any]
     unset: tuple[str, ...]
     expected_version: int | None = None
@@ -398,6 +411,8 @@ class Patch(OnSession):
 class Delete(OnSession):
     """``delete(id)``: idempotent; True if a live session was removed."""
 
+    method: ClassVar[str] = "delete"
+
     def apply(self, view: View) -> bool:
         session = view.stored(self.id)
         if session is None:
@@ -409,6 +424,8 @@ class Delete(OnSession):
 @dataclass(slots=True)
 class Rotate(OnSession):
     """Give a session a new id and retire the old one, in one transaction."""
+
+    method: ClassVar[str] = "rotate"
 
     new_id: str = ""
 
@@ -431,6 +448,8 @@ class Rotate(OnSession):
 @dataclass(slots=True)
 class CleanupExpired(Operation):
     """Remove up to ``limit`` expired sessions; the answer is how many went."""
+
+    method: ClassVar[str] = "cleanup_expired"
 
     limit: int
     candidates: list[str] = field(default_factory=list)
@@ -458,6 +477,8 @@ class CleanupExpired(Operation):
 class ListPage(Operation):
     """One page of live sessions; with ``where``, deletes the page's sessions that match."""
 
+    method: ClassVar[str] = "list_page"
+
     cursor: str | None
     limit: int
     page: list[Session] = field(default_factory=list)
@@ -479,6 +500,8 @@ class ListPage(Operation):
 @dataclass(slots=True)
 class DeleteWhere(Operation):
     """Delete the sessions of one page whose ``metadata[key] == value``; (count, next cursor)."""
+
+    method: ClassVar[str] = "delete_where"
 
     key: str
     value: Any
@@ -509,6 +532,8 @@ class DeleteWhere(Operation):
 
 @dataclass(slots=True)
 class Count(Operation):
+    method: ClassVar[str] = "count"
+
     def reads_store(self, limits: Limits) -> bool:
         return True
 
@@ -520,8 +545,27 @@ class Count(Operation):
 
 
 @dataclass(slots=True)
+class Probe(Operation):
+    """``health``: one small read of the store (its clock mark) through the manager's
+    mailbox, so the answer says that the manager runs and the store answers. Answer: None."""
+
+    method: ClassVar[str] = "health"
+
+    def reads_store(self, limits: Limits) -> bool:
+        return True
+
+    async def read(self, view: View) -> None:
+        await view.store.load_mark()
+
+    def apply(self, view: View) -> None:
+        return None
+
+
+@dataclass(slots=True)
 class ImportSessions(Operation):
     """Restore sessions from a backup; those whose id is in use are skipped. Answer: how many."""
+
+    method: ClassVar[str] = "import_sessions"
 
     sessions: list[Session]
 

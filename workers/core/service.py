@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 import sniffio
 import trio
 
+import workers
 from supervisor import (
+    ActorRef,
     CallTimeout,
     ChildSpec,
     NoProc,
@@ -39,14 +43,22 @@ from supervisor import (
     StartError,
     Strategy,
     Supervisor,
+    SupervisorEvent,
     call,
     exit_actor,
     send_request,
     unwrap,
+    whereis,
 )
 
 from ..record.codec import DEFAULT_MAX_METADATA_BYTES, canonical_metadata, copy_metadata
-from ..record.errors import InvalidMetadata, InvalidRequest, ServiceUnavailable, SessionError
+from ..record.errors import (
+    InvalidMetadata,
+    InvalidRequest,
+    ServiceUnavailable,
+    SessionError,
+    describe,
+)
 from ..record.session import (
     DEFAULT,
     Session,
@@ -59,6 +71,7 @@ from ..record.session import (
 from ..stores import Store, canonical_backend, make_store
 from .api import METHODS, Kind, Method
 from .manager import ManagerCounters, ManagerSettings, ServiceClock, SessionManager
+from .metrics import Metrics
 from .operations import (
     CleanupExpired,
     Count,
@@ -71,6 +84,7 @@ from .operations import (
     Operation,
     Patch,
     Peek,
+    Probe,
     Retrieve,
     Rotate,
     SetTTL,
@@ -94,6 +108,8 @@ CRASH_NAME_WAIT = 5.0
 MAX_PAGE_SIZE = 10_000
 #: Longest cursor ``list_page`` accepts (cursors are ids, or a store's short prefix and an id).
 MAX_CURSOR_LENGTH = 1024
+#: Longest text ``tree()`` gives for a child's last exit.
+MAX_EXIT_TEXT = 200
 
 
 class InjectedCrash(RuntimeError):
@@ -131,6 +147,10 @@ class SessionService:
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
         #: Restarts of the service's children since it started (read by ``stats``).
         self.restarts = 0
+        #: The figures ``stats()`` reports (kept across manager restarts).
+        self.telemetry = Metrics()
+        #: The supervision tree, once built (read by ``tree()``).
+        self._tree: Supervisor | None = None
         #: What the managers count for operators (store warnings), across their restarts.
         self.counters = ManagerCounters()
 
@@ -139,6 +159,23 @@ class SessionService:
             return await call(self._manager, op, timeout=self._call_timeout)
         except (NoProc, ServerDown, CallTimeout) as exc:
             raise self._unavailable(exc) from exc
+
+    async def _request(self, method: str, build: Callable[..., Operation], *args: Any) -> Any:
+        """``build(*args)`` run by the manager: one request of ``method``, counted and timed
+        (its arguments' errors too). The hot path of every single-operation method, so the
+        recording is written out here rather than in a context manager (see ``metrics``)."""
+        start = perf_counter()
+        try:
+            result = await call(self._manager, build(*args), timeout=self._call_timeout)
+        except (NoProc, ServerDown, CallTimeout) as exc:
+            error = self._unavailable(exc)
+            self.telemetry.observe(method, perf_counter() - start, error)
+            raise error from exc
+        except Exception as exc:
+            self.telemetry.observe(method, perf_counter() - start, exc)
+            raise
+        self.telemetry.observe(method, perf_counter() - start)
+        return result
 
     def _unavailable(self, exc: Exception) -> ServiceUnavailable:
         if isinstance(exc, CallTimeout):
@@ -172,6 +209,13 @@ class SessionService:
             raise InvalidMetadata("unset takes metadata keys, which are strings")
         return Patch(check_id(session_id), changes, keys, _version(version))
 
+    def _build_update(
+        self, session_id: str, fn: Callable[[dict[str, Any]], dict[str, Any]], version: Any
+    ) -> Update:
+        if not callable(fn):
+            raise TypeError(f"update takes a function metadata -> dict, not {fn!r}")
+        return Update(check_id(session_id), fn, _version(version))
+
     def _build_touch(self, session_id: str) -> Touch:
         return Touch(check_id(session_id))
 
@@ -194,14 +238,14 @@ class SessionService:
         """
         entry = METHODS.get(method) if isinstance(method, str) else method
         if entry is None or entry.kind is not Kind.OPERATION:
-            raise InvalidRequest(f"{method!r:.80} is not a method that is one operation")
+            raise InvalidRequest(f"{describe(method)} is not a method that is one operation")
         build: Callable[..., Operation] = getattr(self, entry.builder)
         return build(*args)
 
     async def run(self, op: Operation) -> Any:
         """Have the manager run ``op`` and return its answer as it is (shared with the store:
-        read-only; the public methods hand out copies)."""
-        return await self._call(op)
+        read-only; the public methods hand out copies). Counted as a request of its method."""
+        return await self._request(op.method, _given, op)
 
     def submit(self, op: Operation, on_reply: Callable[[Any, Exception | None], object]) -> None:
         """Send ``op`` to the manager without waiting; ``on_reply(value, error)`` gets the answer.
@@ -215,9 +259,12 @@ class SessionService:
         falls back to :meth:`run`, which waits for both.
         """
 
+        telemetry, start = self.telemetry, perf_counter()
+
         def settle(value: Any, error: Exception | None) -> object:
             if isinstance(error, (ServerDown, CallTimeout)):
                 error = self._unavailable(error)
+            telemetry.observe(op.method, perf_counter() - start, error)
             return on_reply(value, error)
 
         send_request(self._manager, op, settle, self._call_timeout)
@@ -226,15 +273,15 @@ class SessionService:
 
     async def create(self, metadata: dict[str, Any] | None = None, ttl: Any = DEFAULT) -> str:
         """Store a new session and return its id. ``ttl`` is idle seconds, None for never."""
-        return await self._call(self._build_create(metadata, ttl))
+        return await self._request("create", self._build_create, metadata, ttl)
 
     async def retrieve(self, session_id: str) -> Session:
         """The live session ``session_id``; refreshes its access time."""
-        return _copy(await self._call(self._build_retrieve(session_id)))
+        return _copy(await self._request("retrieve", self._build_retrieve, session_id))
 
     async def peek(self, session_id: str) -> Session:
         """The live session ``session_id``, leaving its access time alone."""
-        return _copy(await self._call(self._build_peek(session_id)))
+        return _copy(await self._request("peek", self._build_peek, session_id))
 
     async def update(
         self,
@@ -250,10 +297,9 @@ class SessionService:
         on a copy of the metadata; if it raises or returns a non-dict, :class:`UpdateFailed`
         and nothing changes.
         """
-        if not callable(fn):
-            raise TypeError(f"update takes a function metadata -> dict, not {fn!r}")
-        op = Update(check_id(session_id), fn, _version(expected_version))
-        return _copy(await self._call(op))
+        return _copy(
+            await self._request("update", self._build_update, session_id, fn, expected_version)
+        )
 
     async def patch(
         self,
@@ -264,42 +310,47 @@ class SessionService:
         expected_version: int | None = None,
     ) -> Session:
         """Set some metadata keys and remove others (the daemon's form of ``update``)."""
-        op = self._build_patch(session_id, set, unset, expected_version)
-        return _copy(await self._call(op))
+        patch = self._build_patch
+        return _copy(await self._request("patch", patch, session_id, set, unset, expected_version))
 
     async def touch(self, session_id: str) -> None:
         """Refresh the access time of a live session."""
-        await self._call(self._build_touch(session_id))
+        await self._request("touch", self._build_touch, session_id)
 
     async def set_ttl(self, session_id: str, ttl: float | None) -> None:
         """Change a live session's idle timeout (seconds, None for never)."""
-        await self._call(self._build_set_ttl(session_id, ttl))
+        await self._request("set_ttl", self._build_set_ttl, session_id, ttl)
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session; True if a live one was removed. Deleting twice is fine."""
-        return await self._call(self._build_delete(session_id))
+        return await self._request("delete", self._build_delete, session_id)
 
     async def rotate(self, session_id: str) -> str:
         """Move a live session to a fresh id, retiring the old one (session-fixation defence)."""
-        return await self._call(self._build_rotate(session_id))
+        return await self._request("rotate", self._build_rotate, session_id)
 
     async def delete_where(self, key: str, value: Any) -> int:
         """Delete every session whose ``metadata[key] == value`` ("log out everywhere")."""
-        if not isinstance(key, str):
-            raise InvalidMetadata("metadata keys are strings")
-        removed, cursor = 0, None
-        while True:
-            n, cursor = await self._call(DeleteWhere(key, value, cursor, self._page_size))
-            removed += n
-            if cursor is None:
-                return removed
+        with self.telemetry.measure("delete_where"):
+            if not isinstance(key, str):
+                raise InvalidMetadata("metadata keys are strings")
+            removed, cursor = 0, None
+            while True:
+                n, cursor = await self._call(DeleteWhere(key, value, cursor, self._page_size))
+                removed += n
+                if cursor is None:
+                    return removed
 
     async def list_page(
         self, cursor: str | None = None, limit: int = 100
     ) -> tuple[list[Session], str | None]:
         """One page of live sessions and the cursor of the next page (None after the last)."""
+        with self.telemetry.measure("list_page"):
+            return await self._list_page(cursor, limit)
+
+    async def _list_page(self, cursor: str | None, limit: int) -> tuple[list[Session], str | None]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {limit!r:.40}")
+            raise ValueError(f"limit is an int from 1 to {MAX_PAGE_SIZE}, got {describe(limit)}")
         if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_LENGTH):
             raise ValueError("cursor is the string a previous page gave, or None")
         page, next_cursor = await self._call(ListPage(cursor, limit))
@@ -307,26 +358,28 @@ class SessionService:
 
     async def list_sessions(self) -> list[Session]:
         """Every live session (pages through the store; prefer ``list_page`` for large ones)."""
-        sessions: list[Session] = []
-        cursor = None
-        while True:
-            page, cursor = await self.list_page(cursor, self._page_size)
-            sessions.extend(page)
-            if cursor is None:
-                return sessions
+        with self.telemetry.measure("list_sessions"):
+            sessions: list[Session] = []
+            cursor = None
+            while True:
+                page, cursor = await self._list_page(cursor, self._page_size)
+                sessions.extend(page)
+                if cursor is None:
+                    return sessions
 
     async def count(self) -> int:
         """The number of live sessions."""
-        return await self._call(Count())
+        return await self._request("count", Count)
 
     async def cleanup_expired(self) -> int:
         """Remove every expired session now, in bounded batches; returns how many went."""
-        removed = 0
-        while True:
-            n = await self._call(CleanupExpired(self._sweep_batch))
-            removed += n
-            if n < self._sweep_batch:
-                return removed
+        with self.telemetry.measure("cleanup_expired"):
+            removed = 0
+            while True:
+                n = await self._call(CleanupExpired(self._sweep_batch))
+                removed += n
+                if n < self._sweep_batch:
+                    return removed
 
     async def import_sessions(self, sessions: Sequence[Session]) -> int:
         """Store sessions from a backup as they are; ids already in use are skipped.
@@ -335,32 +388,112 @@ class SessionService:
         metadata as ``create`` checks it): one bad record refuses the whole call
         (:class:`InvalidSession`, :class:`InvalidMetadata`...), and nothing is written.
         """
-        checked = [
-            build_session(
-                s.id,
-                s.created_at,
-                s.last_accessed,
-                s.timeout_ms,
-                canonical_metadata(check_record(s).metadata, self._max_metadata_bytes),
-                s.version,
-            )
-            for s in sessions
-        ]
-        return await self._call(ImportSessions(checked))
+        with self.telemetry.measure("import_sessions"):
+            checked = [
+                build_session(
+                    s.id,
+                    s.created_at,
+                    s.last_accessed,
+                    s.timeout_ms,
+                    canonical_metadata(check_record(s).metadata, self._max_metadata_bytes),
+                    s.version,
+                )
+                for s in sessions
+            ]
+            return await self._call(ImportSessions(checked))
 
     async def get_backend(self) -> str:
         """The canonical backend name (the seed's ``get_backend``)."""
-        return self.backend
+        with self.telemetry.measure("get_backend"):
+            return self.backend
 
     async def stats(self) -> dict[str, Any]:
-        """Figures for operators: backend, live sessions, restarts, store warnings, uptime."""
+        """Figures for operators: :meth:`metrics` plus ``sessions``, the live sessions (which
+        asks the store, so refreshes waiting to be written are written first)."""
+        with self.telemetry.measure("stats"):
+            sessions = await self._call(Count())
+            figures = self._figures()
+            return {"backend": figures.pop("backend"), "sessions": sessions, **figures}
+
+    async def metrics(self) -> dict[str, Any]:
+        """Figures for operators, without asking the store anything.
+
+        ``backend``, ``version``, ``pid``, ``uptime_s``, ``restarts`` (all children) and
+        ``restarts_by_child``; ``requests`` and, per method, ``methods[name]`` with its
+        ``count``, ``errors`` by class and its ``latency`` histogram (``count``, ``sum_ms``,
+        ``p50_ms``, ``p99_ms``, cumulative ``buckets`` by upper bound in seconds); ``errors``
+        by class over all methods; ``batches`` (the manager's batch sizes, same form, and
+        ``inline``: requests answered in the caller's task); ``cache`` (``hits``, ``misses``,
+        ``hit_rate``; zero without a read cache); ``store_errors`` by class; the manager's
+        ``mailbox`` depth; ``store_warnings``; and, in a daemon, its own: ``connections``
+        (open), ``unauthenticated``, ``buffered_bytes``, ``connections_accepted``,
+        ``connections_refused``, ``connections_evicted``, ``auth_failures``, ``timeouts`` and
+        ``invalid_messages``. See :mod:`workers.core.metrics`.
+        """
+        with self.telemetry.measure("metrics"):
+            return self._figures()
+
+    def _figures(self) -> dict[str, Any]:
+        try:
+            mailbox: int | None = whereis(self._manager).message_queue_len
+        except NoProc:
+            mailbox = None  # restarting
         return {
             "backend": self.backend,
-            "sessions": await self.count(),
-            "restarts": self.restarts,
+            "version": workers.__version__,
+            "pid": os.getpid(),
             "store_warnings": self.counters.store_warnings,
             "uptime_s": round(time.monotonic() - self._started, 3),
+            "restarts": self.restarts,
+            "mailbox": mailbox,
+            **self.telemetry.snapshot(),
         }
+
+    async def tree(self) -> dict[str, Any]:
+        """The supervision tree as it is now, for observers (``sessiond top``).
+
+        ``{"supervisor": name, "strategy", "intensity", "period", "children": [...]}``, a
+        child being ``{"id", "running", "restarts", "last_exit", "restart"}`` (``last_exit``:
+        None, ``"normal"``, ``"shutdown"`` or ``"ErrorClass: message"``) plus ``mailbox``, the
+        messages waiting, for a running actor.
+        """
+        with self.telemetry.measure("tree"):
+            tree = self._tree
+            if tree is None:
+                raise ServiceUnavailable("the service tree is not running")
+            try:
+                infos = tree.which_children()
+            except NoProc:
+                raise ServiceUnavailable("the service tree is not running") from None
+            children = []
+            for info in infos:
+                child: dict[str, Any] = {
+                    "id": str(info.id),
+                    "running": info.running,
+                    "restarts": info.restarts,
+                    "last_exit": _exit_text(info.last_exit),
+                    "restart": info.restart.value,
+                }
+                if isinstance(info.value, ActorRef):
+                    child["mailbox"] = info.value.message_queue_len
+                children.append(child)
+            return {
+                "supervisor": tree.name,
+                "strategy": Strategy.REST_FOR_ONE.value,
+                "intensity": tree.intensity,
+                "period": tree.period,
+                "children": children,
+            }
+
+    async def health(self) -> dict[str, Any]:
+        """Ready only when the manager runs and the store answers: one small store read
+        through the manager's mailbox. ``{"status": "ready", "backend", "store_ms"}``, or the
+        error that says why not (``ServiceUnavailable``, ``StoreError``)."""
+        with self.telemetry.measure("health"):
+            start = perf_counter()
+            await self._call(Probe())
+            elapsed_ms = round((perf_counter() - start) * 1000, 3)
+            return {"status": "ready", "backend": self.backend, "store_ms": elapsed_ms}
 
     async def crash_actor(self, name: str) -> bool:
         """Fault injection: crash the service's ``"manager"`` or ``"cleanup"`` actor now.
@@ -371,18 +504,19 @@ class SessionService:
         only when started with ``allow_fault_injection``. Waits up to a few seconds for an
         actor that is being restarted; ``ServiceUnavailable`` if none comes.
         """
-        actor = self.actors.get(name) if isinstance(name, str) else None
-        if actor is None:
-            known = ", ".join(self.actors)
-            raise InvalidRequest(f"crash_actor: no actor {name!r:.80} (known: {known})")
-        log.warning("fault injection: crashing the %s actor", name)
-        try:
-            await exit_actor(
-                actor, InjectedCrash(f"injected crash of {name}"), name_wait=CRASH_NAME_WAIT
-            )
-        except NoProc:
-            raise ServiceUnavailable(f"the {name} actor is not running; retry") from None
-        return True
+        with self.telemetry.measure("crash_actor"):
+            actor = self.actors.get(name) if isinstance(name, str) else None
+            if actor is None:
+                known = ", ".join(self.actors)
+                raise InvalidRequest(f"crash_actor: no actor {describe(name)} (known: {known})")
+            log.warning("fault injection: crashing the %s actor", name)
+            try:
+                await exit_actor(
+                    actor, InjectedCrash(f"injected crash of {name}"), name_wait=CRASH_NAME_WAIT
+                )
+            except NoProc:
+                raise ServiceUnavailable(f"the {name} actor is not running; retry") from None
+            return True
 
 
 def _version(expected_version: object) -> int | None:
@@ -392,6 +526,19 @@ def _version(expected_version: object) -> int | None:
             f"expected_version is an int or None, not {type(expected_version).__name__}"
         )
     return expected_version
+
+
+def _given(op: Operation) -> Operation:
+    """The builder of an operation built already (``run``)."""
+    return op
+
+
+def _exit_text(reason: object) -> str | None:
+    """A child's last exit as ``tree()`` shows it."""
+    if reason is None or isinstance(reason, str):
+        return reason
+    text = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+    return text[:MAX_EXIT_TEXT]
 
 
 def _copy(session: Session) -> Session:
@@ -432,6 +579,7 @@ async def run_session_service(
     extra_children: Callable[[SessionService], Sequence[ChildSpec]] | None = None,
     store: Store | None = None,
     read_only: bool = False,
+    on_event: Callable[[SupervisorEvent], object] | None = None,
     task_status: trio.TaskStatus[SessionService] = trio.TASK_STATUS_IGNORED,
     **store_options: Any,
 ) -> None:
@@ -451,6 +599,11 @@ async def run_session_service(
     (no clock marks; the disk and lmdb stores open read-only and refuse commits), for tools that
     only look. A store that cannot be opened raises its ``StoreError`` here, bare. If the tree
     exceeds its restart budget this raises ``SupervisorShutdown`` after stopping everything.
+
+    ``on_event(event)`` is called with every :class:`~supervisor.SupervisorEvent` of the tree
+    (``event.kind``: ``"start"``, ``"restart"``, ``"exit"``, ``"escalate"``...; ``child_id``;
+    ``reason``, the exception of a crash), in the tree's own task: keep it quick, and do not
+    raise (an exception from it is logged and ignored). The same counts are in ``stats()``.
     """
     _check_options(cleanup_interval, max_sessions, max_metadata_bytes)
     if store is None:
@@ -491,6 +644,7 @@ async def run_session_service(
             settings,
             ServiceClock(clock or time.time, persist=not read_only),
             service.counters,
+            service.telemetry,
             name=service._manager,
         ),
         Sweeper.child_spec(
@@ -499,17 +653,20 @@ async def run_session_service(
         *(extra_children(service) if extra_children else ()),
     ]
 
-    def count_restarts(event: Any) -> None:
-        if getattr(event, "kind", None) == "restart":
+    def tree_event(event: SupervisorEvent) -> None:
+        if event.kind == "restart":
             service.restarts += 1
+        service.telemetry.child_event(event.kind, event.child_id)
+        if on_event is not None:
+            on_event(event)
 
-    tree = Supervisor(
+    tree = service._tree = Supervisor(
         children,
         strategy=Strategy.REST_FOR_ONE,
         intensity=intensity,
         period=period,
         name=f"sessions-{n}",
-        on_event=count_restarts,
+        on_event=tree_event,
     )
     async with trio.open_nursery() as nursery:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import InvalidMetadata, SessionTooLarge, StoreError
+from .errors import InvalidMetadata, SessionTooLarge, StoreError, describe
 from .session import Session
 
 RECORD_FORMAT = 1
@@ -79,7 +79,7 @@ def canonical_metadata(metadata: object, max_bytes: int) -> dict[str, Any]:
         raise InvalidMetadata(f"metadata is a dict, not {type(metadata).__name__}")
     for key in metadata:
         if not isinstance(key, str):
-            raise InvalidMetadata(f"metadata keys are strings, got {key!r:.80}")
+            raise InvalidMetadata(f"metadata keys are strings, got {describe(key)}")
     try:
         data = pack(metadata)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -10,6 +10,8 @@ by the daemon's clients: an error crosses the wire as its class name and message
 
 from __future__ import annotations
 
+import msgpack
+
 
 class SessionError(Exception):
     """Base class of every error the session service raises on purpose."""
@@ -105,6 +107,27 @@ ERRORS: dict[str, type[SessionError]] = {
         InternalError,
     )
 }
+
+
+def describe(value: object, width: int = 40) -> str:
+    """A short description of a value that arrived, for error messages and logs.
+
+    Its cost and length are bounded whatever the value holds: containers are described by
+    their size, strings and bytes by their first ``width`` characters. Never ``repr`` a
+    value from the wire: that walks all of it.
+    """
+    if isinstance(value, list):
+        return f"an array of {len(value)}"
+    if isinstance(value, dict):
+        return f"a map of {len(value)}"
+    if isinstance(value, str | bytes):
+        more = f"... ({len(value)} long)" if len(value) > width else ""
+        return f"{value[:width]!r}{more}"
+    if isinstance(value, msgpack.ExtType):
+        return f"ext type {value.code} of {len(value.data)} bytes"
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)[:width]  # msgpack ints are 64-bit at most
+    return type(value).__name__
 
 
 def error_to_wire(exc: SessionError) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from .errors import InvalidSession, InvalidSessionId, InvalidTTL
+from .errors import InvalidSession, InvalidSessionId, InvalidTTL, describe
 
 
 class _Default:
@@ -125,7 +125,8 @@ def check_id(session_id: object) -> str:
         raise InvalidSessionId(f"a session id is a str, not {type(session_id).__name__}")
     if not 0 < len(session_id) <= MAX_ID_LENGTH or not session_id.isprintable():
         raise InvalidSessionId(
-            f"a session id is 1 to {MAX_ID_LENGTH} printable characters, got {session_id!r:.80}"
+            f"a session id is 1 to {MAX_ID_LENGTH} printable characters, "
+            f"got {describe(session_id, 80)}"
         )
     return session_id
 
@@ -156,6 +157,7 @@ def check_record(session: Session) -> Session:
     has its own rules and size limit: :func:`workers.record.codec.canonical_metadata`).
     """
     check_id(session.id)
+    which = f"session {describe(session.id)}"
     for name, value, high in (
         ("created_at", session.created_at, MAX_TIME_MS),
         ("last_accessed", session.last_accessed, MAX_TIME_MS),
@@ -166,10 +168,12 @@ def check_record(session: Session) -> Session:
             continue
         if type(value) is not int or not 0 <= value <= high:
             raise InvalidSession(
-                f"session {session.id!r:.40}: {name} is an int from 0 to {high}, got {value!r:.40}"
+                f"{which}: {name} is an int from 0 to {high}, got {describe(value)}"
             )
     if session.timeout_ms == 0 or session.version == 0:
-        raise InvalidSession(f"session {session.id!r:.40}: timeout_ms and version are at least 1")
+        raise InvalidSession(
+            f"session {describe(session.id)}: timeout_ms and version are at least 1"
+        )
     if not isinstance(session.metadata, dict):
-        raise InvalidSession(f"session {session.id!r:.40}: metadata is a map")
+        raise InvalidSession(f"{which}: metadata is a map")
     return session

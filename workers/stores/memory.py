@@ -64,7 +64,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
 
-from ..record.errors import StoreError
+from ..record.errors import StoreError, describe
 from ..record.session import Session
 from .base import (
     Delete,
@@ -289,4 +289,4 @@ def _parse_cursor(cursor: str | None) -> tuple[int, str]:
     index, sep, after = cursor.partition(":")
     if sep and index.isdigit() and int(index) < _BUCKETS:
         return int(index), after
-    raise StoreError(f"not a memory store scan cursor: {cursor!r:.80}")
+    raise StoreError(f"not a memory store scan cursor: {describe(cursor)}")

@@ -148,7 +148,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import NoRetryPolicy
 
 from ..record.codec import decode_session, encode_session
-from ..record.errors import ServiceUnavailable, SessionError, StoreError
+from ..record.errors import ServiceUnavailable, SessionError, StoreError, describe
 from ..record.session import Session
 from .base import (
     Delete,
@@ -237,6 +237,9 @@ class RedisStore:
         Also ``?wait_replicas=`` in the URL.
     :param wait_timeout: seconds a commit waits for them before it fails with
         ``ServiceUnavailable``. Also ``?wait_timeout=`` in the URL.
+    :param create: with False, ``open`` refuses (:class:`StoreError` naming the URL and the
+        prefix) a prefix under which no service ever kept sessions: no id index and no clock
+        mark. For tools that must not take a typo for an empty store.
     """
 
     backend = "redis"
@@ -253,6 +256,7 @@ class RedisStore:
         buckets: int | None = None,
         wait_replicas: int | None = None,
         wait_timeout: float | None = None,
+        create: bool = True,
     ) -> None:
         if not prefix:
             raise ValueError("prefix must not be empty: the store would claim every key")
@@ -273,6 +277,7 @@ class RedisStore:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.expiry_grace = expiry_grace
+        self.create = create
         self._grace_ms = round(expiry_grace * 1000)
         heads = [f"{prefix}{{{tag}}}" for tag in bucket_tags(self.buckets)] if cluster else [prefix]
         self._buckets = [
@@ -336,6 +341,8 @@ class RedisStore:
                 raise await self._start_failure()
             try:
                 await self._check_form()
+                if not self.create:
+                    await self._check_exists()
             except ServiceUnavailable as exc:
                 raise StoreError(f"cannot open the redis store: {exc}") from None
             client = self._client
@@ -622,7 +629,7 @@ class RedisStore:
         index, sep, after = cursor.partition(":")
         if sep and index.isdigit() and int(index) < self.buckets and after:
             return int(index), after
-        raise StoreError(f"not a redis store scan cursor: {cursor!r:.80}")
+        raise StoreError(f"not a redis store scan cursor: {describe(cursor)}")
 
     # -- the client ----------------------------------------------------------------------------
 
@@ -680,6 +687,18 @@ class RedisStore:
                         f"({self._where}): use redis://{host}:{port}/0 (or redis+sentinel://)"
                     )
         return StoreError(f"cannot open the redis store at {self._where}: {error}")
+
+    async def _check_exists(self) -> None:
+        """StoreError unless sessions were ever kept under the prefix: its clock mark, or an
+        id index (a store filled by ``migrate`` has no mark). One key at a time: on a
+        cluster they live in different slots."""
+        for key in (self._mark_key, *(bucket.ids for bucket in self._buckets)):
+            if await self._call("EXISTS", lambda c, key=key: c.exists([key]), retry=True):
+                return
+        raise StoreError(
+            f"no redis store at {self._where} under prefix {self.prefix!r}: no session was "
+            "ever kept there (check --url and --prefix)"
+        )
 
     async def _check_form(self) -> None:
         """Refuse a URL whose form does not match what answers (see "Failures")."""

@@ -31,8 +31,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import coredis
 from coredis.connection import TCPLocation
 
-#: Query parameters that hold secrets: shown as ``***``.
-SECRET_PARAMETERS = frozenset(("password", "sentinel_password"))
+from .urls import SECRET_PARAMETERS, redact_url
+
 #: Query parameters of the store itself, with their types.
 STORE_PARAMETERS: dict[str, type] = {"buckets": int, "wait_replicas": int, "wait_timeout": float}
 
@@ -146,26 +146,6 @@ def _host_port(text: str, default_port: int, where: str) -> tuple[str, int]:
     if not host or (port and not port.isdigit()) or not 0 < int(port or default_port) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r} in {where}")
     return host, int(port or default_port)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with every password replaced by ``***`` (the one in the user part and those in
-    the query), fit for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable Redis URL>"
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = "&".join(
-        f"{piece.partition('=')[0]}=***"
-        if unquote(piece.partition("=")[0]) in SECRET_PARAMETERS
-        else piece
-        for piece in parts.query.split("&")
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def clients_for(target: RedisTarget, **options: Any) -> tuple[Any, ...]:

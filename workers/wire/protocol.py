@@ -83,6 +83,7 @@ from ..record.errors import (
     InternalError,
     ProtocolError,
     SessionError,
+    describe,
     error_to_wire,
 )
 
@@ -141,27 +142,6 @@ def decode_error(error: object) -> SessionError:
     ):
         return WIRE_ERRORS.get(error[0], SessionError)(error[1])
     return RemoteProtocolError(f"malformed error in a response: {describe(error)}")
-
-
-def describe(value: object, width: int = 40) -> str:
-    """A short description of a value that arrived, for error messages and logs.
-
-    Its cost and length are bounded whatever the value holds: containers are described by
-    their size, strings and bytes by their first ``width`` characters. Never ``repr`` a
-    value from the wire: that walks all of it.
-    """
-    if isinstance(value, list):
-        return f"an array of {len(value)}"
-    if isinstance(value, dict):
-        return f"a map of {len(value)}"
-    if isinstance(value, str | bytes):
-        more = f"... ({len(value)} long)" if len(value) > width else ""
-        return f"{value[:width]!r}{more}"
-    if isinstance(value, msgpack.ExtType):
-        return f"ext type {value.code} of {len(value.data)} bytes"
-    if value is None or isinstance(value, bool | int | float):
-        return repr(value)[:width]  # msgpack ints are 64-bit at most
-    return type(value).__name__
 
 
 class Role(enum.Enum):

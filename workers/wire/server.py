@@ -89,6 +89,7 @@ import trio
 from supervisor import NoProc
 
 from ..core.api import METHODS, Kind, Method
+from ..core.metrics import UNKNOWN_METHOD
 from ..core.service import SessionService
 from ..record.codec import pack
 from ..record.errors import (
@@ -97,6 +98,7 @@ from ..record.errors import (
     InvalidRequest,
     ServiceUnavailable,
     SessionError,
+    describe,
 )
 from .address import Address
 from .guard import FailureBudget, LogLimiter, peer_key
@@ -111,7 +113,6 @@ from .protocol import (
     RemoteProtocolError,
     Request,
     Role,
-    describe,
 )
 from .reactor import Reactor
 from .transport import (
@@ -215,15 +216,19 @@ class Server:
         self._reserve: int | None = None  # a descriptor kept free for refusing at EMFILE
         self.failures = FailureBudget(limits.max_auth_failures)
         self.logs = LogLimiter(log)
-        self.requests = 0
-        #: What the guards did, for ``stats``.
+        #: What the guards did, for ``stats`` (the service's metrics read it: see ``figures``).
         self.counters = {
+            "connections_accepted": 0,
             "connections_refused": 0,
             "connections_evicted": 0,
             "auth_failures": 0,
             "timeouts": 0,
             "invalid_messages": 0,
         }
+        #: The service's figures: the server counts there what it refuses before the service
+        #: sees it, and adds its own (:meth:`figures`).
+        self.telemetry = service.telemetry
+        self.telemetry.add_source(self.figures)
         #: The methods this daemon answers: the table, less fault injection unless allowed.
         self.methods = {
             name: m
@@ -345,6 +350,7 @@ class Server:
         try:
             handler = _ConnectionHandler(self, raw, kind, peer, key)
             self._connections.add(handler)
+            self.counters["connections_accepted"] += 1
             if not handler.authenticated:
                 self._unauthenticated[kind][handler] = None
             await handler.run()
@@ -461,20 +467,34 @@ class Server:
         return method
 
     async def call(self, name: str, params: list[Any]) -> Any:
-        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses."""
-        self.requests += 1
+        """Run RPC method ``name`` and return its wire result; raises SessionError subclasses.
+
+        The service counts and times what it runs; what is refused before it gets there
+        (unknown method, bad arguments) is counted here, as are the daemon's own methods.
+        """
         try:
             method = self.method(name)
             args = method.decode_params(params)
-            if method.kind is Kind.OPERATION:
-                result = await self.service.run(self.service.operation(method, *args))
+            op = self.service.operation(method, *args) if method.kind is Kind.OPERATION else None
+        except Exception as exc:
+            raise self._refused(name, exc) from None
+        try:
+            if op is not None:
+                result = await self.service.run(op)
             elif method.kind is Kind.SERVICE:
                 result = await getattr(self.service, name)(*args)
             else:
-                result = await getattr(self, f"_{name}")(*args)
+                with self.telemetry.measure(name):
+                    result = await getattr(self, f"_{name}")(*args)
             return method.encode_result(result)
         except Exception as exc:
             raise _wire_error(name, exc) from None
+
+    def _refused(self, name: str, exc: Exception) -> SessionError:
+        """Count a request refused before it reached the service; what its caller is told."""
+        error = _wire_error(name, exc)
+        self.telemetry.refused(name if name in self.methods else UNKNOWN_METHOD, error)
+        return error
 
     def submit(
         self, name: str, params: list[Any], on_reply: Callable[[Any, SessionError | None], None]
@@ -501,27 +521,24 @@ class Server:
         try:
             op = self.service.operation(method, *method.decode_params(params))
         except Exception as exc:  # arguments the method refused
-            on_reply(None, _wire_error(name, exc))
+            on_reply(None, self._refused(name, exc))
         else:
             try:
                 self.service.submit(op, settle)
             except (NoProc, trio.WouldBlock):
                 return False  # call() runs it, and counts it
-        self.requests += 1
         return True
 
     async def _ping(self) -> str:
         return "pong"
 
-    async def _stats(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
+        """The daemon's own figures, in the service's ``stats()`` and ``metrics()``."""
         return {
-            **await self.service.stats(),
             "connections": len(self._connections),
             "unauthenticated": sum(len(w) for w in self._unauthenticated.values()),
             "buffered_bytes": self.buffered,
             **self.counters,
-            "requests": self.requests,
-            "pid": os.getpid(),
         }
 
 
@@ -842,6 +859,10 @@ class _ConnectionHandler:
             failure = AuthenticationFailed(
                 f"too many failed authentications from this address; retry in {wait} s"
             )
+        elif request.params == [None] and server.requires_token:
+            # Not a guess, so not held against the address: a client that was given no token.
+            failure = AuthenticationFailed("this daemon requires a token and none was given")
+            server.counters["auth_failures"] += 1
         elif len(request.params) != 1 or not server.authenticates(request.params[0]):
             failure = AuthenticationFailed("wrong token")
             server.counters["auth_failures"] += 1
