@@ -634,8 +634,15 @@ def _insert_run(database: _Database, items: list[Any], now: float, failed: set[s
 def _update_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
     """Puts over stored versions: the versions are read in one query, checked in order (a
     later Put of an id expects what the earlier one wrote), and the rows that pass are
-    written with one ``executemany``."""
+    written with one ``executemany``. One Put alone (one caller's update) goes row by row."""
     disk = database.disk
+    if len(items) == 1:
+        put, key, mode, value = items[0]
+        execute = database.execute
+        ok = key not in failed and _apply_put(execute, disk, now, put, key, mode, value)
+        if not ok:
+            failed.add(key)
+        return [ok]
     keys = list({key for _, key, _, _ in items})
     stored: dict[str, tuple[int, int]] = {}  # key -> (rowid, version)
     for start in range(0, len(keys), _LOAD_CHUNK):
