@@ -144,6 +144,8 @@ _CORRUPT = (
     lmdb.BadChecksumError,
 )
 _EXPIRY_OFFSET = 1 << 63
+#: Most creates written with one putmulti (and counted as touched at once).
+_RUN = 64
 _MIB = 1 << 20
 
 
@@ -361,19 +363,22 @@ class LmdbStore(ThreadedStore):
     def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
         """Apply ``writes`` in ``txn`` under the failed-write rule: a run of creates (the usual
         batch under load) with one ``putmulti`` per database, the rest one at a time."""
-        # Three pages a write: the record's, and the expiry index's for its old and new entry.
-        self._mapped.touched(3 * len(writes))
+        # Three pages a write (the record's, and the expiry index's for its old and new entry),
+        # counted as they are touched: a drop may come in the middle of a large commit.
+        touched = self._mapped.touched
         outcomes: list[bool] = []
         failed: set[str] = set()
         start, end = 0, len(writes)
         while start < end:
             stop = start
-            while stop < end and _is_create(writes[stop]):
+            while stop < end and stop - start < _RUN and _is_create(writes[stop]):
                 stop += 1
             if stop - start > 1 and self._create_all(txn, writes[start:stop], failed):
+                touched(3 * (stop - start))
                 outcomes += [True] * (stop - start)
                 start = stop
                 continue
+            touched(3)
             write = writes[start]
             ids = write_ids(write)
             ok = failed.isdisjoint(ids) and self._apply_one(txn, write)

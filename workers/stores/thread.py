@@ -84,6 +84,10 @@ class StoreThread:
         # Abort.FAILED: the job cannot be recalled, so cancellation waits for it to finish.
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
+    def is_current(self) -> bool:
+        """Whether the calling thread is this worker thread."""
+        return threading.current_thread() is self._thread
+
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on the worker thread after the jobs already queued, without waiting
         for it: a chore whose result nobody needs (a failure is logged)."""
@@ -246,9 +250,14 @@ class ThreadedStore:
     def _in_background(self, fn: Callable[..., object], *args: Any) -> None:
         """Run a chore on the store thread without waiting for it (it does not count as a job
         of ours: calls on the caller's thread go on meanwhile, so it must be safe alongside
-        them)."""
-        if self._thread is not None:
-            self._thread.submit(fn, *args)
+        them); at once when called on the store thread itself."""
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_current():
+            fn(*args)
+        else:
+            thread.submit(fn, *args)
 
     # The blocking side: see the class docstring.
 
