@@ -1,9 +1,12 @@
-"""Throughput against concurrency, drawn from benchmark records to a PNG (``run.py bench --plot``).
+"""Latency against concurrency, per store and its raw floor, to a PNG (``run.py bench --plot``).
 
-Two panels, create and retrieve: the embedded memory and disk stores and the daemon as solid
-lines, each with its floor dashed in the same colour (the bare channel request/reply, raw
-diskcache's sequential loop, redis-server under ``redis-benchmark``). A floor measured once,
-with no concurrency of its own, is drawn flat across the panel.
+One panel per operation (create, retrieve, update). Each store is a solid line: the latency a
+caller sees with 1, 4, 16 and 50 concurrent callers (callers over operations per second, in
+microseconds); its floor is dashed in the same colour: the raw library doing the same work
+one operation at a time (a floor measured with no concurrency of its own is drawn flat), or
+for the memory store the bare channel request/reply at the same concurrency. A store whose
+line meets its floor adds nothing to its library; at 50 callers a store below its floor
+answers faster than one caller alone could (group commit).
 
 matplotlib is an optional extra (``pip install -e '.[plot]'``); :func:`require_matplotlib`
 says so before anything is measured, and only :func:`draw` imports it.
@@ -19,17 +22,13 @@ from pathlib import Path
 from bench.records import Record
 
 INSTALL_HINT = "pip install -e '.[plot]'"
-PANELS = ("create", "retrieve")
-#: How the legend names each product: in process, or a daemon over TCP.
-PRODUCTS = {
-    "memory": "memory, embedded",
-    "disk": "disk, embedded",
-    "daemon": "daemon over TCP (disk)",
-}
-#: The records plotted: "memory create x50", "daemon retrieve c=50", ...
-_PLOTTED = re.compile(r"(?P<who>memory|disk|daemon) (?P<op>create|retrieve) (?:x|c=)(?P<n>\d+)")
-#: A floor measured at a concurrency of its own: "channel request/reply x50", "redis SET c=50".
-_AT_LEVEL = re.compile(r"(?P<label>.+) (?:x|c=)(?P<n>\d+)")
+PANELS = ("create", "retrieve", "update")
+#: The stores drawn, in this order (the legend's and the colours').
+STORES = ("memory", "disk", "lmdb", "redis")
+#: The records plotted: "memory create x50", "lmdb retrieve x4", ...
+_PLOTTED = re.compile(r"(?P<who>memory|disk|lmdb|redis) (?P<op>create|retrieve|update) x(?P<n>\d+)")
+#: A floor measured at a concurrency of its own: "channel request/reply x50".
+_AT_LEVEL = re.compile(r"(?P<label>.+) x(?P<n>\d+)")
 
 
 class PlotUnavailable(RuntimeError):
@@ -46,7 +45,7 @@ def require_matplotlib() -> None:
 
 @dataclass
 class Line:
-    """One line of a panel: ops/s by concurrency (key None: a floor without a concurrency)."""
+    """One line of a panel: latency in us by concurrency (key None: a floor without one)."""
 
     label: str
     floor: bool
@@ -54,35 +53,56 @@ class Line:
     points: dict[int | None, float] = field(default_factory=dict)
 
 
+def latency_us(ops_per_s: float, callers: int) -> float:
+    """What each of ``callers`` waits per operation when together they do ``ops_per_s``."""
+    return callers / ops_per_s * 1e6
+
+
 def lines(records: Sequence[Record]) -> dict[str, list[Line]]:
-    """The lines of each panel, products before floors, a floor coloured as its first product."""
-    panels: dict[str, dict[str, Line]] = {op: {} for op in PANELS}
-    floors: dict[str, dict[str, Line]] = {op: {} for op in PANELS}
-    colours: dict[str, int] = {}
+    """The lines of each panel: per store, its latency, then its floor's (same colour).
+
+    Only the records of the stores' own floors are drawn (a raw library, the channel): a
+    record against another floor (Erlang DETS, say) is left out.
+    """
+    panels: dict[str, dict[tuple[str, bool], Line]] = {op: {} for op in PANELS}
     for r in records:
         match = _PLOTTED.fullmatch(r["name"])
-        if match is None:
+        if match is None or r["ops_per_s"] is None:
+            continue
+        floor_name = r["floor_name"]
+        if not (floor_name.startswith("raw ") or floor_name.startswith("channel ")):
             continue
         who, op, n = match["who"], match["op"], int(match["n"])
-        colour = colours.setdefault(who, len(colours))
-        panels[op].setdefault(who, Line(PRODUCTS[who], False, colour)).points[n] = r["ops_per_s"]
-        at_level = _AT_LEVEL.fullmatch(r["floor_name"])
-        label, level = (
-            (at_level["label"], int(at_level["n"])) if at_level else (r["floor_name"], None)
-        )
-        floors[op].setdefault(label, Line(label, True, colour)).points[level] = r["floor_ops_per_s"]
-    return {op: [*panels[op].values(), *floors[op].values()] for op in PANELS}
+        colour = STORES.index(who)
+        at_level = _AT_LEVEL.fullmatch(floor_name)
+        if at_level is not None and floor_name.startswith("channel "):
+            label, level = at_level["label"], int(at_level["n"])
+        else:
+            label, level = floor_name, None
+        mine = panels[op].setdefault((who, False), Line(who, False, colour))
+        mine.points[n] = latency_us(r["ops_per_s"], n)
+        floor = panels[op].setdefault((who, True), Line(f"{who}: {label}", True, colour))
+        floor.points[level] = latency_us(r["floor_ops_per_s"], 1 if level is None else level)
+    return {
+        op: [line for key, line in sorted(panel.items(), key=_order)]
+        for op, panel in panels.items()
+    }
+
+
+def _order(item: tuple[tuple[str, bool], Line]) -> tuple[int, bool]:
+    (who, floor), _ = item
+    return STORES.index(who), floor
 
 
 def draw(records: Sequence[Record], path: Path) -> None:
-    """Write the two panels to ``path`` (PNG) with matplotlib's Agg backend: no display needed."""
+    """Write the panels to ``path`` (PNG) with matplotlib's Agg backend: no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 6.5), sharey=True)
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(16, 6.5), sharey=True)
     panels = lines(records)
     for ax, op in zip(axes, PANELS, strict=True):
         levels = sorted({n for line in panels[op] for n in line.points if n is not None})
@@ -99,15 +119,16 @@ def draw(records: Sequence[Record], path: Path) -> None:
                 ys = [line.points[n] for n in xs]
                 ax.plot(xs, ys, marker="." if line.floor else "o", **style)
         ax.set_xscale("log")
-        ax.set_xticks(levels, [str(n) for n in levels])
+        if levels:
+            ax.set_xticks(levels, [str(n) for n in levels])
         ax.set_yscale("log")
         ax.set_title(op)
-        ax.set_xlabel("concurrent callers / connections")
+        ax.set_xlabel("concurrent callers")
         ax.grid(True, alpha=0.3)
         # Below the panel, so that no line is hidden behind it.
         ax.legend(fontsize="small", ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    axes[0].set_ylabel("operations per second")
-    figure.suptitle("Throughput against concurrency (solid: product, dashed: its floor)")
+    axes[0].set_ylabel("latency per operation (us)")
+    figure.suptitle("Latency against concurrency (solid: the store, dashed: its floor)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -12,10 +12,12 @@ target             the ratio the issue asks for, or None when the record is only
 holds              whether ``ratio`` meets ``target`` in the record's direction; None without one
 =================  ===========================================================================
 
-A measurement that is not a rate (seconds to open, megabytes resident, milliseconds of p99
-latency) also has ``value``, ``floor_value`` (None when it is judged against a fixed limit
-instead of a floor), ``unit`` and ``better`` (``"lower"``); a limit such as "opens in under a
-second" is written as a floor of 1 s with a target ratio of 1.0.
+A rate measured with one caller may also have ``added_us``: the microseconds each operation
+takes beyond its floor's (service latency minus floor latency), which is what a lone caller
+pays for the service. A measurement that is not a rate (seconds to open, megabytes resident,
+milliseconds of p99 latency) also has ``value``, ``floor_value`` (None when it is judged
+against a fixed limit instead of a floor), ``unit`` and ``better`` (``"lower"``); a limit such
+as "opens in under a second" is written as a floor of 1 s with a target ratio of 1.0.
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ def throughput(
     floor_name: str,
     floor_ops_per_s: float,
     target: float | None = None,
+    *,
+    added_us: bool = False,
 ) -> Record:
-    """A rate next to its floor's rate; higher is better, so it holds when ratio >= target."""
+    """A rate next to its floor's rate; higher is better, so it holds when ratio >= target.
+
+    ``added_us=True`` (one caller: the rate is one over the latency) also records how many
+    microseconds an operation takes beyond the floor's.
+    """
     ratio = ops_per_s / floor_ops_per_s
+    extra = {"added_us": 1e6 / ops_per_s - 1e6 / floor_ops_per_s} if added_us else {}
     return {
         "name": name,
         "ops_per_s": ops_per_s,
@@ -42,6 +51,7 @@ def throughput(
         "ratio": ratio,
         "target": target,
         "holds": None if target is None else ratio >= target,
+        **extra,
     }
 
 

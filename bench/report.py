@@ -13,9 +13,12 @@ from pathlib import Path
 
 from bench.records import Record
 
-HEADER = ("benchmark", "rate / value", "floor", "floor rate / value", "ratio", "target", "holds")
+HEADER = (
+    "benchmark", "rate / value", "floor", "floor rate / value", "ratio", "added", "target",
+    "holds",
+)  # fmt: skip
 #: Which columns hold numbers, right-aligned; the others are names, left-aligned.
-NUMERIC = (False, True, False, True, True, False, False)
+NUMERIC = (False, True, False, True, True, True, False, False)
 
 
 def _number(value: float) -> str:
@@ -29,6 +32,12 @@ def _amount(rate: float | None, value: float | None, unit: str | None) -> str:
     if value is not None:
         return f"{_number(value)} {unit}"
     return "-"
+
+
+def added_text(record: Record) -> str:
+    """The microseconds an operation takes beyond its floor's (``+12.3 us``), or ``-``."""
+    added = record.get("added_us")
+    return "-" if added is None else f"{added:+.1f} us"
 
 
 def target_text(record: Record) -> str:
@@ -53,6 +62,7 @@ def row(record: Record) -> tuple[str, ...]:
         record["floor_name"],
         _amount(record["floor_ops_per_s"], record.get("floor_value"), unit),
         f"{record['ratio']:.2f}",
+        added_text(record),
         target_text(record),
         holds_text(record),
     )

@@ -4,7 +4,8 @@ The groups, in the order they run (each measures its floors in the same run):
 
 ========  ===================================================================================
 actor     ``ActorRef.call`` and ``call(name)`` against a bare channel request/reply
-sessions  the embedded service per store against its raw floor; memory against actor's floor
+sessions  the embedded service per store against its raw floor; memory against actor's floor;
+          disk create x50 against Erlang DETS (``bench/dets.py``, when ``escript`` is there)
 daemon    the daemon over TCP against ``redis-server`` under ``redis-benchmark``
 redis     the redis store on a server, a Redis Cluster and Sentinel against bare coredis
 scale     1,000,000 sessions: open time, memory, sweep latency (``bench/scale.py``, when there)
@@ -12,8 +13,9 @@ scale     1,000,000 sessions: open time, memory, sweep latency (``bench/scale.py
 
 The table is a report: :func:`main` returns 0 even when a target does not hold, and nonzero
 only when a group raised (the other groups still run and print) or the options were wrong.
-With ``--plot`` the actor and embedded memory/disk groups are also measured at 10 and 100
-callers, so the plot's points come from the same run as the table.
+With ``--plot`` the actor group and every embedded store are also measured at 4 and 16
+callers, so the plot's points (latency against concurrency) come from the same run as the
+table.
 """
 
 from __future__ import annotations
@@ -27,14 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import actor_calls, daemon, plot, redis, report, sessions
+from bench import actor_calls, daemon, dets, plot, redis, report, sessions
 from bench.records import Record
 
 GROUPS = ("actor", "sessions", "daemon", "redis", "scale")
 TABLE_CALLERS = (1, 50)
-PLOT_CALLERS = (1, 10, 50, 100)
-#: The backends the plot draws; the others are measured at the table's caller counts only.
-PLOTTED_BACKENDS = ("memory", "disk")
+PLOT_CALLERS = (1, 4, 16, 50)
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Sizes:
     session_ops: int
     daemon_requests: int
     redis_ops: int
+    dets_inserts: int
     scale_sessions: int
 
 
@@ -55,6 +56,7 @@ FULL = Sizes(
     session_ops=5_000,
     daemon_requests=20_000,
     redis_ops=5_000,
+    dets_inserts=20_000,
     scale_sessions=1_000_000,
 )
 QUICK = Sizes(
@@ -63,6 +65,7 @@ QUICK = Sizes(
     session_ops=1_000,
     daemon_requests=4_000,
     redis_ops=1_000,
+    dets_inserts=5_000,
     scale_sessions=100_000,
 )
 
@@ -88,17 +91,21 @@ def _sessions(run: Run) -> list[Record]:
         channel = None
         print("note: no actor group, so memory is compared with raw diskcache", file=sys.stderr)
     backends = sessions.available_backends(sessions.DEFAULT_REDIS_URL)
-    plotted = [b for b in backends if b in PLOTTED_BACKENDS]
-    others = [b for b in backends if b not in PLOTTED_BACKENDS]
-    ops = run.sizes.session_ops
-    return [
-        *sessions.run(ops, plotted, concurrency=run.callers, channel_floor=channel),
-        *sessions.run(ops, others, concurrency=TABLE_CALLERS),
-    ]
+    return sessions.run(
+        run.sizes.session_ops,
+        backends,
+        concurrency=run.callers,
+        channel_floor=channel,
+        dets_floor=dets.insert_rate(run.sizes.dets_inserts),
+    )
 
 
 def _daemon(run: Run) -> list[Record]:
-    return daemon.run(run.sizes.daemon_requests)
+    embedded = {r["name"]: r["ops_per_s"] for r in run.records.get("sessions", [])}
+    create = embedded.get(f"disk create x{daemon.TARGET_CONNECTIONS}")
+    if create is None:
+        print("note: no sessions group, so daemon create is not judged against it", file=sys.stderr)
+    return daemon.run(run.sizes.daemon_requests, create)
 
 
 def _redis(run: Run) -> list[Record]:

@@ -47,6 +47,12 @@ stores them.
    callers, each for a few seconds (the deferred access-time writes come once a second); each
    is reported next to the same rate at 10k, so a ratio near 1 means the cost does not grow
    with the store.
+5. **Reads of N sessions against the raw library (disk, lmdb).** On the same N-session store,
+   once no service holds it, a child reads random sessions with the raw library for a few
+   seconds (diskcache ``get``, or an LMDB read transaction's ``get``, and msgpack decoding),
+   one at a time: the floor of the service's retrieve with 1 and 50 callers over the same
+   key space (target >= 0.5). Nearly every such read misses the service's read cache, and
+   most write an access time (the stored one is older than the deferral allows).
 
 Linux only: memory is read from ``/proc/self/status``.
 """
@@ -69,14 +75,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import diskcache
+import lmdb
 import trio
 
 from bench.records import Record, measurement, throughput
 from workers import open_session_service
-from workers.record.codec import canonical_metadata
+from workers.record.codec import canonical_metadata, decode_session
 from workers.record.session import Session
 from workers.stores import make_store
 from workers.stores.base import Put, Store
+from workers.stores.disk import SessionDisk
+
+#: What a raw diskcache opened on a disk store passes: the store's own settings (diskcache
+#: writes the settings it is given, and its defaults would drop the expiry index).
+RAW_DISKCACHE_SETTINGS = {
+    "eviction_policy": "none",
+    "cull_limit": 0,
+    "size_limit": 2**63 - 1,
+    "disk_min_file_size": 2**63 - 1,
+    "tag_index": 1,
+    "statistics": 0,
+    "sqlite_mmap_size": 0,
+}
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("disk", "lmdb", "memory")
@@ -94,6 +115,8 @@ OPEN_LIMIT_S = 1.0
 RSS_LIMIT_MB = 150.0
 MEMORY_RATIO = 2.0
 SWEEP_P99_LIMIT_MS = 10.0
+#: Retrieve over N sessions against the raw library's get on the same store.
+RAW_GET_TARGET = 0.5
 
 
 # --- the records ---
@@ -157,6 +180,7 @@ async def _open_filled(backend: str, path: str | None, n: int) -> dict[str, Any]
     store = MemoryStore()
     await store.open()
     await _fill_store(store, n)
+    await store.close()  # the service opens it again: a memory store keeps its sessions
     return {"store": store}
 
 
@@ -355,12 +379,47 @@ async def child_memory(kind: str, n: int) -> dict[str, float]:
         return {"mb": grown, "held": await sessions.count()}
 
 
+async def child_raw_get(backend: str, path: str, n: int, seconds: float) -> dict[str, float]:
+    """Reads per second of random sessions with the raw library on the store at ``path``."""
+    rng = random.Random(7)
+    if backend == "disk":
+        cache = diskcache.Cache(path, disk=SessionDisk, **RAW_DISKCACHE_SETTINGS)
+
+        def get(sid: str) -> object:
+            return decode_session(cache.get(sid))
+
+        close = cache.close
+    else:
+        env = lmdb.open(path, max_dbs=3, readahead=False)
+        sessions = env.open_db(b"sessions", create=False)
+
+        def get(sid: str) -> object:
+            with env.begin(db=sessions) as txn:
+                return decode_session(txn.get(sid.encode()))
+
+        close = env.close
+    try:
+        for _ in range(2000):  # warm up, as the service's rates do
+            get(session_id(rng.randrange(n)))
+        done = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            for _ in range(100):
+                get(session_id(rng.randrange(n)))
+            done += 100
+        return {"ops_per_s": done / (time.perf_counter() - start)}
+    finally:
+        close()
+
+
 CHILDREN: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "fill": child_fill,
     "serve": child_serve,
     "rates": child_rates,
     "sweep": child_sweep,
     "memory": child_memory,
+    "raw_get": child_raw_get,
 }
 
 
@@ -425,6 +484,10 @@ def run(
                         records += _mapped_records(big, path, n, serve_s, served)
                 rates[size] = in_child("rates", backend=backend, path=path, n=size, seconds=rate_s)
                 _progress(f"{backend} @{label(size)}: {rates[size]}")
+                if size == n and path is not None:
+                    raw = in_child("raw_get", backend=backend, path=path, n=n, seconds=rate_s)
+                    _progress(f"{backend} raw get @{big}: {raw}")
+                    records += _raw_get_records(backend, big, rates[n], raw["ops_per_s"])
                 if size == n:
                     records += _sweeps(backend, big, path, n, rates[n])
                 if path is not None:
@@ -469,6 +532,20 @@ def _mapped_records(
             "limit",
             RSS_LIMIT_MB,
         ),
+    ]
+
+
+def _raw_get_records(backend: str, big: str, rates: dict[str, float], raw: float) -> list[Record]:
+    library = "diskcache" if backend == "disk" else "lmdb"
+    return [
+        throughput(
+            f"{backend} retrieve x{callers} @{big}",
+            rates[f"retrieve x{callers}"],
+            f"raw {library} get @{big}",
+            raw,
+            RAW_GET_TARGET,
+        )
+        for callers in (1, CALLERS)
     ]
 
 

@@ -38,16 +38,20 @@ its loop waiting for mail. Then every earlier message has been handled and no ha
 way through, so a synchronous handler that runs now sees exactly the state the next
 ``handle_call`` would, and nothing can interleave with it. ``_Process.idle`` is set by the loop
 just before it waits for mail and cleared by every send (a message handed straight to a
-waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell). There
-is deliberately no way to answer inline while a handler awaits: callers that keep the Trio
-thread busy meanwhile would starve of the GIL any worker thread the handler waits on.
+waiting receiver never shows in the mailbox's buffer, so the buffer alone cannot tell).
+
+A handler that waits on I/O may also let inline answers in while it waits
+(:meth:`Actor.answering`): the actor then counts as idle until the wait ends or a message
+arrives, and it is up to ``handle_call_inline`` to decline what the waiting handler is busy
+with. Callers answered at once keep the Trio thread busy, and a worker thread the handler
+waits on needs the GIL too: an actor that does this bounds how much it answers meanwhile.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import outcome
 import trio
@@ -58,6 +62,8 @@ from .errors import CallTimeout, ExitReason, NoProc, ServerDown, exit_reason
 from .grace import cleanup_scope
 from .registry import lookup, register, unregister, wait_for
 from .reply import CallbackSlot, Deadlines, ReplySlot
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
 _BATCH = 64  # messages handled back to back before the loop lets other tasks run
@@ -124,6 +130,18 @@ class Actor:
         """This incarnation's own :class:`ActorRef`."""
         return self.__process.ref
 
+    @property
+    def callers(self) -> int:
+        """How many tasks are in :meth:`ActorRef.call` to this incarnation right now: sent and
+        waiting for the answer, or answered inline and not yet resumed.
+
+        In :meth:`handle_call_inline` it counts the caller being answered, so 1 means that
+        caller is alone, and 0 means the request came from :meth:`ActorRef.send_request`
+        (whose sender does not wait: a loop that may have more requests to send right away).
+        An actor that batches work may answer inline only what gains nothing from company.
+        """
+        return self.__process.callers
+
     def defer_reply(self) -> ReplySlot:
         """Answer the current call later (OTP's ``{noreply, State}`` and ``gen_server:reply``).
 
@@ -154,6 +172,37 @@ class Actor:
         else:
             timer.cancel()
         return timer
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run ``fn(*args)`` as a task of this incarnation, alongside its serving loop.
+
+        Like a process linked to the actor in OTP: it is cancelled when the incarnation dies,
+        and an exception from it crashes the actor, as from a handler (callers get
+        :class:`ServerDown`, ``terminate`` runs, the supervisor sees the crash). It runs
+        between the actor's handlers, never inside one, so what it changes of the actor's
+        state must be consistent at every await of theirs. For work the actor must not wait
+        for in its handlers: an I/O call whose answer it handles when it comes.
+        """
+        process = self.__process
+        process.nursery.start_soon(process.linked, fn, args)
+
+    async def answering(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` inside a handler, answering calls inline meanwhile.
+
+        For a handler that waits on I/O and whose state stays consistent for
+        :meth:`handle_call_inline` while it waits: the actor counts as idle for the wait, as
+        long as its mailbox stays empty (a message that arrives ends that at once, as always,
+        and it is handled after this handler). So a request that needs nothing the handler is
+        busy with need not wait for it; ``handle_call_inline`` decides what that is.
+        """
+        process = self.__process
+        if process.inline is None or process.queued():
+            return await awaitable
+        process.idle = True
+        try:
+            return await awaitable
+        finally:
+            process.idle = False
 
     def stop(self) -> None:
         """Exit normally (reason ``"normal"``) once the current message has been handled.
@@ -247,28 +296,33 @@ class ActorRef:
         process = self._process
         if not process.alive:
             raise NoProc(f"{self!r} is not running")
-        if process.idle and process.inline is not None:
-            # Trio's pattern for an operation that may finish at once: a cancel point before
-            # it, a schedule point after it, so a caller looping on calls still lets others run.
-            await checkpoint_if_cancelled()  # never yields, so the actor is still idle
-            answer = process.answer_inline(request)
-            if answer is not None:
-                await cancel_shielded_checkpoint()
-                return answer.unwrap()
-        # The hot path: one slot, one deadline in the heap, one send, one park.
-        task = current_task()
-        if task is process.task:
-            raise RuntimeError(f"{self!r} called itself; that would deadlock")
-        slot = ReplySlot(task)
-        deadline = process.now() + timeout
-        process.deadlines.watch(slot, deadline)
+        process.callers += 1
         try:
-            process.post_nowait((request, slot))
-        except trio.WouldBlock:
-            await process.send_when_room(request, slot, deadline)
-            return await slot._wait()
-        # Nothing ran since the send, so the slot is still unsettled.
-        return await slot._park()
+            if process.idle and process.inline is not None:
+                # Trio's pattern for an operation that may finish at once: a cancel point
+                # before it, a schedule point after it, so a caller looping on calls still
+                # lets others run.
+                await checkpoint_if_cancelled()  # never yields, so the actor is still idle
+                answer = process.answer_inline(request)
+                if answer is not None:
+                    await cancel_shielded_checkpoint()
+                    return answer.unwrap()
+            # The hot path: one slot, one deadline in the heap, one send, one park.
+            task = current_task()
+            if task is process.task:
+                raise RuntimeError(f"{self!r} called itself; that would deadlock")
+            slot = ReplySlot(task)
+            deadline = process.now() + timeout
+            process.deadlines.watch(slot, deadline)
+            try:
+                process.post_nowait((request, slot))
+            except trio.WouldBlock:
+                await process.send_when_room(request, slot, deadline)
+                return await slot._wait()
+            # Nothing ran since the send, so the slot is still unsettled.
+            return await slot._park()
+        finally:
+            process.callers -= 1
 
     def send_request(
         self,
@@ -338,6 +392,7 @@ class _Process:
         "_recv",
         "actor",
         "alive",
+        "callers",
         "current",
         "deadlines",
         "died",
@@ -361,6 +416,7 @@ class _Process:
         self.name = name
         self.ref = ActorRef(self)
         self.alive = False
+        self.callers = 0  # tasks in ActorRef.call to this incarnation (Actor.callers)
         self.reason: ExitReason = "normal"  # meaningful once alive is False
         self.stopping = False
         self.current: ReplySlot | None = None  # the call handle_call is answering
@@ -381,6 +437,7 @@ class _Process:
         self.now = trio.lowlevel.current_clock().current_time
 
     def queued(self) -> int:
+        """Messages waiting in the mailbox (all of them while a handler runs: nobody receives)."""
         return self._recv.statistics().current_buffer_used
 
     def post_nowait(self, message: tuple[Any, ReplySlot | None]) -> None:
@@ -418,6 +475,12 @@ class _Process:
             raise
         if waited.cancelled_caught:
             slot.fail(CallTimeout(f"{self.ref!r}'s mailbox stayed full until the timeout"))
+
+    async def linked(self, fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self.inject_crash(exc)
 
     async def deliver_after(self, timer: TimerHandle, delay: float, message: Any) -> None:
         with timer._scope:

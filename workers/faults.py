@@ -87,7 +87,7 @@ class Fault:
 
 #: An ImmediateStore's synchronous forms: a faulty store's calls may hang, so it never is one
 #: (the manager then sends every request through its batches, where the faults are).
-_NOT_FORWARDED = frozenset(("load_now", "commit_now"))
+_NOT_FORWARDED = frozenset(("load_now", "commit_now", "loads_now", "commits_now"))
 
 
 class FaultyStore:

@@ -19,7 +19,7 @@ from bench.records import Record, measurement, throughput
 RECORDS = [
     throughput("ActorRef.call x50", 389_438.4, "channel request/reply x50", 466_179.0, 0.75),
     throughput("memory create x50", 150_000.0, "channel request/reply x50", 466_179.0, 0.6),
-    throughput("lmdb create x1", 8_000.0, "raw lmdb create", 125_000.0),
+    throughput("lmdb create x1", 8_000.0, "raw lmdb create", 125_000.0, added_us=True),
     measurement("disk open 1M", 0.42, "s", "limit", 1.0, target=1.0),
     measurement("memory size 1M", 900.0, "MB", "plain dict", 400.0, target=2.0),
 ]
@@ -30,17 +30,19 @@ def test_the_table_has_a_line_per_record_with_rates_values_targets_and_verdicts(
     assert len(lines) == 1 + len(RECORDS)
     assert lines[0].split() == [
         "benchmark", "rate", "/", "value", "floor", "floor", "rate", "/", "value",
-        "ratio", "target", "holds",
+        "ratio", "added", "target", "holds",
     ]  # fmt: skip
     assert [line.split() for line in lines[1:]] == [
         ["ActorRef.call", "x50", "389,438/s", "channel", "request/reply", "x50", "466,179/s",
-         "0.84", ">=", "0.75", "yes"],
+         "0.84", "-", ">=", "0.75", "yes"],
         ["memory", "create", "x50", "150,000/s", "channel", "request/reply", "x50", "466,179/s",
-         "0.32", ">=", "0.6", "no"],
-        ["lmdb", "create", "x1", "8,000/s", "raw", "lmdb", "create", "125,000/s", "0.06", "-", "-"],
-        ["disk", "open", "1M", "0.42", "s", "limit", "1", "s", "0.42", "<=", "1.0", "yes"],
-        ["memory", "size", "1M", "900", "MB", "plain", "dict", "400", "MB", "2.25", "<=", "2.0",
-         "no"],
+         "0.32", "-", ">=", "0.6", "no"],
+        # One caller: 125 us an operation against the floor's 8 us.
+        ["lmdb", "create", "x1", "8,000/s", "raw", "lmdb", "create", "125,000/s", "0.06",
+         "+117.0", "us", "-", "-"],
+        ["disk", "open", "1M", "0.42", "s", "limit", "1", "s", "0.42", "-", "<=", "1.0", "yes"],
+        ["memory", "size", "1M", "900", "MB", "plain", "dict", "400", "MB", "2.25", "-", "<=",
+         "2.0", "no"],
     ]  # fmt: skip
     # The columns line up: each ratio ends where the header's "ratio" does.
     ratio_end = lines[0].index("ratio") + len("ratio")
@@ -123,24 +125,26 @@ def test_the_bench_command_line_passes_its_options_to_the_runner(
     assert seen == [("actor", True, Path("out.json"), None)]
 
 
-def test_the_plot_draws_products_and_their_floors_by_concurrency() -> None:
+def test_the_plot_draws_each_stores_latency_and_its_floors_by_concurrency() -> None:
     records = [
-        throughput("memory create x1", 40.0, "channel request/reply x1", 90.0),
-        throughput("memory create x50", 80.0, "channel request/reply x50", 300.0, 0.6),
-        throughput("disk create x1", 4.0, "raw diskcache create", 16.0),
-        throughput("disk create x50", 24.0, "raw diskcache create", 16.0, 1.0),
-        throughput("daemon create c=50", 6.0, "redis SET c=50", 60.0, 0.5),
-        throughput("lmdb create x1", 8.0, "raw lmdb create", 125.0),  # not plotted
+        throughput("memory create x1", 40_000.0, "channel request/reply x1", 100_000.0),
+        throughput("memory create x50", 80_000.0, "channel request/reply x50", 400_000.0, 0.45),
+        throughput("disk create x1", 5_000.0, "raw diskcache create", 20_000.0),
+        throughput("disk create x50", 25_000.0, "raw diskcache create", 20_000.0, 1.0),
+        throughput("disk create x50", 25_000.0, "Erlang DETS insert (median of 5)", 40_000.0),
+        throughput("lmdb retrieve x4", 100_000.0, "raw lmdb retrieve", 400_000.0),
+        throughput("daemon create c=50", 6.0, "redis SET c=50", 60.0, 0.5),  # not drawn
         throughput("ActorRef.call x1", 88.0, "channel request/reply x1", 90.0),  # nor this
     ]
     panels = plot.lines(records)
-    assert panels["retrieve"] == []
+    assert panels["update"] == []
     drawn = {(line.label, line.floor): (line.colour, line.points) for line in panels["create"]}
     assert drawn == {
-        ("memory, embedded", False): (0, {1: 40.0, 50: 80.0}),
-        ("disk, embedded", False): (1, {1: 4.0, 50: 24.0}),
-        ("daemon over TCP (disk)", False): (2, {50: 6.0}),
-        ("channel request/reply", True): (0, {1: 90.0, 50: 300.0}),
-        ("raw diskcache create", True): (1, {None: 16.0}),  # measured once: drawn flat
-        ("redis SET", True): (2, {50: 60.0}),
+        # Latency: callers over the rate, in microseconds.
+        ("memory", False): (0, {1: 25.0, 50: 625.0}),
+        ("memory: channel request/reply", True): (0, {1: 10.0, 50: 125.0}),
+        ("disk", False): (1, {1: 200.0, 50: 2000.0}),
+        ("disk: raw diskcache create", True): (1, {None: 50.0}),  # one caller: drawn flat
     }
+    (lmdb, floor) = panels["retrieve"]
+    assert (lmdb.label, lmdb.points, floor.points) == ("lmdb", {4: 40.0}, {None: 2.5})

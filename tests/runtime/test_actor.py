@@ -667,6 +667,8 @@ class Ledger(Actor):
             case "get":
                 self.ways.append(("inline", request))
                 return outcome.Value(self.total)
+            case "callers":
+                return outcome.Value(self.callers)
             case ("add", n):
                 if n < 0:
                     return outcome.Error(ValueError("only positive amounts"))
@@ -689,12 +691,25 @@ class Ledger(Actor):
                 await self.release.wait()
                 self.release = trio.Event()
                 return "released"
+            case "hold answering":  # waits, answering inline meanwhile
+                await self.answering(self.release.wait())
+                self.release = trio.Event()
+                return "released"
+            case "spawn":
+                self.spawn(self.later)
+                return "spawned"
             case "task":
                 return trio.lowlevel.current_task()
         raise AssertionError(request)
 
     async def handle_cast(self, message: Any) -> None:
         self.total += message
+
+    async def later(self) -> None:
+        await self.release.wait()
+        self.total += 100
+        if self.total > 1000:
+            raise Boom("a linked task failed")
 
 
 @pytest.fixture
@@ -779,3 +794,65 @@ async def test_an_inline_call_is_a_checkpoint(ledger: tuple[ActorRef, Ledger]) -
         for _ in range(3):  # each call is a schedule point: the other task gets to run
             await ref.call("get")
         assert ran
+
+
+async def test_callers_counts_the_tasks_in_a_call(ledger: tuple[ActorRef, Ledger]) -> None:
+    ref, actor = ledger
+    assert await ref.call("callers") == 1  # the caller itself: alone
+    answers: list[Any] = []
+    ref.send_request("callers", lambda v, e: answers.append(v))
+    assert answers == [0]  # from send_request: no task waits in a call
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ref.call, "hold")  # one waits in the mailbox...
+        await settle()
+        assert actor.callers == 1
+        actor.release.set()
+    counts: list[int] = []
+
+    async def ask() -> None:
+        counts.append(await ref.call("callers"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # ...three start together: each is answered with company
+            nursery.start_soon(ask)
+    assert sorted(counts) == [1, 2, 3] and actor.callers == 0
+
+
+async def test_a_handler_answering_meanwhile_lets_calls_in_while_it_waits(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, actor = ledger
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ref.call, "hold answering")
+        await settle()
+        assert await ref.call(("add", 2)) == 2  # inline, while the handler waits
+        nursery.start_soon(ref.call, "task")  # declined inline: to the mailbox...
+        await settle()
+        nursery.start_soon(ref.call, "get")  # ...so this one cannot overtake it
+        await settle()
+        assert ("inline", "get") not in actor.ways
+        actor.release.set()
+    assert actor.ways == [
+        ("mailbox", "hold answering"),
+        ("inline", ("add", 2)),
+        ("mailbox", "task"),
+        ("mailbox", "get"),
+    ]
+
+
+async def test_a_spawned_task_lives_with_the_actor_and_its_crash_is_the_actors(
+    ledger: tuple[ActorRef, Ledger],
+) -> None:
+    ref, actor = ledger
+    assert await ref.call("spawn") == "spawned"
+    assert await ref.call("get") == 0  # the actor goes on while its task waits
+    actor.release.set()
+    await settle()
+    assert await ref.call("get") == 100
+    actor.total = 1000
+    actor.release = trio.Event()
+    assert await ref.call("spawn") == "spawned"
+    actor.release.set()
+    await settle()
+    assert not ref.alive  # the task raised: a crash of the actor, which restarts
+    assert await whereis("ledger").call("get") == 0

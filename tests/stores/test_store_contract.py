@@ -214,6 +214,20 @@ async def test_create_refuses_an_existing_id(store: Store) -> None:
     assert await store.load(["live", "expired"]) == {"live": live, "expired": expired}
 
 
+async def test_a_run_of_creates_with_one_id_in_use_stores_the_others(store: Store) -> None:
+    # Stores write a run of creates at once (lmdb's putmulti, SQLite's executemany): one taken
+    # id must still fail alone, and the writes after it to that id with it.
+    taken = session("c", metadata={"n": 0})
+    await put_all(store, [taken])
+    fresh = [session(sid) for sid in "abde"]
+    batch: list[Write] = [Put(s, None) for s in fresh[:2]]
+    batch += [Put(session("c"), None), *(Put(s, None) for s in fresh[2:])]
+    batch.append(Put(bumped(session("c")), 1))  # after a failed write to c: fails too
+    assert await store.commit(batch) == [True, True, False, True, True, False]
+    assert await store.load(list("abcde")) == {s.id: s for s in [*fresh, taken]}
+    assert set(await store.expired(T0 + 2 * MINUTE, 10)) == set("abcde")
+
+
 async def test_put_replaces_only_the_expected_version(store: Store) -> None:
     v1 = session("a")
     await put_all(store, [v1])

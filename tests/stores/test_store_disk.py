@@ -36,7 +36,7 @@ T0 = 1_700_000_000_000
 
 
 async def on_store_thread(store: DiskStore, fn: Any) -> Any:
-    """``fn(cache)`` on the store's thread, where its own queries run (diskcache's connection)."""
+    """``fn(database)`` on the store's thread, with the store's own connection."""
     return await store._run(lambda: fn(store._db()))
 
 
@@ -227,14 +227,14 @@ async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, durabil
 async def test_power_durability_syncs_every_commit(tmp_path: Path) -> None:
     async with opened(tmp_path / "a", durability="power") as store:
         assert await on_store_thread(
-            store, lambda cache: cache._sql("PRAGMA synchronous").fetchall()
+            store, lambda database: database.execute("PRAGMA synchronous").fetchall()
         ) == [
             (2,)  # FULL
         ]
     async with opened(tmp_path / "b") as store:
         pragmas = "PRAGMA synchronous", "PRAGMA journal_mode"
         assert await on_store_thread(
-            store, lambda cache: [cache._sql(p).fetchone()[0] for p in pragmas]
+            store, lambda database: [database.execute(p).fetchone()[0] for p in pragmas]
         ) == [
             1,  # NORMAL
             "wal",
@@ -524,7 +524,7 @@ def test_the_disk_refuses_anything_but_str_keys_and_bytes_values(tmp_path: Path)
 # --- one thread ---
 
 
-async def test_every_blocking_call_runs_on_the_one_store_thread(
+async def test_every_async_call_runs_on_the_one_store_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[str, threading.Thread]] = []
@@ -538,7 +538,7 @@ async def test_every_blocking_call_runs_on_the_one_store_thread(
 
     for name in ("put", "get", "store", "fetch"):
         monkeypatch.setattr(SessionDisk, name, recording(name, getattr(SessionDisk, name)))
-    for name in ("__init__", "close", "transact"):
+    for name in ("__init__", "close"):
         monkeypatch.setattr(
             diskcache.Cache, name, recording(f"Cache.{name}", getattr(diskcache.Cache, name))
         )
@@ -555,7 +555,7 @@ async def test_every_blocking_call_runs_on_the_one_store_thread(
     await store.close()
 
     names = {name for name, _ in seen}
-    expected = {"put", "get", "store", "fetch", "Cache.__init__", "Cache.close", "Cache.transact"}
+    expected = {"put", "get", "store", "fetch", "Cache.__init__", "Cache.close"}
     assert expected | {"sqlite3.connect"} <= names
     # Besides the store thread, only the checkpoint thread connects, and does nothing else.
     others = {thread for name, thread in seen if thread.name.startswith("disk store checkpoints")}
@@ -568,13 +568,48 @@ async def test_every_blocking_call_runs_on_the_one_store_thread(
     assert not thread.is_alive(), "close stops the store thread"
 
 
+async def test_small_calls_run_now_and_bulk_ones_on_the_thread(tmp_path: Path) -> None:
+    # Loads and commits of up to inline_max run on the caller's thread when allowed; every
+    # call runs on the store thread with inline=False, or while a job of ours is out.
+    async with opened(tmp_path / "store") as store:
+        checkpoints = store._checkpoints
+        assert checkpoints is not None
+        # An empty write-ahead log: the first commit writes its header, which SQLite syncs.
+        assert store.loads_now(1) and not store.commits_now(1)
+        await store.commit([Put(session("a"), None)])  # on the thread; it starts a checkpoint
+        assert await trio.to_thread.run_sync(checkpoints.ran.wait, 10)
+        assert not checkpoints.running
+        # Every frame is in the database now: the next commit would start the log again.
+        assert not store.commits_now(1)
+        await store.commit([Put(session("b"), None)])
+        assert store.commits_now(1)
+        assert store.commit_now([Put(session("c"), None)]) == [True]
+        assert store.loads_now(1) and store.load_now(["a"]) == {"a": session("a")}
+        assert not store.loads_now(store.inline_max + 1)
+        assert not store.commits_now(store.inline_max + 1)
+        busy = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._run, busy.wait)  # a job of ours holds the thread
+            await trio.testing.wait_all_tasks_blocked()
+            assert not store.loads_now(1) and not store.commits_now(1)  # calls keep their order
+            busy.set()
+        assert store.loads_now(1)
+    async with opened(tmp_path / "store", inline=False) as store:
+        assert not store.loads_now(1) and not store.commits_now(1)
+    async with opened(tmp_path / "store", durability="power") as store:
+        assert store.loads_now(1) and not store.commits_now(1)  # a commit would fsync
+    async with opened(tmp_path / "store", read_only=True) as store:
+        assert store.loads_now(1) and store.load_now(["a"]) == {"a": session("a")}
+
+
 async def test_queries_use_their_indexes(tmp_path: Path) -> None:
     # The 1M-session promises: a sweep and a count read the expired rows only, a page its own.
     async with opened(tmp_path / "store") as store:
 
-        def plans(cache: diskcache.Cache) -> list[str]:
+        def plans(database: Any) -> list[str]:
+            explain = database.execute
             return [
-                " ".join(str(row[-1]) for row in disk._select(cache, f"EXPLAIN QUERY PLAN {q}", p))
+                " ".join(str(row[-1]) for row in explain(f"EXPLAIN QUERY PLAN {q}", p).fetchall())
                 for q, p in [
                     (disk._EXPIRED_IDS, (T0, 10)),
                     (disk._EXPIRED_COUNT, (T0,)),
@@ -624,13 +659,18 @@ async def test_sql_writes_keep_diskcaches_bookkeeping(tmp_path: Path) -> None:
         ) == [True, False, True]
         assert await store.commit([Delete("s1", if_expired_at=later * 10)]) == [False]
 
-        def diskcache_view(cache: diskcache.Cache) -> tuple[int, Any, Any, list[str]]:
-            row = cache.get("s1", tag=True)
-            # check() compares the count and size in Settings with the rows.
-            problems = [str(w.message) for w in cache.check()]
-            ours = ("LOCK", "SESSIONS")  # files of ours diskcache does not know: not a problem
-            problems = [p for p in problems if not any(name in p for name in ours)]
-            return len(cache), row, cache.get("s3"), problems
+        def diskcache_view(_: Any) -> tuple[int, Any, Any, list[str]]:
+            # diskcache's own Cache, on a connection of its own, reads the rows as its own.
+            cache = diskcache.Cache(str(tmp_path / "store"), disk=SessionDisk)
+            try:
+                row = cache.get("s1", tag=True)
+                # check() compares the count and size in Settings with the rows.
+                problems = [str(w.message) for w in cache.check()]
+                ours = ("LOCK", "SESSIONS")  # files of ours diskcache does not know
+                problems = [p for p in problems if not any(name in p for name in ours)]
+                return len(cache), row, cache.get("s3"), problems
+            finally:
+                cache.close()
 
         count, (_, tag), gone, problems = await on_store_thread(store, diskcache_view)
     assert count == 8 and gone is None and problems == []
@@ -645,8 +685,8 @@ async def store_load(tmp_path: Path, sid: str) -> Session | None:
 
 async def test_the_database_is_not_memory_mapped_unless_asked(tmp_path: Path) -> None:
     # diskcache's 64 MiB mmap window made that much of a large store resident for nothing.
-    def mmap_size(cache: diskcache.Cache) -> int:
-        return disk._select(cache, "PRAGMA mmap_size", ())[0][0]
+    def mmap_size(database: Any) -> int:
+        return database.execute("PRAGMA mmap_size").fetchone()[0]
 
     async with opened(tmp_path / "store") as store:
         assert await on_store_thread(store, mmap_size) == 0

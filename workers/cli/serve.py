@@ -158,8 +158,9 @@ def fit_descriptor_limit(max_connections: int) -> None:
 
 #: glibc's mallopt parameter for the size from which allocations are mmap'd (malloc.h).
 _M_MMAP_THRESHOLD = -3
-#: ...which the daemon pins here: above the 256 KiB buffer every msgpack.packb call takes (an
-#: mmap and munmap per answer cost the daemon a third of its throughput at 128 KiB).
+#: ...which the daemon pins here: above the 256 KiB buffer a msgpack Packer takes (an mmap and
+#: munmap per answer cost the daemon a third of its throughput at 128 KiB, when every answer
+#: made a Packer of its own; now each thread keeps one, see workers.record.codec.pack).
 MMAP_THRESHOLD = 1024 * 1024
 
 

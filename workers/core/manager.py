@@ -1,11 +1,11 @@
 """The session manager: the one actor that owns the store, answering requests in batches.
 
-Every request is an :class:`~workers.core.operations.Operation`. The manager does not answer a call
-when it arrives: it queues the operation with a deferred reply slot, and when its mailbox is
-empty (or the queue is full) it runs the queued operations as one batch: one ``load``, the
-operations applied in arrival order, one ``commit`` (one store transaction: group commit), and
-only then the replies. Under load a batch carries many requests, so the cost of a transaction
-is shared; with a single caller a batch is that caller's request alone.
+Every request is an :class:`~workers.core.operations.Operation`. A request the manager cannot
+answer inline (below) is queued with a deferred reply slot, and when the mailbox is empty (or
+the queue is full) the queued operations run as one batch: one ``load``, the operations
+applied in arrival order, one ``commit`` (one store transaction: group commit), and only then
+the replies. Under load a batch carries many requests, so the cost of a transaction is
+shared; with a single caller a batch is that caller's request alone.
 
 Failures, by kind:
 
@@ -49,18 +49,41 @@ read once just before its stored expiry would be lost with that one refresh; the
 found it.) Metadata writes are never deferred.
 
 Inline answers: while the manager is idle (nothing queued, nothing in its mailbox, no batch
-under way) a request that needs no store I/O is answered in the caller's task, as a batch of
-its own (:meth:`SessionManager.handle_call_inline`), with no message and no wake-up of the
-manager. On the memory store (an :class:`~workers.stores.base.ImmediateStore`) that is every
-request but the scans, counts and sweeps; on the disk and lmdb stores it is ``retrieve``,
-``peek`` and ``touch`` of a cached session, whose access-time refresh is deferred anyway. The
-rules are the batch's: same view, same operations, same order of effects, so nothing but the
-cost depends on which way a request went. An inline read that finds the clock mark due to be
-persisted asks the manager to write it (a ``_HOUSEKEEP`` message to itself) and does not
-wait for it. Housekeeping (the deferred refreshes, then the mark) runs when no request is
-queued; callers wait for it like for any batch. (Answering reads inline while the manager
-waits for its store thread was tried and dropped: callers that keep the Trio thread busy
-starve the store thread of the GIL, and a sweep of 190,000 sessions took 25 times longer.)
+under way) a request is answered in the caller's task, as a batch of its own
+(:meth:`SessionManager.handle_call_inline`), with no message and no wake-up of the manager,
+when its store work can run there too: what it reads is cached, or the store can load it now,
+and what it writes the store can commit now (an :class:`~workers.stores.base.ImmediateStore`:
+the memory store always; the disk and lmdb stores for a few ids or writes, on their terms,
+see :mod:`workers.stores.thread`). A write goes inline only for a caller that is alone
+(``Actor.callers == 1``) or a store whose commit costs nothing of its own (memory): with
+company, writes go through the mailbox and share one commit (group commit), which is what
+makes 50 callers cheaper per write than one. The rules are the batch's: same view, same
+operations, same order of effects, so nothing but the cost depends on which way a request
+went. An inline read that finds the clock mark due to be persisted asks the manager to write
+it (a ``_HOUSEKEEP`` message to itself) and does not wait for it. Housekeeping (the deferred
+refreshes, then the mark) runs when no request is queued; callers wait for it like for any
+batch.
+
+Pipelining: a batch whose commit goes to the store's thread (too many writes to commit now,
+or a store that is never immediate: redis) is *out*: the manager goes back to its mailbox and
+gathers, loads and applies the next batch meanwhile, on top of the writes that are out
+(``pending``: the sessions as the batch out leaves them). That next batch waits for the one
+out before it commits or answers anything that read its sessions, so replies always follow
+their own commit, and a session touched twice sees the first write. If the commit out fails,
+nothing of it was written: its callers get the error, and the next batch, which saw its
+writes, runs again from what is stored (none of its callers gets that error); if some of its
+writes lost a race to another process (a shared store), the next batch joins the operations
+retried, after them. One batch at most is out.
+
+Waiting for the store: while a handler waits for the store's thread (a load, a scan, the
+commit out before it) it answers inline meanwhile whatever names none of the sessions of its
+batch (``Actor.answering``), so a read that misses the cache does not hold up reads of cached
+sessions; and a batch that neither reads what the commit out writes nor writes is answered
+without waiting for it. At most :data:`BUSY_BUDGET` requests are answered while the store
+works: a Trio thread kept busy by callers never gives the GIL up of its own accord, and the
+store's thread, which needs it between its library's calls, then gets it only every 5 ms (a
+sweep's commit of 100 deletes took a second instead of 2 ms, and a sweep of 190,000 sessions 25
+times as long).
 
 The store is opened in ``init`` and closed in ``terminate`` (which runs after a crash too), so
 each incarnation holds the store's single-owner lock exactly while it lives.
@@ -85,9 +108,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -114,6 +137,8 @@ from .metrics import Metrics
 from .operations import Limits, Operation, View
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The clock high-water mark is persisted when it moved on by this much (ms) since the last time
 #: (or since the last attempt that failed).
@@ -220,10 +245,53 @@ class _Retry:
     items: list[_Queued]
 
 
+@dataclass(slots=True)
+class _Failed:
+    """What an operation that failed on its own answers (after the commit: see _Batch)."""
+
+    error: SessionError
+
+
+#: (item, result or _Failed, first write, end of its writes): one operation of a batch.
+_Applied = tuple[_Queued, Any, int, int]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch applied to its view, waiting for (or past) its commit.
+
+    Operations that failed on their own are in ``applied`` too (with a :class:`_Failed` and no
+    writes): what made them fail may be a write of this batch, or of the batch before, that is
+    not committed yet, so they are answered after the commit, like the others.
+    """
+
+    applied: list[_Applied]
+    view: View
+    #: The view's writes, with the clock mark when one is due.
+    writes: list[Write]
+    mark: Mark | None
+    #: Set when the commit is over; ``ok`` says whether every write took effect, ``retry``
+    #: holds the operations whose writes lost a race (a shared store), to be run again.
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+    retry: list[_Queued] = field(default_factory=list)
+
+
 #: Messages to self: the deferred access-time refreshes are due to be written (a timer), and
 #: housekeeping was asked for from a caller's task (it only wakes the manager).
 _WRITE_ACCESS = "write access times"
 _HOUSEKEEP = "housekeeping is due"
+#: Requests answered (inline, or in batches that do not wait) while the manager waits for its
+#: store's thread (a commit out, a load or a scan in a handler); past that, requests wait for
+#: the store too. A store thread needs the GIL between its library's calls, and a Trio thread
+#: kept busy by callers that are answered at once (never idle, so never giving the GIL up of
+#: its own accord) hands it over only every sys.getswitchinterval() (5 ms): a sweep's commit of
+#: 100 deletes took a second, where it takes 2 ms.
+BUSY_BUDGET = 32
+#: The most writes one operation answered inline makes (rotate: a put and a delete), plus
+#: the clock mark: what must be able to go now before an operation that writes runs inline
+#: (a store's inline_max is at least this).
+_OP_WRITES = 3
 
 
 class SessionManager(Actor):
@@ -249,12 +317,20 @@ class SessionManager(Actor):
         #: time the store holds for each.
         self.unwritten: dict[str, Session] = {}
         self.stored_access: dict[str, int] = {}
+        #: The batch whose commit is out (see "Pipelining"), and the sessions it writes, as
+        #: it leaves them (None: deleted), by id.
+        self.out: _Batch | None = None
+        self.pending: dict[str, Session | None] = {}
+        #: While a handler waits for the store: the sessions its batch is about (a request that
+        #: names one waits for it). And requests answered while the store works (BUSY_BUDGET).
+        self.busy: set[str] | None = None
+        self.busy_answers = 0
         #: Housekeeping to do when no request is queued: the refreshes' timer fired; an inline
         #: read asked for the clock mark, or max_unwritten refreshes wait.
         self.access_due = False
         self.mark_asked = False
         self.access_timer: TimerHandle | None = None
-        #: The store, when it can be used without waiting (inline answers may write to it).
+        #: The store, when it can (at times) be used without waiting: inline answers use it.
         self.immediate = store if isinstance(store, ImmediateStore) else None
         self.defer_ms = round(settings.access_write_delay * 1000)
         self.max_unwritten = max(settings.cache_size, settings.max_batch)
@@ -288,40 +364,68 @@ class SessionManager(Actor):
             raise ValueError(f"the session manager got an unknown message {message!r}")
 
     def handle_call_inline(self, op: Operation) -> outcome.Outcome[Any] | None:
-        """Answer ``op`` now, as a batch of its own, if that needs no store I/O (see module)."""
-        settings = self.settings
+        """Answer ``op`` now, as a batch of its own, if its store I/O can run now (see module)."""
         store = self.immediate
-        if op.reads_store(settings.limits) or (
-            store is None and not (op.access_only and self.defer_ms)
-        ):
+        access_only = op.access_only
+        if op.reads_store(self.settings.limits):
             return None
-        view = self._view()  # before the mark check: it moves the clock's high water
         if store is None:
-            if not self.mark_asked and self.clock.mark() is not None:
-                self.mark_asked = True
-                self.send_after(0, _HOUSEKEEP)
+            if not (access_only and self.defer_ms):
+                return None
+        elif not access_only and not self._writes_now(store, _OP_WRITES):
+            return None  # it writes, and the store cannot take its write now
+        busy = self.busy
+        if self.out is not None or busy is not None:
+            if self.busy_answers >= BUSY_BUDGET:
+                return None  # let the store's thread have the GIL: wait for the store
+            self.busy_answers += 1
+        view = self._view()
         try:
             op.prepare(view)
-            missing = self._known(view, op.ids())
+            ids = op.ids()
+            pending = self.pending
+            if pending and any(session_id in pending for session_id in ids):
+                return None  # its session is in the commit that is out: the next batch waits
+            if busy and not busy.isdisjoint(ids):
+                return None  # the batch under way is about it
+            missing = self._known(view, ids) if ids else ids
             if missing:
-                if store is None:
+                if store is None or not store.loads_now(len(missing)):
                     return None
-                view.sessions.update(store.load_now(missing))
+                view.sessions.update(self._loaded(store.load_now(missing)))
             result = op.apply(view)
-            if store is None and view.writes:
-                return None  # a refresh that must be written now (apply had no other effect)
             outcomes: list[bool] = []
-            if store is not None:  # else only deferred refreshes: nothing to write now
-                writes, mark = self._with_mark(view.writes)
-                if writes:
-                    outcomes = store.commit_now(writes)[: len(view.writes)]
-                    self._marked(mark, True)
+            writes, mark = self._with_mark(view.writes)
+            if writes:
+                if store is not None and (
+                    (not access_only and len(writes) <= _OP_WRITES)
+                    or self._writes_now(store, len(writes))
+                ):
+                    outcomes = store.commit_now(writes)
+                    if mark is not None:
+                        del outcomes[-1]
+                        self._marked(mark, True)
+                elif view.writes:
+                    return None  # access-only (checked above): apply changed nothing but the view
+                else:
+                    self._ask_for_mark()  # only the mark is due: the manager writes it
         except SessionError as exc:
+            self._ask_for_mark()
             self.telemetry.inline += 1
             return outcome.Error(exc)
-        self._remember(view, outcomes)
+        if self.cache.capacity or self.unwritten or view.touched:
+            self._remember(view, outcomes)
         self.telemetry.inline += 1
         return outcome.Value(op.finish(result, outcomes))
+
+    def _writes_now(self, store: ImmediateStore, count: int) -> bool:
+        """Whether an inline answer may commit ``count`` writes: when the store can take them
+        now and, for a store whose commit has a cost of its own (group commit: a transaction,
+        a write to the file), when the caller is alone (``callers`` is 1: a caller waiting in
+        its own task, and no other). With company, the writes go through the mailbox and are
+        committed together; a request sent by ``send_request`` (the daemon's reactor, which
+        may have more right behind it) counts as company."""
+        return (self.callers == 1 or not store.group_commit) and store.commits_now(count)
 
     async def handle_drained(self) -> None:
         while self.queue or self.access_due or self.mark_asked:
@@ -337,6 +441,7 @@ class SessionManager(Actor):
         after ``access_write_delay``.
         """
         access_due, self.access_due, self.mark_asked = self.access_due, False, False
+        await self._drain()
         try:
             if access_due and self.unwritten:
                 await self._write_access_times()
@@ -351,9 +456,40 @@ class SessionManager(Actor):
             await self._persist_mark()
         self._arm_access_timer()
 
+    def _ask_for_mark(self) -> None:
+        """Have the manager write the clock mark, if one is due (from a caller's task)."""
+        if not self.mark_asked and self.clock.mark() is not None:
+            self.mark_asked = True
+            self.send_after(0, _HOUSEKEEP)
+
     def _arm_access_timer(self) -> None:
         if self.unwritten and not self.access_timer:
             self.access_timer = self.send_after(self.settings.access_write_delay, _WRITE_ACCESS)
+
+    async def _meanwhile(self, awaitable: Awaitable[T]) -> T:
+        """Await the store in a handler, answering meanwhile what needs none of it (see
+        ``busy``; while ``busy`` is None the handler's batch is not known yet: its reads of the
+        store as a whole take no session a read inline could change)."""
+        if self.busy is None:
+            self.busy = set()
+            try:
+                return await self._meanwhile(awaitable)
+            finally:
+                self.busy = None
+        self.busy_answers = 0
+        return await self.answering(awaitable)
+
+    async def _drain(self) -> None:
+        """Wait until no commit is out."""
+        while self.out is not None:
+            await self.out.done.wait()
+
+    async def _commit(self, writes: list[Write]) -> list[bool]:
+        """Commit ``writes`` now if the store can, else on its terms (nothing may be out)."""
+        store = self.immediate
+        if store is not None and store.commits_now(len(writes)):
+            return store.commit_now(writes)
+        return await self.store.commit(writes)
 
     async def _write_access_times(self) -> None:
         """Commit every deferred access-time refresh (each a Put of an unchanged version)."""
@@ -363,7 +499,7 @@ class SessionManager(Actor):
         size = self.settings.max_batch
         for start in range(0, len(sessions), size):
             chunk = sessions[start : start + size]
-            await self.store.commit([Put(s, s.version) for s in chunk])
+            await self._commit([Put(s, s.version) for s in chunk])
             for s in chunk:
                 if self.unwritten.get(s.id) is s:
                     del self.unwritten[s.id]
@@ -376,11 +512,15 @@ class SessionManager(Actor):
         return View(self.store, self.clock.now_ms(), settings.limits, defer_ms, self.stored_access)
 
     def _known(self, view: View, ids: Iterable[str]) -> list[str]:
-        """Put the sessions ``ids`` held in memory (unwritten refreshes, then the cache) into
-        ``view``; the ids that must be loaded from the store."""
+        """Put the sessions ``ids`` held in memory (the commit that is out, unwritten
+        refreshes, the cache) into ``view``; the ids that must be loaded from the store."""
         missing = []
+        pending = self.pending
         found = 0
         for session_id in ids:
+            if session_id in pending:
+                view.sessions[session_id] = pending[session_id]
+                continue
             session = self.unwritten.get(session_id) or self.cache.get(session_id)
             if session is None:
                 missing.append(session_id)
@@ -402,18 +542,24 @@ class SessionManager(Actor):
         if not missing:
             return {}
         errors: dict[str, SessionError] = {}
+        store = self.immediate
         try:
             if self.touching is not None and touch:
                 loaded = await self.touching.load_touching(missing, touch, view.now_ms)
+            elif store is not None and store.loads_now(len(missing)):
+                loaded = store.load_now(missing)
             else:
-                loaded = await self.store.load(missing)
+                loaded = await self._meanwhile(self.store.load(missing))
         except PartialLoad as exc:
             loaded, errors = exc.found, exc.errors
             self.telemetry.store_error(next(iter(errors.values()), exc))
+        view.sessions.update(self._loaded(loaded))
+        return errors
+
+    def _loaded(self, loaded: dict[str, Session]) -> dict[str, Session]:
         for session in loaded.values():
             self.cache.put(session)
-        view.sessions.update(loaded)
-        return errors
+        return loaded
 
     def _with_mark(self, writes: list[Write]) -> tuple[list[Write], Mark | None]:
         """``writes`` with the clock mark added when one is due (it rides on their commit)."""
@@ -427,7 +573,7 @@ class SessionManager(Actor):
         if mark is None:
             return
         try:
-            await self.store.commit([mark])
+            await self._commit([mark])
         except SessionError as exc:
             self.telemetry.store_error(exc)
             log.warning("could not persist the clock mark: %s", exc)
@@ -460,6 +606,10 @@ class SessionManager(Actor):
         for session_id, stored_ms in view.touched.items():
             session = view.sessions.get(session_id)
             if session is not None and written.get(session_id) is not session:
+                known = self.unwritten.get(session_id)
+                if known is not None and known.version == session.version:
+                    if known.last_accessed >= session.last_accessed:
+                        continue  # an inline read refreshed it later, while this batch was out
                 self.unwritten[session_id] = session
                 self.stored_access.setdefault(session_id, stored_ms)
                 self.cache.put(session)
@@ -473,39 +623,46 @@ class SessionManager(Actor):
         batch, self.queue = self.queue[:size], self.queue[size:]
         self.telemetry.batches.observe(len(batch))
         limits = self.settings.limits
+        if any(q.op.reads_store(limits) for q in batch):
+            await self._drain()  # it reads the store as a whole: nothing may be out
+            if self.unwritten:
+                try:
+                    await self._write_access_times()
+                except SessionError as exc:
+                    return self._fail_all(batch, exc)
+        base = self.out  # the batch whose writes this one may see before they are committed
         view = self._view()
-        if self.unwritten and any(q.op.reads_store(limits) for q in batch):
-            try:
-                await self._write_access_times()
-            except SessionError as exc:
-                return self._fail_all(batch, exc)
-
         ready: list[_Queued] = []
         for item in batch:
             op = item.op
             try:
                 op.prepare(view)
             except SessionError as exc:
-                item.slot.fail(exc)
+                item.slot.fail(exc)  # nothing read yet: its own error, whatever happens next
                 continue
             if op.reads_store(limits):
                 try:
-                    await op.read(view)
+                    await self._meanwhile(op.read(view))
                 except SessionError as exc:
                     self.telemetry.store_error(exc)
                     item.slot.fail(exc)
                     continue
             ready.append(item)
+        ids = {i for q in ready for i in q.op.ids()}
+        # Whether it reads what the batch that is out writes (checked before the await below:
+        # that batch may be done by then, and its writes no longer in pending).
+        sees_base = not self.pending.keys().isdisjoint(ids)
         try:
+            self.busy = ids
             unloaded = await self._load(
-                view,
-                {i for q in ready for i in q.op.ids()},
-                {i for q in ready if q.op.touches for i in q.op.ids()},
+                view, ids, {i for q in ready if q.op.touches for i in q.op.ids()}
             )
         except SessionError as exc:
             return self._fail_all(ready, exc)
+        finally:
+            self.busy = None
 
-        applied = []
+        applied: list[_Applied] = []
         for item in ready:
             start = len(view.writes)
             try:
@@ -514,38 +671,102 @@ class SessionManager(Actor):
                     raise _fresh(missed)
                 result = item.op.apply(view)
             except SessionError as exc:
-                item.slot.fail(exc)
-            else:
-                applied.append((item, result, start, len(view.writes)))
+                result = _Failed(exc)
+            applied.append((item, result, start, len(view.writes)))
 
-        outcomes: list[bool | SessionError] = []
-        if not view.writes:
-            # A batch of reads only: the mark gets a commit of its own, at most one a second.
-            await self._persist_mark()
-        else:
-            writes, mark = self._with_mark(view.writes)
+        if base is not None:
+            self.busy_answers += len(batch)
+        if base is not None and (sees_base or view.writes or self.busy_answers > BUSY_BUDGET):
+            # Its answers may rest on the writes of the batch that is out, or its own writes
+            # must be committed after them: it waits for that commit. (A batch that neither
+            # reads those sessions nor writes is answered now.)
+            self.busy = ids
             try:
-                outcomes = list(await self.store.commit(writes))
+                await self._meanwhile(base.done.wait())
+            finally:
+                self.busy = None
+            if base.retry:
+                # Some of its writes lost a race, and this batch saw them: it goes with the
+                # operations retried, after them (one _Retry list, not delivered yet).
+                base.retry.extend(batch)
+                return
+            if not base.ok:
+                # Not all of it was written, and this batch saw its writes: run it again from
+                # what is stored.
+                self.queue[:0] = batch
+                return
+        if not view.writes:
+            # A batch of reads only: answered now; the mark, if due, gets a commit of its own,
+            # at most one a second, whose failure is only logged.
+            self._finish(_Batch(applied, view, [], None), [])
+            await self._persist_mark()
+            return
+        writes, mark = self._with_mark(view.writes)
+        done = _Batch(applied, view, writes, mark)
+        store = self.immediate
+        if store is not None and store.commits_now(len(writes)):
+            self._finish(done, self._outcomes(store.commit_now, writes))
+            return
+        # The commit goes out; the next batch is gathered, loaded and applied meanwhile.
+        self.out = done
+        self.busy_answers = 0
+        for write in view.writes:
+            for session_id in write_ids(write):
+                self.pending[session_id] = view.sessions.get(session_id)
+        self.spawn(self._commit_out, done)
+
+    async def _commit_out(self, done: _Batch) -> None:
+        """The commit of a batch that is out, then its answers (see "Pipelining")."""
+        try:
+            try:
+                outcomes = list(await self.store.commit(done.writes))
             except PartialCommit as exc:
                 outcomes = exc.outcomes
             except SessionError as exc:
-                outcomes = [exc] * len(writes)
-            self._marked(mark, outcomes[-1] is True)
-            outcomes = outcomes[: len(view.writes)]
+                outcomes = [exc] * len(done.writes)
+            self._finish(done, outcomes)
+        finally:
+            self.pending.clear()
+            self.out = None
+            done.done.set()
 
-        self._remember(view, [ok is True for ok in outcomes])
-        self._answer(applied, view.writes, outcomes)
+    @staticmethod
+    def _outcomes(commit: Callable[[list[Write]], list[bool]], writes: list[Write]) -> list[Any]:
+        """Per write, what ``commit(writes)`` said of it: True, False, or the error."""
+        try:
+            return list(commit(writes))
+        except PartialCommit as exc:
+            return exc.outcomes
+        except SessionError as exc:
+            return [exc] * len(writes)
+
+    def _fail_all(self, items: list[_Queued], exc: SessionError) -> None:
+        self.telemetry.store_error(exc)
+        log.warning("store failed a batch of %d requests: %s", len(items), exc)
+        for item in items:
+            item.slot.fail(_fresh(exc))
+
+    def _finish(self, done: _Batch, outcomes: list[bool | SessionError]) -> None:
+        """Answer the batch whose commit gave ``outcomes`` (retry the writes that lost a race)."""
+        if done.mark is not None:
+            self._marked(done.mark, outcomes[-1] is True)
+        writes = done.view.writes
+        outcomes = outcomes[: len(writes)]
+        done.ok = all(ok is True for ok in outcomes)
+        self._remember(done.view, [ok is True for ok in outcomes])
+        self._answer(done.applied, writes, outcomes, done.retry)
 
     def _answer(
         self,
-        applied: list[tuple[_Queued, Any, int, int]],
+        applied: list[_Applied],
         writes: list[Write],
         outcomes: list[bool | SessionError],
+        retry: list[_Queued],
     ) -> None:
-        """Answer each applied operation from the outcomes of its writes (module docstring)."""
+        """Answer each applied operation from the outcomes of its writes (module docstring);
+        those whose writes lost a race go to ``retry``."""
         limits = self.settings.limits
         lost = _lost_races(writes, outcomes)
-        retry: list[_Queued] = []
         failed_ids: set[str] = set()  # ids with a write that failed with an error, so far
         first_error: SessionError | None = None
         refused: SessionError | None = None  # a refresh the store refused (answered anyway)
@@ -565,6 +786,8 @@ class SessionManager(Actor):
             ):
                 # What it read includes a write that failed: its answer would report it.
                 item.slot.fail(_fresh(first_error))
+            elif isinstance(result, _Failed):
+                item.slot.fail(result.error)
             elif error is not None:
                 if op.access_only and isinstance(error, StoreError):
                     refused, refused_reads = error, refused_reads + 1
@@ -590,12 +813,6 @@ class SessionManager(Actor):
             # load, one commit). Other requests are served meanwhile.
             n = max(item.attempts for item in retry)
             self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
-
-    def _fail_all(self, items: list[_Queued], exc: SessionError) -> None:
-        self.telemetry.store_error(exc)
-        log.warning("store failed a batch of %d requests: %s", len(items), exc)
-        for item in items:
-            item.slot.fail(_fresh(exc))
 
 
 def _lost_races(writes: list[Write], outcomes: list[bool | SessionError]) -> list[bool]:

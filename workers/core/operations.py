@@ -43,7 +43,7 @@ from ..record.errors import (
     UpdateFailed,
     VersionConflict,
 )
-from ..record.session import MAX_VERSION, Session, check_id, new_id
+from ..record.session import MAX_VERSION, Session, build_session, check_id, new_id
 from ..stores import base as writes
 from ..stores.base import BucketedStore, Store, Write
 
@@ -246,14 +246,17 @@ class Create(Operation):
             raise CapacityExceeded(f"the store holds max_sessions={limit} live sessions")
         _check_free(view, self.id)
         now = view.now_ms
-        view.put(Session(self.id, now, now, self.timeout_ms, self.metadata, 1))
+        view.put(build_session(self.id, now, now, self.timeout_ms, self.metadata, 1))
         return self.id
 
 
 def _draw_id(view: View) -> str:
     """A new id from the id_factory; its failures are the caller's error, not a crash."""
+    factory = view.limits.id_factory
+    if factory is new_id:
+        return new_id()  # 32 hex digits: nothing to check
     try:
-        session_id = view.limits.id_factory()
+        session_id = factory()
     except Exception as exc:
         raise SessionError(f"id_factory raised {exc!r}") from exc
     return check_id(session_id)
@@ -332,7 +335,12 @@ class SetTTL(OnSession):
     timeout_ms: int | None
 
     def apply(self, view: View) -> None:
-        view.put(replace(view.live(self.id), timeout_ms=self.timeout_ms))
+        s = view.live(self.id)
+        view.put(
+            build_session(
+                s.id, s.created_at, s.last_accessed, self.timeout_ms, s.metadata, s.version
+            )
+        )
 
 
 def _check_version(session: Session, expected_version: int | None) -> None:
@@ -345,10 +353,13 @@ def _check_version(session: Session, expected_version: int | None) -> None:
 def _store_new_metadata(view: View, session: Session, metadata: object) -> Session:
     if session.version >= MAX_VERSION:
         raise UpdateFailed(f"session {session.id!r} is at the highest version, {MAX_VERSION}")
-    new = replace(
-        session.accessed(view.now_ms),
-        metadata=canonical_metadata(metadata, view.limits.max_metadata_bytes),
-        version=session.version + 1,
+    new = build_session(
+        session.id,
+        session.created_at,
+        max(session.last_accessed, view.now_ms),
+        session.timeout_ms,
+        canonical_metadata(metadata, view.limits.max_metadata_bytes),
+        session.version + 1,
     )
     view.put(new)
     return new

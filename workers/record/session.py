@@ -80,6 +80,8 @@ class Session:
         return asdict(self)
 
 
+_token_hex = secrets.token_hex
+
 # A frozen dataclass's __init__ sets each field through object.__setattr__. Every read builds
 # two sessions (the refresh and the caller's copy), so those set the slots directly: half the cost.
 _new_object = object.__new__
@@ -110,7 +112,7 @@ def build_session(
 
 def new_id() -> str:
     """A fresh session id: 32 lowercase hex characters, 128 bits from :mod:`secrets`."""
-    return secrets.token_hex(16)
+    return _token_hex(16)
 
 
 def check_id(session_id: object) -> str:

@@ -31,8 +31,11 @@ may complete in some and fail in others: it then raises :class:`PartialCommit` (
 operation from its own shard's outcome.
 
 All methods are async. A store whose library blocks (diskcache, lmdb) runs every call on its
-own long-lived worker thread (:class:`~workers.stores.thread.StoreThread`); a store whose
-library is async (coredis) awaits it directly. No store blocks the Trio thread.
+own long-lived worker thread (:class:`~workers.stores.thread.StoreThread`), except the small
+loads and commits that are normally served from memory, which it may run on the caller's
+thread instead (:class:`ImmediateStore`); a store whose library is async (coredis) awaits it
+directly. No store blocks the Trio thread on I/O it could wait for: see
+:mod:`workers.stores.stall` for what bounds the rest.
 
 Stores raise :class:`~workers.record.errors.StoreError` for their own failures; ``open`` raises it,
 naming the cause, when the store is locked by another owner or is unusable.
@@ -95,6 +98,7 @@ class Mark:
 
 
 Write = Put | Delete | Mark
+_WRITE_TYPES = (Put, Delete, Mark)
 #: What :func:`write_id` gives for a :class:`Mark`: no session has it (ids are 32 hex digits).
 MARK_ID = "<mark>"
 
@@ -129,10 +133,9 @@ def apply_in_order(
     failed: set[str] = set()
     results: list[bool] = []
     for item in items:
-        ids = session_ids(item)
-        ok = failed.isdisjoint(ids) and apply(item)
+        ok = not (failed and not failed.isdisjoint(session_ids(item))) and apply(item)
         if not ok:
-            failed.update(ids)
+            failed.update(session_ids(item))
         results.append(ok)
     return results
 
@@ -156,7 +159,7 @@ def check_writes(writes: Iterable[object]) -> None:
     """Refuse a batch holding anything but writes, before any of it is applied (a commit is all
     or nothing)."""
     for write in writes:
-        if not isinstance(write, Put | Delete | Mark):
+        if type(write) not in _WRITE_TYPES and not isinstance(write, _WRITE_TYPES):
             raise TypeError(f"not a store write (Put, Delete, Mark): {type(write).__name__}")
 
 
@@ -238,10 +241,27 @@ class Store(Protocol):
 
 @runtime_checkable
 class ImmediateStore(Store, Protocol):
-    """A store whose calls never wait for I/O (the memory store): it also offers ``load`` and
-    ``commit`` as plain functions, so the manager can answer a request in the caller's task
-    (``SessionManager.handle_call_inline``). Same contracts as the async forms, which must
-    be these: a subclass that changes what a load or a commit does overrides these two."""
+    """A store that can also run ``load`` and ``commit`` as plain functions, on the caller's
+    thread, so the manager can answer a request in the caller's task
+    (``SessionManager.handle_call_inline``) with no thread hop and no wake-up. Same contracts
+    as the async forms.
+
+    The memory store always can (nothing it does waits for I/O). The disk and lmdb stores can
+    when the work is bounded and normally served from memory, and say when with
+    :meth:`loads_now` and :meth:`commits_now` (see :mod:`workers.stores.thread` for their rules
+    and :mod:`workers.stores.stall` for what bounds a stall). The manager asks first, and calls
+    the plain form only when the answer was yes, with nothing awaited in between.
+    """
+
+    #: Whether a commit has a cost of its own, whatever its size (a transaction, a write to
+    #: the file): then writes of concurrent callers are better committed together.
+    group_commit: bool
+
+    def loads_now(self, count: int) -> bool:
+        """Whether :meth:`load_now` of ``count`` ids may run now."""
+
+    def commits_now(self, count: int) -> bool:
+        """Whether :meth:`commit_now` of ``count`` writes may run now."""
 
     def load_now(self, ids: Sequence[str]) -> dict[str, Session]:
         """:meth:`Store.load`, synchronously."""

@@ -35,8 +35,10 @@ this directory was written in, so a database that is not ours is recognised rath
 
 Durability
 ----------
-Every ``commit`` is one SQLite transaction (``Cache.transact``), however many writes it carries:
-that is what makes the manager's group commit pay one sync for a whole batch. The journal is
+Every ``commit`` is one SQLite transaction, however many writes it carries: that is what makes
+the manager's group commit pay one sync for a whole batch. Within it, consecutive writes of one
+kind (creates, updates, deletes: a batch under load is mostly one kind) are one prepared
+statement run over the rows with ``executemany``, not a call per session. The journal is
 always WAL; ``durability`` chooses when a commit is on stable storage:
 
 - ``"process"`` (default; ``synchronous=NORMAL``): a committed transaction is in the WAL before
@@ -72,30 +74,40 @@ session ids, values are bytes, anything else is refused with StoreError on the w
 the way out only raw TEXT keys and inline BLOB values are returned, so a pickle planted in the
 database is an error, never executed.
 
-One thread
-----------
-SQLite connections belong to the thread that made them (diskcache keeps one per thread), and
-blocking calls must stay off the Trio thread. Each store therefore owns one
-:class:`~workers.stores.thread.StoreThread`, started by ``open`` and stopped by ``close``, and
-every diskcache and SQLite call (opening the database included) runs on it, one at a time. The
-thread serialises the store's calls, so no lock is needed, and a batch costs one thread hop.
-The one exception is the checkpoint thread below, which only checkpoints.
+Threads
+-------
+Each store owns one :class:`~workers.stores.thread.StoreThread`, started by ``open`` and
+stopped by ``close``, and one SQLite connection of its own (``check_same_thread=False``: the
+thread that uses it changes; never two at once). Opening, closing, scans, sweeps, counts, and
+loads and commits too large to be quick run on the store thread, one at a time. A load of up
+to :attr:`DiskStore.inline_max` sessions, and a commit of that many writes, run on the caller's
+thread (the Trio thread) instead, when :meth:`~DiskStore.loads_now` / ``commits_now`` allow:
+no job of the store's is on its thread, no checkpoint runs (below), the commit would not
+write the WAL's header (:class:`_WalIndex`), ``durability`` is ``"process"``, and the
+:class:`~workers.stores.stall.StallGuard` has not seen the disk slow. Such a call is SQLite
+working on pages in its cache or the kernel's, and a commit is ``write(2)`` to the WAL: tens of
+microseconds, where a hop to the store thread and back costs 40-90. What bounds a stall there:
+the connection never waits for a lock on the caller's thread (``busy_timeout`` 0 there, and
+only this connection and the checkpoint thread's use the database), never checkpoints
+(``wal_autocheckpoint`` 0 there) and never syncs; so a call waits only for page I/O (a page
+not in memory, a write the kernel throttles), and the stall guard sends every call to the
+store thread for a while after one that did. ``inline=False`` runs every call on the store
+thread.
 
 Checkpoints
 -----------
-In WAL mode SQLite appends committed pages to ``cache.db-wal``, and the connection whose commit
-takes the WAL past 1000 pages copies them into ``cache.db`` and syncs both files (a
-checkpoint) before that commit returns. A batch that touches sessions at random (a sweep
-deleting hundreds, the deferred access times of a busy second) writes about a page per
-session, so every few commits paid a checkpoint: 10 to 190 ms on the store thread, during
-which no request of the service is answered. A :class:`_Checkpointer` thread with a connection
-of its own checkpoints after every commit (``PRAGMA wal_checkpoint(PASSIVE)``, woken by
-``commit``): SQLite lets it run alongside the store thread's reads and writes, and the GIL is
-released while it copies and syncs. The store thread's connection keeps SQLite's own
-checkpoint every 1000 pages (it restarts the WAL), which finds most pages already copied and
-synced and costs little. Measured on a sweep of 1M sessions: commit p99 20 -> 5 ms, worst
-60-190 -> 11 ms. ``close`` stops the checkpoint thread first, so the store's connection is the
-last one and checkpoints the WAL away as before.
+In WAL mode SQLite appends committed pages to ``cache.db-wal``; a checkpoint copies them into
+``cache.db`` and syncs both files. A :class:`_Checkpointer` thread with a connection of its own
+does that (``PRAGMA wal_checkpoint(PASSIVE)``) once :data:`CHECKPOINT_WRITES` writes have been
+committed, or :data:`CHECKPOINT_AGE` seconds have passed, since the last one: SQLite lets it run
+alongside the store's reads and writes, and the GIL is released while it copies and syncs.
+While it runs, the store's calls go to its thread (a checkpoint that ends while a commit on the
+Trio thread begins could make that commit start the WAL again). Commits on the store thread
+still checkpoint by themselves past :data:`_AUTOCHECKPOINT` pages, a bound on the WAL whatever
+happens; the checkpoint thread normally gets there long before, so a sweep's commits do not pay
+for it (a checkpoint in a commit used to cost 10-190 ms, during which nothing was answered).
+``close`` stops the checkpoint thread first, so the store's connection is the last one and
+checkpoints the WAL away.
 
 One owner
 ---------
@@ -126,38 +138,45 @@ Read-only
 ---------
 ``read_only=True`` (the admin verbs that only read) opens an existing store without writing a
 byte: no directory or file is made, nothing is quarantined (a damaged store is an error), no
-settings are written (the queries run on a read-only SQLite connection of their own, not on
-diskcache's ``Cache``, which writes its settings when it opens), and ``commit`` is refused.
+settings are written (the store's connection is read-only, and diskcache's ``Cache``, which
+writes its settings when it opens, is not used), and ``commit`` is refused.
 ``create=False`` (the admin verbs that write) opens an existing store only.
 
 Beyond diskcache's public API
 -----------------------------
-Three things use diskcache's internals; all depend on a schema that has been stable since
-diskcache 4 and is pinned by this module's tests:
+diskcache makes the database: every writable open runs ``diskcache.Cache()`` with the pinned
+settings, which creates or puts right the schema, its indexes and triggers and the settings,
+and closes it again. Everything after that is SQL of the store's own on diskcache's schema,
+on the store's one connection, which takes diskcache's per-connection settings
+(``sqlite_synchronous``, ``sqlite_cache_size``, ``sqlite_mmap_size``) as diskcache's own
+connections would. All of it depends on a schema that has been stable since diskcache 4 and
+is pinned by this module's tests:
 
-- :func:`_select` runs read-only SQL on the cache's own connection (``Cache._sql``), for the
-  queries diskcache has no API for: ids by expiry range (``expired``), the number of expired
+- Queries diskcache has no API for: ids by expiry range (``expired``), the number of expired
   rows (``count``), keys after a cursor in sorted order (``scan``; ``iterkeys`` always starts
-  at the first key), and many keys at once (``load``). Without it, ``expired`` and ``count``
+  at the first key), and many keys at once (``load``). Without them, ``expired`` and ``count``
   would read every row.
-- Writes are SQL on the ``Cache`` table too, inside diskcache's own ``transact()``: the row a
-  ``Put`` inserts or updates and the row a ``Delete`` removes are the rows ``Cache.add``,
-  ``Cache.set`` and ``Cache.delete`` would write or remove for a str key and an inline value
-  (``SessionDisk.put`` and ``SessionDisk.store`` still check the key and value), and
-  diskcache's triggers keep its count and size. The reason is cost: each ``Cache`` call
+- Writes: the row a ``Put`` inserts or updates and the row a ``Delete`` removes are the rows
+  ``Cache.add``, ``Cache.set`` and ``Cache.delete`` would write or remove for a str key and an
+  inline value (``SessionDisk.put`` and ``SessionDisk.store`` still check the key and value),
+  and diskcache's triggers keep its count and size. The reason is cost: each ``Cache`` call
   opens a transaction context and re-reads its connection, which took 3 to 5 times longer
-  than SQLite's own work (profiled on a sweep: 15 ms of every 500-session batch), and a
-  conditional delete read and decoded the record where ``tag < ?`` (the tag is the session's
-  ``expires_at``) says the same.
+  than SQLite's own work (profiled on a sweep: 15 ms of every 500-session batch), a call per
+  session cannot share one prepared statement over a batch, and a conditional delete read and
+  decoded the record where ``tag < ?`` (the tag is the session's ``expires_at``) says the same.
 - :func:`_inspect` opens ``cache.db`` with :mod:`sqlite3` before diskcache does, because
   ``Cache()`` starts by writing its settings, and a foreign database must be left untouched.
+- :class:`_WalIndex` reads two numbers of SQLite's wal-index (documented file format).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -170,7 +189,7 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, may_delete, source_holds, write_ids
+from .base import Delete, Mark, Put, Write, check_writes, may_delete, source_holds, write_ids
 from .files import Durability, OnCorrupt, StoreFiles, check_file_options, create_private
 from .thread import ThreadedStore
 
@@ -215,6 +234,7 @@ _EXPIRED_COUNT = "SELECT COUNT(*) FROM Cache WHERE tag < ?"
 _PAGE = "SELECT key, raw, mode, filename, value FROM Cache WHERE key > ? ORDER BY key LIMIT ?"
 #: Sessions by id; ``{marks}`` is one ``?`` per id, at most _LOAD_CHUNK of them.
 _LOAD = "SELECT key, raw, mode, filename, value FROM Cache WHERE key IN ({marks}) AND raw = 1"
+_LOAD_ONE = "SELECT key, raw, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 _LOAD_CHUNK = 500
 # The writes, as diskcache's own add / set / delete write a row (its _row_insert, _row_update,
 # __delitem__) for a str key (raw = 1) and an inline value (size 0, no file, no expire_time);
@@ -224,14 +244,27 @@ _INSERT = (
     "size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, 0, ?, NULL, ?) "
     "ON CONFLICT (key, raw) DO NOTHING"
 )
-_CURRENT = "SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_CURRENT = "SELECT rowid, key, mode, filename, value FROM Cache WHERE key IN ({marks}) AND raw = 1"
+_CURRENT_ONE = "SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 _UPDATE = (
     "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, access_count = 0, "
     "tag = ?, size = 0, mode = ?, filename = NULL, value = ? WHERE rowid = ?"
 )
-_DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
-_DELETE_EXPIRED = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag < ?"
 _DELETE_ROW = "DELETE FROM Cache WHERE rowid = ?"
+#: A Delete: (id, time, time) removes a session expired at that time; (id, MAX, NULL) any.
+_DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND (tag < ? OR (? IS NULL AND tag IS NULL))"
+#: diskcache's settings that are per connection: ours takes them as diskcache's own would.
+_CONNECTION_SETTINGS = frozenset({"sqlite_synchronous", "sqlite_cache_size", "sqlite_mmap_size"})
+#: Seconds the store thread's commits wait for SQLite's lock (only another process could hold
+#: it); on the caller's thread they never wait (see _Database.mode).
+_BUSY_TIMEOUT = 60.0
+#: WAL pages past which a commit on the store thread checkpoints by itself (SQLite's default is
+#: 1000): a backstop, set well above what the checkpoint thread lets pile up (about two pages
+#: a write), so that it never has to run in the middle of a sweep's commits.
+_AUTOCHECKPOINT = 10_000
+#: Writes, and seconds, between two checkpoints (see _Checkpointer).
+CHECKPOINT_WRITES = 1000
+CHECKPOINT_AGE = 1.0
 
 
 class SessionDisk(diskcache.Disk):
@@ -272,11 +305,17 @@ class SessionDisk(diskcache.Disk):
 
 
 class DiskStore(ThreadedStore):
-    """A durable, single-owner store in the directory ``path``. See the module docstring."""
+    """A durable, single-owner store in the directory ``path``. See the module docstring.
+
+    ``inline=False`` runs every call on the store's thread (see "Threads").
+    """
 
     backend = "disk"
     shared = False
     errors = (sqlite3.Error, diskcache.Timeout, OSError)
+    #: Measured commits of 1 and of 4 new sessions: 40 and 100 us (p50), each session a page
+    #: of the id index written to the WAL.
+    inline_max = 4
 
     def __init__(
         self,
@@ -286,6 +325,7 @@ class DiskStore(ThreadedStore):
         on_corrupt: OnCorrupt = "quarantine",
         create: bool = True,
         read_only: bool = False,
+        inline: bool = True,
         **diskcache_settings: Any,
     ) -> None:
         check_file_options(durability, on_corrupt)
@@ -306,7 +346,8 @@ class DiskStore(ThreadedStore):
             FORMAT_KEY: FORMAT,
         }
         self.label = f"disk store {self.path}"
-        self._cache: diskcache.Cache | None = None
+        self._init_inline(inline)
+        self._database: _Database | None = None
         #: Make the store if the directory does not hold one (otherwise: StoreError).
         self.create = create and not read_only
         #: Open without writing anything (see "Read-only"): commits are refused.
@@ -315,16 +356,46 @@ class DiskStore(ThreadedStore):
         self._checkpoints: _Checkpointer | None = None
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        outcomes = await super().commit(writes)
-        if self._checkpoints is not None:
-            self._checkpoints.notify()
+        check_writes(writes)
+        if not writes:
+            return []
+        outcomes = await self._run(self._commit_on_thread, list(writes))
+        self._committed(len(writes))
         return outcomes
 
-    # Everything below runs on the store thread.
+    def commit_now(self, writes: Sequence[Write]) -> list[bool]:
+        outcomes = super().commit_now(writes)
+        self._committed(len(writes))
+        return outcomes
 
-    def _db(self) -> diskcache.Cache | _ReadOnlyCache:
-        assert self._cache is not None, "the store thread runs calls only while it is open"
-        return self._cache
+    def _committed(self, writes: int) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.notify(writes)
+
+    def _may_run_now(self, commit: bool) -> bool:
+        database = self._database
+        if database is None:
+            return False
+        checkpoints = self._checkpoints
+        if checkpoints is None:
+            # Read-only (nothing changes the database), or no checkpoint thread: then the
+            # store's connection checkpoints by itself, and that syncs, so only the thread may.
+            return self.read_only and not commit
+        if checkpoints.running:
+            return False
+        # An fsync per commit, or SQLite's sync of the WAL header when this commit would
+        # start the write-ahead log again: for the store thread.
+        if commit and (self.durability != "process" or database.wal_restart_due()):
+            return False
+        database.mode(inline=True)
+        return True
+
+    # Everything below runs on the store thread, or, for _load and _commit, on the caller's
+    # thread when _may_run_now allowed it: one user of the connection at a time either way.
+
+    def _db(self) -> _Database:
+        assert self._database is not None, "the store runs calls only while it is open"
+        return self._database
 
     def _open(self) -> None:
         files = self._files
@@ -333,7 +404,7 @@ class DiskStore(ThreadedStore):
             problem = _inspect(self.path / DBNAME)
             if problem is not None:
                 self._set_aside(problem)
-            cache = self._connect()
+            database = self._connect()
             if not self.read_only:
                 files.mark_and_narrow()
         except (sqlite3.Error, OSError) as exc:
@@ -342,26 +413,32 @@ class DiskStore(ThreadedStore):
         except BaseException:
             files.release()
             raise
-        self._cache = cache
+        self._database = database
         if not self.read_only:
             self._checkpoints = _Checkpointer(self.path / DBNAME, _SYNCHRONOUS[self.durability])
 
-    def _connect(self) -> diskcache.Cache | _ReadOnlyCache:
+    def _connect(self) -> _Database:
+        db = self.path / DBNAME
         if self.read_only:
-            return _ReadOnlyCache(self.path / DBNAME)
-        create_private(self.path / DBNAME)  # 0600; SQLite gives its -wal and -shm the same
+            return _Database(db, read_only=True)
+        create_private(db)  # 0600; SQLite gives its -wal and -shm the same
         try:
-            return self._new_cache()
+            return self._with_settings()
         except sqlite3.DatabaseError as exc:
             if not _is_corruption(exc):
                 raise
             # Damage past what _inspect reads (a settings or index page, say).
             self._set_aside(f"corrupt SQLite database: {exc}")
-            create_private(self.path / DBNAME)
-            return self._new_cache()
+            create_private(db)
+            return self._with_settings()
 
-    def _new_cache(self) -> diskcache.Cache:
-        return diskcache.Cache(str(self.path), disk=SessionDisk, **self._settings)
+    def _with_settings(self) -> _Database:
+        """diskcache makes (or puts right) the schema and the settings; then our connection."""
+        cache = diskcache.Cache(str(self.path), disk=SessionDisk, **self._settings)
+        try:
+            return _Database(self.path / DBNAME, read_only=False)
+        finally:
+            cache.close()  # after ours opened, so the write-ahead log stays as it is
 
     def _set_aside(self, problem: str) -> None:
         """Apply ``on_corrupt`` to an unusable database (read-only opens never move anything)."""
@@ -374,71 +451,66 @@ class DiskStore(ThreadedStore):
         self._files.quarantine(problem)
 
     def _close(self) -> None:
-        cache, self._cache = self._cache, None
+        database, self._database = self._database, None
         checkpoints, self._checkpoints = self._checkpoints, None
         try:
             if checkpoints is not None:
                 checkpoints.stop()  # first, so that the store's connection is the last one
-            if cache is not None:
-                cache.close()  # the last connection checkpoints the WAL into cache.db
+            if database is not None:
+                database.close()  # the last connection checkpoints the WAL into cache.db
         finally:
             self._files.release()
 
     def _load(self, ids: list[str]) -> dict[str, Session]:
         # One query per _LOAD_CHUNK ids rather than a Cache.get each: a sweep loads hundreds of
         # sessions at a time, and diskcache's per-call Python cost more than SQLite's lookups.
-        cache = self._db()
-        disk = cache.disk
+        database = self._db()
+        disk = database.disk
+        execute = database.execute
         found: dict[str, Session] = {}
         for start in range(0, len(ids), _LOAD_CHUNK):
             chunk = ids[start : start + _LOAD_CHUNK]
-            query = _LOAD.format(marks=",".join("?" * len(chunk)))
-            for key, raw, mode, filename, value in _select(cache, query, tuple(chunk)):
+            query = _LOAD_ONE if len(chunk) == 1 else _LOAD.format(marks=",".join("?" * len(chunk)))
+            for key, raw, mode, filename, value in execute(query, chunk).fetchall():
                 sid = disk.get(key, raw)
                 found[sid] = _decode(sid, disk.fetch(mode, filename, value, False))
         return found
 
+    def _commit_on_thread(self, writes: list[Write]) -> list[bool]:
+        self._db().mode(inline=False)
+        return self._commit(writes)
+
     def _commit(self, writes: list[Write]) -> list[bool]:
-        # Check and encode everything before the transaction: a bad batch changes nothing, and
-        # the write lock is held for SQLite work only.
         if self.read_only:
             raise StoreError(f"{self.label} is open read-only: nothing can be written")
-        cache = self._db()
-        prepared: list[tuple[Put, bytes] | Delete | Mark] = []
-        for write in writes:
-            if isinstance(write, Put):
-                prepared.append((write, encode_session(write.session)))
-            else:
-                prepared.append(write)
-        if not prepared:
-            return []
-        with cache.transact():  # one transaction: all of the batch, or none of it on error
-            execute = cache._sql  # the store thread's connection, inside that transaction
-            now = time.time()
-            return apply_in_order(
-                prepared,
-                lambda item: write_ids(item[0] if isinstance(item, tuple) else item),
-                lambda item: (
-                    _apply_put(execute, cache.disk, now, *item)
-                    if isinstance(item, tuple)
-                    else _apply_delete(execute, cache.disk, item)
-                    if isinstance(item, Delete)
-                    else _apply_mark(execute, item)
-                ),
-            )
+        database = self._db()
+        # Check and encode everything before the transaction: a bad batch changes nothing, and
+        # the write lock is held for SQLite work only.
+        runs = _runs(database.disk, writes)
+        execute = database.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = _apply_runs(database, runs, time.time())
+            execute("COMMIT")
+        except BaseException:
+            if database.in_transaction:
+                execute("ROLLBACK")
+            raise
+        return outcomes
 
     def _load_mark(self) -> int:
-        cache = self._db()
-        rows = _select(cache, "SELECT value FROM Settings WHERE key = ?", (MARK_KEY,))
+        rows = (
+            self._db().execute("SELECT value FROM Settings WHERE key = ?", (MARK_KEY,)).fetchall()
+        )
         return int(rows[0][0]) if rows else 0
 
     def _scan(
         self, now_ms: int, cursor: str | None, limit: int
     ) -> tuple[list[Session], str | None]:
         # The cursor is the last id read; ids are never empty, so "" reads from the first one.
-        cache = self._db()
-        rows = _select(cache, _PAGE, (cursor or "", limit))
-        disk = cache.disk
+        database = self._db()
+        rows = database.execute(_PAGE, (cursor or "", limit)).fetchall()
+        disk = database.disk
         page: list[Session] = []
         for key, raw, mode, filename, value in rows:
             sid = disk.get(key, raw)
@@ -451,16 +523,185 @@ class DiskStore(ThreadedStore):
         return page, disk.get(rows[-1][0], rows[-1][1])
 
     def _expired(self, now_ms: int, limit: int) -> list[str]:
-        cache = self._db()
-        disk = cache.disk
-        return [disk.get(key, raw) for key, raw in _select(cache, _EXPIRED_IDS, (now_ms, limit))]
+        database = self._db()
+        disk = database.disk
+        rows = database.execute(_EXPIRED_IDS, (now_ms, limit)).fetchall()
+        return [disk.get(key, raw) for key, raw in rows]
 
     def _count(self, now_ms: int) -> int:
-        # len() is diskcache's trigger-maintained row count: O(1). The expired rows are counted
-        # on the tag index, so this costs O(expired), and sweeps keep that small.
-        cache = self._db()
-        ((expired,),) = _select(cache, _EXPIRED_COUNT, (now_ms,))
-        return len(cache) - expired
+        # The row count in Settings is kept by diskcache's triggers: O(1). The expired rows are
+        # counted on the tag index, so this costs O(expired), and sweeps keep that small.
+        database = self._db()
+        ((expired,),) = database.execute(_EXPIRED_COUNT, (now_ms,)).fetchall()
+        return len(database) - expired
+
+
+# --- commits: runs of writes of one kind, each in as few SQLite calls as it allows ---
+
+_INSERT_RUN, _UPDATE_RUN, _DELETE_RUN, _MARK_RUN, _EACH_RUN = range(5)
+
+
+def _runs(disk: diskcache.Disk, writes: list[Write]) -> list[tuple[int, list[Any]]]:
+    """``writes`` as runs of consecutive writes of one kind, each Put with its checked key and
+    encoded record: ``(kind, [(put, key, mode, value)...])`` for Puts, ``(kind, [write...])``
+    for the others. Runs keep the batch's order (a later write to an id sees the earlier)."""
+    runs: list[tuple[int, list[Any]]] = []
+    last = -1
+    items: list[Any] = []
+    for write in writes:
+        if isinstance(write, Put):
+            if write.moved_from is not None:
+                kind = _EACH_RUN  # a rotate: it reads the session it moves from
+            else:
+                kind = _INSERT_RUN if write.expected_version is None else _UPDATE_RUN
+            # SessionDisk still decides what may go in: a str key, an inline bytes value.
+            key, _ = disk.put(write.session.id)
+            _, mode, _, value = disk.store(encode_session(write.session), False)
+            item: Any = (write, key, mode, value)
+        elif isinstance(write, Delete):
+            # One that names a version reads the record (the version is in it).
+            kind = _DELETE_RUN if write.expected_version is None else _EACH_RUN
+            item = write
+        else:
+            kind, item = _MARK_RUN, write
+        if kind != last:
+            items = []
+            runs.append((kind, items))
+            last = kind
+        items.append(item)
+    return runs
+
+
+def _apply_runs(database: _Database, runs: list[tuple[int, list[Any]]], now: float) -> list[bool]:
+    """Apply the runs inside the caller's transaction; per write, whether it took effect (the
+    failed-write rule of ``stores/base.py`` across the whole batch)."""
+    outcomes: list[bool] = []
+    failed: set[str] = set()
+    for kind, items in runs:
+        if kind == _INSERT_RUN:
+            done = _insert_run(database, items, now, failed)
+        elif kind == _UPDATE_RUN:
+            done = _update_run(database, items, now, failed)
+        elif kind == _DELETE_RUN:
+            done = _delete_run(database, items, failed)
+        elif kind == _EACH_RUN:
+            done = _each_run(database, items, now, failed)
+        else:
+            done = [_apply_mark(database.execute, mark) for mark in items]
+        outcomes += done
+    return outcomes
+
+
+def _all_or_each(
+    database: _Database,
+    statement: str,
+    rows: list[tuple[Any, ...]],
+    ids: list[str],
+    failed: set[str],
+    each: Callable[[int], bool],
+) -> list[bool]:
+    """Run ``statement`` over ``rows`` with one ``executemany`` when every row should take
+    effect (the usual case: fresh ids, sweeps of expired sessions); if one did not, undo that
+    and find out which with ``each(i)``, row by row, under the failed-write rule."""
+    if len(rows) > 1 and failed.isdisjoint(ids):
+        database.execute("SAVEPOINT run")
+        changed = database.executemany(statement, rows).rowcount
+        if changed == len(rows):
+            database.execute("RELEASE run")
+            return [True] * len(rows)
+        database.execute("ROLLBACK TO run")
+        database.execute("RELEASE run")
+    outcomes = []
+    for i, sid in enumerate(ids):
+        ok = sid not in failed and each(i)
+        if not ok:
+            failed.add(sid)
+        outcomes.append(ok)
+    return outcomes
+
+
+def _insert_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
+    rows = [(key, now, now, put.session.expires_at, mode, value) for put, key, mode, value in items]
+    ids = [key for _, key, _, _ in items]
+    execute = database.execute
+
+    def each(i: int) -> bool:
+        return execute(_INSERT, rows[i]).rowcount == 1
+
+    return _all_or_each(database, _INSERT, rows, ids, failed, each)
+
+
+def _update_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
+    """Puts over stored versions: the versions are read in one query, checked in order (a
+    later Put of an id expects what the earlier one wrote), and the rows that pass are
+    written with one ``executemany``. One Put alone (one caller's update) goes row by row."""
+    disk = database.disk
+    if len(items) == 1:
+        put, key, mode, value = items[0]
+        execute = database.execute
+        ok = key not in failed and _apply_put(execute, disk, now, put, key, mode, value)
+        if not ok:
+            failed.add(key)
+        return [ok]
+    keys = list({key for _, key, _, _ in items})
+    stored: dict[str, tuple[int, int]] = {}  # key -> (rowid, version)
+    for start in range(0, len(keys), _LOAD_CHUNK):
+        chunk = keys[start : start + _LOAD_CHUNK]
+        query = _CURRENT.format(marks=",".join("?" * len(chunk)))
+        for rowid, key, mode, filename, value in database.execute(query, chunk).fetchall():
+            stored[key] = (rowid, _decode(key, disk.fetch(mode, filename, value, False)).version)
+    outcomes: list[bool] = []
+    rows = []
+    for put, key, mode, value in items:
+        current = stored.get(key)
+        ok = key not in failed and current is not None and current[1] == put.expected_version
+        if ok:
+            assert current is not None
+            session = put.session
+            rows.append((now, now, session.expires_at, mode, value, current[0]))
+            stored[key] = (current[0], session.version)
+        else:
+            failed.add(key)
+        outcomes.append(ok)
+    if rows:
+        database.executemany(_UPDATE, rows)
+    return outcomes
+
+
+def _delete_run(database: _Database, items: list[Delete], failed: set[str]) -> list[bool]:
+    # The tag is the session's expires_at, so "expired at t" (t > expires_at) is ``tag < t``:
+    # the stored record need not be read and decoded, and NULL (never expires) never matches.
+    # A conditional and a plain delete take the same statement: the plain one compares with
+    # a time past every tag, and the IS NULL leg takes the sessions that never expire.
+    rows = [
+        (d.id, _SQLITE_MAX_INT if d.if_expired_at is None else d.if_expired_at, d.if_expired_at)
+        for d in items
+    ]
+    execute = database.execute
+
+    def each(i: int) -> bool:
+        return execute(_DELETE, rows[i]).rowcount > 0
+
+    return _all_or_each(database, _DELETE, rows, [d.id for d in items], failed, each)
+
+
+def _each_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
+    """Writes that read what they replace (a rotate's Put, a Delete that names a version), one
+    at a time; each depends on every id of :func:`~workers.stores.base.write_ids`."""
+    execute, disk = database.execute, database.disk
+    outcomes = []
+    for item in items:
+        if isinstance(item, tuple):
+            put, key, mode, value = item
+            ids = write_ids(put)
+            ok = failed.isdisjoint(ids) and _apply_put(execute, disk, now, put, key, mode, value)
+        else:
+            ids = write_ids(item)
+            ok = failed.isdisjoint(ids) and _apply_delete(execute, disk, item)
+        if not ok:
+            failed.update(ids)
+        outcomes.append(ok)
+    return outcomes
 
 
 def _apply_put(
@@ -468,13 +709,12 @@ def _apply_put(
     disk: diskcache.Disk,
     now: float,
     put: Put,
-    record: bytes,
+    key: str,
+    mode: int,
+    value: Any,
 ) -> bool:
-    """``Cache.add`` or ``Cache.set`` of a session, in SQL (see the module docstring)."""
+    """``Cache.add`` or ``Cache.set`` of one session, in SQL, its conditions checked."""
     session = put.session
-    # SessionDisk still decides what may go in: a str key, an inline bytes value.
-    key, _ = disk.put(session.id)
-    _, mode, _, value = disk.store(record, False)
     if put.moved_from is not None:
         source = _current(execute, disk, put.moved_from)
         if not source_holds(put, None if source is None else source[1]):
@@ -489,12 +729,22 @@ def _apply_put(
     return True
 
 
+def _apply_delete(
+    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, delete: Delete
+) -> bool:
+    """A Delete that names a version: the version is in the record, so read it."""
+    current = _current(execute, disk, delete.id)
+    if current is None or not may_delete(delete, current[1]):
+        return False
+    return execute(_DELETE_ROW, (current[0],)).rowcount > 0
+
+
 def _current(
     execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, session_id: str
 ) -> tuple[int, Session] | None:
     """The row id and the stored session of ``session_id``, if there is one."""
     key, _ = disk.put(session_id)
-    row = execute(_CURRENT, (key,)).fetchone()
+    row = execute(_CURRENT_ONE, (key,)).fetchone()
     if row is None:
         return None
     rowid, mode, filename, stored = row
@@ -512,54 +762,142 @@ def _apply_mark(execute: Callable[..., sqlite3.Cursor], mark: Mark) -> bool:
     return True
 
 
-def _apply_delete(
-    execute: Callable[..., sqlite3.Cursor], disk: diskcache.Disk, delete: Delete
-) -> bool:
-    if delete.expected_version is not None:  # the version is in the record: read it
-        current = _current(execute, disk, delete.id)
-        if current is None or not may_delete(delete, current[1]):
-            return False
-        return execute(_DELETE_ROW, (current[0],)).rowcount > 0
-    # The tag is the session's expires_at, so "expired at t" (t > expires_at) is ``tag < t``:
-    # the stored record need not be read and decoded, and NULL (never expires) never matches.
-    if delete.if_expired_at is None:
-        return execute(_DELETE, (delete.id,)).rowcount > 0
-    return execute(_DELETE_EXPIRED, (delete.id, delete.if_expired_at)).rowcount > 0
+class _Database:
+    """The store's one SQLite connection to diskcache's database, and what goes with it.
 
+    Every query and write of the store runs here, on the store thread or, when allowed, on
+    the caller's thread: never on both at once (``check_same_thread=False`` only because the
+    thread that uses it changes). The connection takes diskcache's per-connection settings
+    (the ``sqlite_*`` rows of its Settings table: synchronous, cache size, mmap size), as
+    diskcache's own connections do.
 
-class _ReadOnlyCache:
-    """What the store's queries use of a diskcache ``Cache`` (its connection's ``_sql``, its
-    ``disk`` and its row count), over a read-only SQLite connection.
-
-    diskcache's ``Cache()`` writes its settings when it opens, so a read-only open cannot use
-    it. Without a write-ahead log left over (a clean close removes it) the database is opened
-    ``immutable``, so SQLite makes no -wal or -shm file either; with one (a crash), read-only,
-    so that the committed transactions in it are seen.
+    Read-only, it is a read-only connection of its own (see "Read-only"): without a
+    write-ahead log left over (a clean close removes it) the database is opened ``immutable``,
+    so SQLite makes no -wal or -shm file either; with one (a crash), read-only, so that the
+    committed transactions in it are seen.
     """
 
-    def __init__(self, db: Path) -> None:
-        wal = db.with_name(f"{db.name}-wal")
-        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
-        self._con = sqlite3.connect(f"{db.as_uri()}?{mode}", uri=True, isolation_level=None)
-        self._sql = self._con.execute
+    def __init__(self, db: Path, *, read_only: bool) -> None:
+        if read_only:
+            wal = db.with_name(f"{db.name}-wal")
+            mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+            con = sqlite3.connect(
+                f"{db.as_uri()}?{mode}", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            con = sqlite3.connect(
+                db, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+            )
+        try:
+            self.execute = con.execute
+            self.executemany = con.executemany
+            for key, value in con.execute("SELECT key, value FROM Settings").fetchall():
+                if key in _CONNECTION_SETTINGS:
+                    con.execute(f"PRAGMA {key[len('sqlite_') :]} = {int(value)}")
+            self._inline = False
+            self.wal = None if read_only else _WalIndex(db.with_name(f"{db.name}-shm"))
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
         self.disk = SessionDisk(str(db.parent))
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._con.in_transaction
+
     def __len__(self) -> int:
-        row = self._sql("SELECT value FROM Settings WHERE key = 'count'").fetchone()
+        row = self.execute("SELECT value FROM Settings WHERE key = 'count'").fetchone()
         return 0 if row is None else int(row[0])
 
+    def mode(self, *, inline: bool) -> None:
+        """Set the connection up for the thread about to use it. On the store thread, a commit
+        that takes the WAL past :data:`_AUTOCHECKPOINT` pages checkpoints (it bounds the WAL
+        whatever the checkpoint thread manages, which normally gets there long before) and a
+        lock held by another process is waited for; on the caller's thread neither (a
+        checkpoint syncs; a wait would stall)."""
+        if inline != self._inline:
+            self.execute(f"PRAGMA wal_autocheckpoint = {0 if inline else _AUTOCHECKPOINT}")
+            self.execute(f"PRAGMA busy_timeout = {0 if inline else round(_BUSY_TIMEOUT * 1000)}")
+            self._inline = inline
+
+    def wal_restart_due(self) -> bool:
+        """Whether the next commit may write the WAL's header, which SQLite syncs (see
+        :class:`_WalIndex`)."""
+        return self.wal is None or self.wal.restart_due()
+
     def close(self) -> None:
-        self._con.close()
+        try:
+            if self.wal is not None:
+                self.wal.close()
+        finally:
+            self._con.close()
+
+
+class _WalIndex:
+    """Reads two numbers of SQLite's wal-index (the ``-shm`` file), to know when a commit would
+    write the write-ahead log's header.
+
+    SQLite writes the WAL's header, and syncs it (with ``synchronous=NORMAL`` too: a WAL
+    reused without it can be corrupted by a power loss), when a commit finds every frame of
+    the log already copied into the database: it then starts the log again from its start.
+    That is the one sync a commit in WAL mode makes besides checkpoints, and it must not run
+    on the Trio thread. The wal-index records both numbers: ``mxFrame``, the frames in the log
+    (0: empty), and ``nBackfill``, the frames copied into the database so far; the log starts
+    again when they are equal. Its layout is part of SQLite's documented file format
+    (https://sqlite.org/walformat.html: the header's ``mxFrame`` at byte 16, ``nBackfill`` at
+    byte 96, in native byte order, ``iVersion`` 3007000 at byte 0). It is read without SQLite's
+    locks, which is exact here: it is read only while no commit and no checkpoint runs.
+    Anything unexpected (a version this code does not know, a header not initialised) answers
+    "due", which is always safe: the commit then runs on the store thread.
+    """
+
+    _VERSION = 3007000
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._map: mmap.mmap | None = mmap.mmap(fd, _WAL_INDEX_BYTES, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            self._map = None  # too short or not mappable: always "due"
+        finally:
+            os.close(fd)
+
+    def restart_due(self) -> bool:
+        index = self._map
+        if index is None:
+            return True
+        version, init, max_frame = _WAL_HEADER.unpack_from(index, 0)
+        if version != self._VERSION or not init:
+            return True
+        (backfilled,) = _WAL_BACKFILL.unpack_from(index, 96)
+        return backfilled >= max_frame
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+
+
+#: iVersion (u32 at 0), isInit (u8 at 12), mxFrame (u32 at 16); nBackfill (u32 at 96).
+_WAL_HEADER = struct.Struct("=I8xB3xI")
+_WAL_BACKFILL = struct.Struct("=I")
+_WAL_INDEX_BYTES = 136
 
 
 class _Checkpointer:
     """Runs SQLite's WAL checkpoints on a thread and a connection of their own.
 
-    Woken by each commit (``notify``), it runs a PASSIVE checkpoint, which copies the frames
-    committed so far into the database without waiting for, or blocking, the store thread's
-    readers and writer. Commits that come while it works are covered by the next one. A
-    failure is logged and tried again at the next commit; meanwhile the store thread's own
-    checkpoints (every 1000 pages, SQLite's default) do the work, as they did without this.
+    The store's connection does not checkpoint by itself on the caller's thread (a checkpoint
+    copies pages and syncs). Instead, commits tell this thread how many writes they made
+    (``notify``), and once :data:`CHECKPOINT_WRITES` have been made, or
+    :data:`CHECKPOINT_AGE` seconds have passed since the last checkpoint, it runs a PASSIVE
+    one, which copies the frames committed so far into the database without waiting for, or
+    blocking, the store's connection; the GIL is released while it copies and syncs. While it
+    runs (:attr:`running`, set by ``notify`` on the Trio thread and cleared here) the store
+    runs every call on its own thread, so the Trio thread never meets a checkpoint half way
+    (whose end would make its next commit start the WAL again: see :class:`_WalIndex`). A
+    failure is logged and tried again at the next checkpoint; commits on the store thread
+    still checkpoint by themselves past _AUTOCHECKPOINT pages.
     """
 
     def __init__(self, db: Path, synchronous: int) -> None:
@@ -567,6 +905,10 @@ class _Checkpointer:
         self._synchronous = synchronous
         self._due = threading.Event()
         self._stopping = threading.Event()
+        #: Whether a checkpoint is due or under way (read on the Trio thread).
+        self.running = False
+        self._writes = 0
+        self._last = -math.inf
         #: Checkpoints run so far, and an Event set after each (for tests and diagnostics).
         self.runs = 0
         self.ran = threading.Event()
@@ -575,9 +917,18 @@ class _Checkpointer:
         )
         self._thread.start()
 
-    def notify(self) -> None:
-        """A commit added frames to the WAL. Thread-safe; costs one Event.set."""
-        self._due.set()
+    def notify(self, writes: int) -> None:
+        """A commit of ``writes`` writes added frames to the WAL; start a checkpoint if one is
+        due. Called on the Trio thread only (so ``running`` only becomes True there)."""
+        self._writes += writes
+        if self.running:
+            return
+        now = time.monotonic()
+        if self._writes >= CHECKPOINT_WRITES or now - self._last >= CHECKPOINT_AGE:
+            self._writes = 0
+            self._last = now
+            self.running = True
+            self._due.set()
 
     def stop(self) -> None:
         """Finish the checkpoint under way, if any, close the connection and end the thread."""
@@ -590,6 +941,7 @@ class _Checkpointer:
             con = sqlite3.connect(self._db, isolation_level=None)
         except sqlite3.Error as exc:
             logger.error("disk store %s: no checkpoint thread (%s)", self._db.parent, exc)
+            self.running = True  # for good: the store's own connection checkpoints instead
             return
         try:
             # Per connection, and a checkpoint's syncs follow the checkpointing connection's.
@@ -597,7 +949,7 @@ class _Checkpointer:
             while True:
                 self._due.wait()
                 if self._stopping.is_set():
-                    return
+                    break
                 self._due.clear()
                 try:
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -605,6 +957,8 @@ class _Checkpointer:
                     logger.warning("disk store %s: checkpoint failed: %s", self._db.parent, exc)
                 else:
                     self.runs += 1
+                finally:
+                    self.running = False
                     self.ran.set()
         finally:
             con.close()
@@ -615,16 +969,6 @@ def _decode(sid: str, data: bytes) -> Session:
     if session.id != sid:
         raise StoreError(f"the record stored under {sid!r} is session {session.id!r}")
     return session
-
-
-def _select(cache: diskcache.Cache, statement: str, params: tuple[Any, ...]) -> list[Any]:
-    """Run a read-only query on the cache's own SQLite connection (diskcache internals).
-
-    ``Cache._sql`` is the ``execute`` of the calling thread's connection: the store thread's,
-    so the query sees the store's own committed writes. Trade-off: a private attribute, which
-    a diskcache release could rename; the disk store tests would catch that at once.
-    """
-    return cache._sql(statement, params).fetchall()
 
 
 def _inspect(db_path: Path) -> str | None:

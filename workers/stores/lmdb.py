@@ -23,11 +23,22 @@ store. :meth:`LmdbStore.scan` walks ``sessions`` in id order; its cursor is the 
 
 Transactions and threads
 ------------------------
-Every call runs on the store's :class:`~workers.stores.thread.StoreThread`, started by
-:meth:`~LmdbStore.open` and stopped by :meth:`~LmdbStore.close`: LMDB write transactions belong
-to the thread that began them, and one thread means LMDB never waits on a lock of ours.
-:meth:`~LmdbStore.commit` runs a batch of writes as one write transaction, so a batch is
-committed whole or not at all (group commit: one sync per batch under ``durability="power"``).
+Every async call runs on the store's :class:`~workers.stores.thread.StoreThread`, started by
+:meth:`~LmdbStore.open` and stopped by :meth:`~LmdbStore.close`: an LMDB write transaction
+belongs to the thread that began it, and the store's calls never overlap, so LMDB never waits
+on a lock. :meth:`~LmdbStore.commit` runs a batch of writes as one write transaction, so a
+batch is committed whole or not at all (group commit: one sync per batch under
+``durability="power"``).
+
+A load of a few sessions, and a commit of a few writes under ``durability="process"``, may run
+on the caller's thread instead (``load_now``, ``commit_now``: see
+:mod:`workers.stores.thread`): a read from the memory map, a write transaction whose pages
+go to the page cache with ``write(2)`` and no fsync, in a few microseconds, where the hop to
+the thread and back costs 40-90. What bounds a stall there is :mod:`workers.stores.stall`: a
+page read from a slow disk, or a write the kernel throttles, turns the fast path off for a
+while. With ``durability="power"`` every commit syncs, so commits always run on the thread.
+Dropping mapped pages (below) is always a job of the thread's, done after the call that
+asked for it, so it never runs on the caller's thread.
 
 The map size is LMDB's fixed upper bound on the file. It starts at ``map_size`` and doubles
 (``Environment.set_mapsize``, then the batch is run again) whenever a batch does not fit, up to
@@ -57,13 +68,13 @@ process serving a 1M-session store (about 450 MB) had all of it in its resident 
 within seconds, though it had loaded nothing: the pages are the kernel's page cache, shared, clean
 and reclaimable, the same pages a file read with ``read(2)`` leaves cached, which no process's RSS
 counts. :class:`~workers.stores.mapped_pages.MappedPages` keeps that figure bounded by dropping the
-mapping's pages (``MADV_DONTNEED``) after every ``unmap_every`` records read or written (512, a
+mapping's pages (``MADV_DONTNEED``) after every ``unmap_every`` records read or written (256, a
 write counting three): the page cache keeps them, and a page read again is mapped again by a minor
-fault. Serving 1M sessions at random it kept ``RssFile`` at 40-90 MB, against 380-480 MB. The price
-is a fault for nearly every page read, as ``read(2)`` would copy it: about a fifth of the throughput
-under reads at random across 1M sessions (16,000-17,000 against 21,000-23,000 operations a second,
-A/B). ``unmap_every=None`` keeps every page mapped instead, for a store whose resident size does not
-matter.
+fault. Serving 1M sessions at random it kept ``RssFile`` at 35-65 MB (512: 55-90 MB), against
+380-480 MB. The price is a fault for nearly every page read, as ``read(2)`` would copy it: about a
+fifth of the throughput under reads at random across 1M sessions (18,000 against 22,000 operations
+a second, A/B; 256 and 512 serve about the same). ``unmap_every=None`` keeps every page mapped
+instead, for a store whose resident size does not matter.
 
 What stays in ``RssAnon``: LMDB copies every page a write transaction changes into a buffer of
 its own and, after the commit, keeps those buffers for reuse until the environment is closed,
@@ -103,7 +114,7 @@ import lmdb
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, apply_in_order, may_delete, source_holds, write_ids
+from .base import Delete, Mark, Put, Write, may_delete, source_holds, write_id, write_ids
 from .files import FILE_MODE, Durability, OnCorrupt, StoreFiles, check_file_options
 from .mapped_pages import MappedPages
 from .thread import ThreadedStore
@@ -133,6 +144,8 @@ _CORRUPT = (
     lmdb.BadChecksumError,
 )
 _EXPIRY_OFFSET = 1 << 63
+#: Most creates written with one putmulti (and counted as touched at once).
+_RUN = 64
 _MIB = 1 << 20
 
 
@@ -151,11 +164,16 @@ class LmdbStore(ThreadedStore):
     :param max_map_size: the map never grows past this; a batch that needs more fails.
     :param unmap_every: records read (a write counts three) between drops of the data file's
         mapped pages (see "Memory"); None never drops them.
+    :param inline: run small loads and commits on the caller's thread when they may (see
+        "Transactions and threads"); False runs every call on the store's thread.
     """
 
     backend = "lmdb"
     shared = False
     errors = (lmdb.Error, OSError)
+    #: Measured commits of 1 and of 8 new sessions: 15-20 and 60-90 us (p50), each session a
+    #: page of the tree written to the file.
+    inline_max = 8
 
     def __init__(
         self,
@@ -165,9 +183,10 @@ class LmdbStore(ThreadedStore):
         on_corrupt: OnCorrupt = "quarantine",
         map_size: int = 64 * _MIB,
         max_map_size: int = 16 * 1024 * _MIB,
-        unmap_every: int | None = 512,
+        unmap_every: int | None = 256,
         create: bool = True,
         read_only: bool = False,
+        inline: bool = True,
     ) -> None:
         check_file_options(durability, on_corrupt)
         if unmap_every is not None and (isinstance(unmap_every, bool) or unmap_every < 1):
@@ -182,6 +201,7 @@ class LmdbStore(ThreadedStore):
         self.map_size = map_size
         self.max_map_size = max_map_size
         self.label = f"lmdb store {self.path}"
+        self._init_inline(inline)
         #: Make the store if the directory does not hold one (otherwise: StoreError).
         self.create = create and not read_only
         #: Open without writing anything (LMDB's read-only mode): commits are refused.
@@ -191,9 +211,17 @@ class LmdbStore(ThreadedStore):
         self._meta: Any = None
         self._sessions: Any = None
         self._expiry: Any = None
-        self._mapped = MappedPages(self.path / DATA_FILE, unmap_every)
+        self._key_limit = 0
+        self._mapped = MappedPages(self.path / DATA_FILE, unmap_every, self._drop_later)
 
-    # -- on the store thread (ThreadedStore runs these) --------------------------------------
+    def _may_run_now(self, commit: bool) -> bool:
+        return self._env is not None and not (commit and self.durability == "power")
+
+    def _drop_later(self) -> None:
+        self._in_background(self._mapped.drop)
+
+    # -- on the store thread (ThreadedStore runs these), or for _load and _commit on the
+    # caller's thread when _may_run_now allows it ------------------------------------------
 
     def _open(self) -> None:
         files = self._files
@@ -277,6 +305,7 @@ class LmdbStore(ThreadedStore):
         except _CORRUPT as exc:
             raise _Corrupt(str(exc)) from None
         self._meta, self._sessions, self._expiry = handles
+        self._key_limit = env.max_key_size() - 8  # an expiry key is the id and 8 bytes more
 
     def _close(self) -> None:
         env, self._env = self._env, None
@@ -286,7 +315,8 @@ class LmdbStore(ThreadedStore):
                     if not self.read_only:
                         env.sync(True)
                 finally:
-                    env.close()
+                    with self._mapped.remapping():
+                        env.close()
         finally:
             self._files.release()
 
@@ -303,12 +333,12 @@ class LmdbStore(ThreadedStore):
     def _commit(self, writes: list[Write]) -> list[bool]:
         if self.read_only:
             raise StoreError(f"{self.label} is open read-only: nothing can be written")
-        limit = self._env.max_key_size() - 8  # the expiry key is 8 bytes longer than the id
+        limit = self._key_limit
         for write in writes:
             if isinstance(write, Mark):
                 continue
             sid = write.session.id if isinstance(write, Put) else write.id
-            if len(sid.encode()) > limit:
+            if len(sid) > limit // 4 and len(sid.encode()) > limit:
                 raise StoreError(f"session id {sid[:40]!r}... is above lmdb's {limit}-byte limit")
         while True:
             try:
@@ -327,22 +357,69 @@ class LmdbStore(ThreadedStore):
             )
         new_size = min(size * 2, self.max_map_size)
         log.info("lmdb store %s: map size %d -> %d bytes", self.path, size, new_size)
-        self._env.set_mapsize(new_size)
+        with self._mapped.remapping():  # never while a drop reads where the map lies
+            self._env.set_mapsize(new_size)
 
     def _apply(self, txn: lmdb.Transaction, writes: list[Write]) -> list[bool]:
+        """Apply ``writes`` in ``txn`` under the failed-write rule: a run of creates (the usual
+        batch under load) with one ``putmulti`` per database, the rest one at a time."""
+        # Three pages a write (the record's, and the expiry index's for its old and new entry),
+        # counted as they are touched: a drop may come in the middle of a large commit.
         touched = self._mapped.touched
-
-        def apply(w: Write) -> bool:
-            # Inside the loop: one commit may carry thousands of writes. Three pages a write:
-            # the record's, and the expiry index's for its old and new entry.
+        outcomes: list[bool] = []
+        failed: set[str] = set()
+        start, end = 0, len(writes)
+        while start < end:
+            stop = start
+            while stop < end and stop - start < _RUN and _is_create(writes[stop]):
+                stop += 1
+            if stop - start > 1 and self._create_all(txn, writes[start:stop], failed):
+                touched(3 * (stop - start))
+                outcomes += [True] * (stop - start)
+                start = stop
+                continue
             touched(3)
-            if isinstance(w, Put):
-                return self._put(txn, w)
-            if isinstance(w, Delete):
-                return self._delete(txn, w)
-            return self._mark(txn, w)
+            write = writes[start]
+            ids = write_ids(write)
+            ok = failed.isdisjoint(ids) and self._apply_one(txn, write)
+            if not ok:
+                failed.update(ids)
+            outcomes.append(ok)
+            start += 1
+        return outcomes
 
-        return apply_in_order(writes, write_ids, apply)
+    def _apply_one(self, txn: lmdb.Transaction, write: Write) -> bool:
+        if isinstance(write, Put):
+            return self._put(txn, write)
+        if isinstance(write, Delete):
+            return self._delete(txn, write)
+        return self._mark(txn, write)
+
+    def _create_all(self, txn: lmdb.Transaction, creates: list[Write], failed: set[str]) -> bool:
+        """Store every one of ``creates`` (Puts of new ids) in a child transaction, with one
+        ``putmulti`` per database; False, having written nothing, unless all took effect."""
+        if not failed.isdisjoint(write_id(w) for w in creates):
+            return False
+        records = []
+        expiring = []
+        for put in creates:
+            session = put.session  # type: ignore[union-attr]
+            key = session.id.encode()
+            records.append((key, encode_session(session)))
+            if session.expires_at is not None:
+                expiring.append((_expiry_key(session.expires_at, key), b""))
+        child = self._env.begin(write=True, parent=txn)
+        try:
+            _, added = child.cursor(db=self._sessions).putmulti(records, overwrite=False)
+            if added != len(records):
+                child.abort()  # an id in use: the caller finds out which, one at a time
+                return False
+            child.cursor(db=self._expiry).putmulti(expiring)
+        except BaseException:
+            child.abort()
+            raise
+        child.commit()
+        return True
 
     def _mark(self, txn: lmdb.Transaction, write: Mark) -> bool:
         stored = txn.get(MARK_KEY, db=self._meta)
@@ -442,6 +519,10 @@ class LmdbStore(ThreadedStore):
             stored = txn.stat(self._sessions)["entries"]
             expired = sum(1 for _ in self._expired_keys(txn, now_ms))
         return stored - expired
+
+
+def _is_create(write: Write) -> bool:
+    return type(write) is Put and write.expected_version is None and write.moved_from is None
 
 
 def _expiry_prefix(ms: int) -> bytes:

@@ -12,11 +12,13 @@ with a minor fault. See the lmdb store's "Memory" section for what it costs and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -26,37 +28,71 @@ class MappedPages:
     Counts the records read or written, and after ``every`` of them drops every page of the
     data file's mapping with ``madvise(MADV_DONTNEED)``. Only the page tables change: the
     pages stay in the page cache, and the next read of one maps it again (a minor fault, a
-    microsecond or two). Safe at any moment on the store thread, inside a transaction too:
-    without ``writemap`` LMDB only reads the mapping, so dropped pages come back unchanged.
+    microsecond or two). Safe at any moment, inside a transaction too, and while another
+    thread reads or writes the store: without ``writemap`` LMDB only reads the mapping, so
+    dropped pages come back unchanged.
 
-    The mapping's address is read from ``/proc/self/maps`` at each drop, by the data file's
-    inode, never remembered: LMDB maps the file anew when the map grows, and a stale address
-    would make ``MADV_DONTNEED`` zero whatever memory took its place. Where there is no
-    ``/proc`` (not Linux) nothing is dropped.
+    The mapping's address is read from ``/proc/self/maps``, by the data file's inode, at the
+    first drop and again after every :meth:`remapping` (LMDB maps the file anew when the map
+    grows, and only then): a stale address would make ``MADV_DONTNEED`` zero whatever memory
+    took its place, so a drop and a remapping never overlap either. Reading the maps is
+    Python work that holds the GIL for a while; remembered, a drop is one ``madvise``, which
+    releases it. Where there is no ``/proc`` (not Linux) nothing is dropped.
+
+    When a drop is due, :meth:`touched` calls ``schedule`` (the store hands the drop to its
+    thread, to run after the current call) rather than dropping there and then. A thread
+    that needs the GIL to start runs behind a busy Trio thread (up to 5 ms a time): if as
+    many records again are touched before the drop asked for has run, the caller drops them
+    itself, so the bound holds whatever the threads do.
     """
 
-    def __init__(self, data: Path, every: int | None) -> None:
+    def __init__(self, data: Path, every: int | None, schedule: Callable[[], None]) -> None:
         self._data = data
+        self._schedule = schedule
+        self._lock = threading.Lock()
+        #: Where the file is mapped; None: to be read from /proc/self/maps at the next drop.
+        self._where: list[tuple[int, int]] | None = None
         #: Records read (a write counts three) between drops; None: never. Each page read maps
         #: up to 16 neighbours that are in the page cache too (fault-around): measured at 1M
-        #: sessions, 512 keeps 40-90 MB mapped, 2048 about 220 MB.
+        #: sessions, 256 keeps 35-65 MB mapped, 512 55-90 MB, 2048 about 220 MB.
         self.every = every
         self._count = 0
+        self._asked = False
         #: Drops done so far (for tests and diagnostics).
         self.drops = 0
 
     def touched(self, records: int) -> None:
         self._count += records
-        if self.every is not None and self._count >= self.every:
+        every = self.every
+        if every is None or self._count < every:
+            return
+        if self._count >= 2 * every:  # the drop asked for has not run yet: no more waiting
             self.drop()
+        elif not self._asked:
+            self._asked = True
+            self._schedule()
 
     def drop(self) -> None:
         self._count = 0
+        self._asked = False
         if self.every is None or _madvise is None:
             return
-        for start, length in _mappings_of(self._data):
-            _madvise(start, length, mmap.MADV_DONTNEED)
-        self.drops += 1
+        with self._lock:
+            if self._where is None:
+                self._where = _mappings_of(self._data)
+            for start, length in self._where:
+                _madvise(start, length, mmap.MADV_DONTNEED)
+            self.drops += 1
+
+    @contextlib.contextmanager
+    def remapping(self) -> Iterator[None]:
+        """Hold off drops while the mapping moves (LMDB's map grows, or the store closes)."""
+        with self._lock:
+            self._where = None
+            try:
+                yield
+            finally:
+                self._where = None
 
 
 def _load_madvise() -> Callable[[int, int, int], int] | None:

@@ -4,6 +4,24 @@
 whose library blocks (diskcache, lmdb), written once: every call checked, then run on the
 store's thread, the library's own failures turned into :class:`~workers.StoreError`.
 
+The calls that may run now
+--------------------------
+A hop to the worker thread and back costs 40-90 us on a small machine, several times what
+LMDB or SQLite take to answer from memory. So a :class:`ThreadedStore` is also an
+:class:`~workers.stores.base.ImmediateStore`: :meth:`~ThreadedStore.load_now` and
+:meth:`~ThreadedStore.commit_now` run a load or a commit of at most :attr:`inline_max` ids or
+writes on the caller's thread (the Trio thread), when :meth:`~ThreadedStore.loads_now` and
+:meth:`~ThreadedStore.commits_now` say they may. They may only while
+
+- the worker thread has no job of ours queued or running (so calls keep their order, and
+  the library is never used from two threads at once);
+- the :class:`~workers.stores.stall.StallGuard` allows it: a call that was slow (a page read
+  from a slow disk) sends every call to the thread for a while; that is what bounds a stall;
+- the store says so (``_may_run_now``): never a commit that would fsync (``durability="power"``,
+  SQLite's WAL header), never while SQLite checkpoints on its own thread.
+
+``inline=False`` turns this off: every call then hops, as before.
+
 ``trio.to_thread.run_sync`` would also keep I/O off the Trio thread, but it may hand each call
 to a different thread. Stores want one: SQLite connections (diskcache) are per thread, an LMDB
 write transaction must stay on the thread that began it, and one thread serialises the store's
@@ -15,6 +33,7 @@ finished (the job may be a commit that callers were told about), then sees the c
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +45,9 @@ import trio
 from ..record.errors import StoreError
 from ..record.session import Session
 from .base import Write, check_limit, check_writes
+from .stall import StallGuard
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -47,7 +69,10 @@ class StoreThread:
                 return
             fn, args, token, task = job
             result = outcome.capture(fn, *args)
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            if token is not None:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            elif isinstance(result, outcome.Error):
+                log.error("%s: a background job failed", self._thread.name, exc_info=result.error)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the worker thread and return (or raise) its result."""
@@ -59,6 +84,15 @@ class StoreThread:
         # Abort.FAILED: the job cannot be recalled, so cancellation waits for it to finish.
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
+    def is_current(self) -> bool:
+        """Whether the calling thread is this worker thread."""
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the worker thread after the jobs already queued, without waiting
+        for it: a chore whose result nobody needs (a failure is logged)."""
+        self._jobs.put((fn, args, None, None))
+
     def stop(self) -> None:
         """Let the thread exit after the jobs already queued. Idempotent."""
         self._jobs.put(_STOP)
@@ -67,19 +101,36 @@ class StoreThread:
 class ThreadedStore:
     """The Store protocol for a blocking library, on one :class:`StoreThread` per open store.
 
-    A subclass writes the blocking side, each run on the thread: ``_open`` and ``_close``
-    (taking and releasing whatever the store holds), and ``_load``, ``_commit``, ``_load_mark``,
-    ``_scan``, ``_expired`` and ``_count`` with the arguments of the protocol's methods. Here
-    they are checked (a bad limit or a batch of non-writes is refused before anything runs),
-    run in order, and the exceptions named by :attr:`errors` become :class:`StoreError`.
+    A subclass writes the blocking side, each run on the thread (or, for ``_load`` and
+    ``_commit``, on the caller's thread when the module docstring's rules allow): ``_open``
+    and ``_close`` (taking and releasing whatever the store holds), and ``_load``, ``_commit``,
+    ``_load_mark``, ``_scan``, ``_expired`` and ``_count`` with the arguments of the protocol's
+    methods. Here they are checked (a bad limit or a batch of non-writes is refused before
+    anything runs), run in order, and the exceptions named by :attr:`errors` become
+    :class:`StoreError`. A subclass sets :attr:`label` and calls :meth:`_init_inline`.
     """
 
     #: The store's name in messages and its thread's name.
     label: str
     #: What the library raises for its own failures (I/O, a full map...).
     errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
+    #: Most ids a ``load_now`` and writes a ``commit_now`` may take: bounded work only, tens of
+    #: microseconds (a store sets its own: it depends on what a write costs there).
+    inline_max: ClassVar[int] = 4
+    #: A commit is a transaction: concurrent callers' writes are better committed together.
+    group_commit: ClassVar[bool] = True
 
     _thread: StoreThread | None = None
+    #: Whether calls may run on the caller's thread at all (the ``inline`` option).
+    inline: bool = False
+    #: Times those calls and turns them off after a slow one.
+    stall_guard: StallGuard
+    #: Our jobs queued on the thread or running there (calls run now only when none are).
+    _jobs_out: int = 0
+
+    def _init_inline(self, inline: bool) -> None:
+        self.inline = inline
+        self.stall_guard = StallGuard(self.label)
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -138,17 +189,77 @@ class ThreadedStore:
     async def count(self, now_ms: int) -> int:
         return await self._run(self._count, now_ms)
 
+    # -- on the caller's thread (see the module docstring) ----------------------------------
+
+    def loads_now(self, count: int) -> bool:
+        """Whether :meth:`load_now` of ``count`` ids may run on the caller's thread now."""
+        return self._runs_now(count, commit=False)
+
+    def commits_now(self, count: int) -> bool:
+        """Whether :meth:`commit_now` of ``count`` writes may run on the caller's thread now."""
+        return self._runs_now(count, commit=True)
+
+    def _runs_now(self, count: int, *, commit: bool) -> bool:
+        return (
+            self.inline
+            and not self._jobs_out
+            and count <= self.inline_max
+            and self._thread is not None
+            and self.stall_guard.allows
+            and self._may_run_now(commit)
+        )
+
+    def load_now(self, ids: Sequence[str]) -> dict[str, Session]:
+        """:meth:`load`, on the caller's thread: only when :meth:`loads_now` said so."""
+        return self._now(self._load, list(ids))
+
+    def commit_now(self, writes: Sequence[Write]) -> list[bool]:
+        """:meth:`commit`, on the caller's thread: only when :meth:`commits_now` said so."""
+        check_writes(writes)
+        if not writes:
+            return []
+        return self._now(self._commit, list(writes))
+
+    def _now(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            raise StoreError(f"{self.label} is not open")
+        try:
+            return self.stall_guard.run(fn, *args)
+        except self.errors as exc:
+            raise StoreError(f"{self.label}: {exc or type(exc).__name__}") from exc
+
+    def _may_run_now(self, commit: bool) -> bool:
+        """The store's own conditions for a call on the caller's thread (the module's list)."""
+        return True
+
+    # -- on the store's thread ---------------------------------------------------------------
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the store thread; the library's failures become StoreError."""
         thread = self._thread
         if thread is None:
             raise StoreError(f"{self.label} is not open")
+        self._jobs_out += 1
         try:
             return await thread.run(fn, *args)
         except self.errors as exc:
             raise StoreError(f"{self.label}: {exc or type(exc).__name__}") from exc
+        finally:
+            self._jobs_out -= 1
 
-    # The blocking side, run on the thread: see the class docstring.
+    def _in_background(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run a chore on the store thread without waiting for it (it does not count as a job
+        of ours: calls on the caller's thread go on meanwhile, so it must be safe alongside
+        them); at once when called on the store thread itself."""
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_current():
+            fn(*args)
+        else:
+            thread.submit(fn, *args)
+
+    # The blocking side: see the class docstring.
 
     def _open(self) -> None:
         raise NotImplementedError
