@@ -269,3 +269,40 @@ async def test_a_lone_callers_writes_go_now_and_concurrent_callers_share_commits
                 for _ in range(20):
                     nursery.start_soon(sessions.create, {})
             assert len(commits) < 5 and sum(n for n, _ in commits) >= 20  # group commit
+
+
+async def test_a_callers_miss_loads_now_and_a_reactors_miss_loads_on_the_thread(
+    tmp_path: Path,
+) -> None:
+    # A request sent by send_request (the daemon's reactor, more requests right behind it)
+    # has its miss loaded on the store's thread, where the store reads without the GIL; a
+    # caller waiting in its own task has it loaded at once, on the Trio thread. (lmdb: the
+    # disk store's checkpoint thread could send the lone caller's load to the thread too.)
+    store = LmdbStore(tmp_path / "store")
+    loads: list[tuple[int, bool]] = []  # (ids, on the Trio thread)
+    load = store._load
+
+    def counting(ids: list[str]) -> dict[str, Session]:
+        loads.append((len(ids), threading.current_thread() is threading.main_thread()))
+        return load(ids)
+
+    store._load = counting  # type: ignore[method-assign]
+    with trio.fail_after(30):
+        async with open_session_service(store=store, cache_size=1) as sessions:
+            first, second = [await sessions.create({"n": n}) for n in range(2)]
+            # The cache holds one session: the second create pushed the first out.
+            loads.clear()
+            assert (await sessions.retrieve(first)).metadata == {"n": 0}
+            assert loads == [(1, True)]
+            loads.clear()
+            answered = trio.Event()
+            answers: list[Any] = []
+
+            def on_reply(value: Any, error: Exception | None) -> None:
+                answers.append(error or value.metadata)
+                answered.set()
+
+            sessions.submit(sessions.operation("retrieve", second), on_reply)
+            await answered.wait()
+            assert answers == [{"n": 1}]
+            assert loads == [(1, False)]
