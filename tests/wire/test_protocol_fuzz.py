@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 from helpers.daemon_process import DaemonProcess
+from helpers.wire_values import msgpack_values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,21 +21,7 @@ from workers.client import SyncClient
 MAX_MESSAGE = 65536
 TOKEN = "fuzz-token-0123456789"
 
-leaves = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**64 - 1),
-    st.floats(),
-    st.text(max_size=20),
-    st.binary(max_size=20),
-)
-values = st.recursive(
-    leaves,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
+values = msgpack_values(text_size=20, key_size=5, max_leaves=20)
 methods = st.sampled_from(
     ["create", "retrieve", "peek", "update", "touch", "set_ttl", "delete", "list_page", "count",
      "ping", "auth", "import_sessions", "no_such_method"]

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import pytest
 from helpers.daemon_process import DaemonProcess, run_verb
+from helpers.wire_values import msgpack_values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -176,22 +177,7 @@ def test_a_crafted_backup_is_refused_whole(daemon: DaemonProcess, tmp_path: Path
 
 # -- every method, arbitrary values -----------------------------------------------------------
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**64 - 1),
-    st.floats(),
-    st.text(max_size=40),
-    st.binary(max_size=40),
-    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)),
-)
-values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=16,
-)
+values = msgpack_values(text_size=40, key_size=8, max_leaves=16, ext=True)
 integers = st.integers(-(2**63), 2**64 - 1) | st.sampled_from(
     [2**53, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -1, 0, 1]
 )
