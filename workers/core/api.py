@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..record.codec import canonical_metadata
@@ -102,16 +102,15 @@ class Method:
     in_clients: bool = True
     #: The client's Python annotation of the result.
     returns: str = "Any"
+    #: How many leading parameters must be sent. Derived once (every request reads it).
+    required: int = field(init=False, repr=False, compare=False)
+    #: The service's builder of an OPERATION. Derived once (every request reads it).
+    builder: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def required(self) -> int:
-        """How many leading parameters must be sent."""
-        return sum(1 for p in self.params if p.default is REQUIRED)
-
-    @property
-    def builder(self) -> str:
-        """The service's builder of an OPERATION."""
-        return f"_build_{self.builds or self.name}"
+    def __post_init__(self) -> None:
+        required = sum(1 for p in self.params if p.default is REQUIRED)
+        object.__setattr__(self, "required", required)
+        object.__setattr__(self, "builder", f"_build_{self.builds or self.name}")
 
     def check_params(self, params: list[Any]) -> None:
         """Raise :class:`InvalidRequest` unless ``params`` has an acceptable length."""
