@@ -50,6 +50,8 @@ REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
 #: Every metric's name starts with this.
 NAMESPACE = "sessiond"
+#: The process's own metrics (made once: its constructor reads /proc/stat for the boot time).
+_PROCESS = ProcessCollector(registry=None)
 
 
 def families(figures: dict[str, Any], tree: dict[str, Any] | None = None) -> Iterator[Metric]:
@@ -175,7 +177,7 @@ def render(
     """The exposition of ``figures`` (and the process's own metrics) in the format ``accept``
     (an HTTP Accept header) asks for; the body and its content type."""
     encoder, content_type = choose_encoder(accept)
-    process = ProcessCollector(registry=None).collect()
+    process = _PROCESS.collect()
     return encoder(_Families([*families(figures, tree), *process])), content_type
 
 

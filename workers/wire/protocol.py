@@ -548,20 +548,22 @@ class Connection:
         self.in_flight.discard(msgid)
         return data
 
-    def send_notification(self, method: str, params: Sequence[Any]) -> bytes:
+    @staticmethod
+    def send_notification(method: str, params: Sequence[Any]) -> bytes:
         """Encode a notification."""
-        return self._encode([NOTIFICATION, method, list(params)])
+        return Connection._encode([NOTIFICATION, method, list(params)])
 
-    def send_error(self, exc: SessionError) -> bytes:
+    @staticmethod
+    def send_error(exc: SessionError) -> bytes:
         """Encode the :data:`ERROR_NOTIFICATION` a side sends before it closes on ``exc``."""
-        return self.send_notification(ERROR_NOTIFICATION, [encode_error(exc)])
+        return Connection.send_notification(ERROR_NOTIFICATION, [encode_error(exc)])
 
     @staticmethod
     def _encode(message: list[Any]) -> bytes:
         try:
             return pack(message)
         except (TypeError, ValueError, OverflowError) as exc:
+            target = message[1 if message[0] == NOTIFICATION else 2]
             raise LocalProtocolError(
-                f"cannot encode a message to {describe(message[1 if message[0] == 2 else 2])}: "
-                f"{exc}"
+                f"cannot encode a message to {describe(target)}: {exc}"
             ) from None

@@ -568,7 +568,7 @@ async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
 def _send_now(stream: RawSocketStream, error: SessionError) -> None:
     """Send the ``error`` notification without waiting (it fits an empty socket buffer)."""
     try:
-        stream.send_nowait(Connection(Role.SERVER).send_error(error))
+        stream.send_nowait(Connection.send_error(error))
     except trio.BrokenResourceError:
         pass  # the peer is gone already: nobody to tell
 
@@ -727,7 +727,7 @@ class _ConnectionHandler:
                         await self._wait_for_change()
                     elif self.outbox.queued >= OUTBOX_HIGH_WATER:
                         await self.outbox.wait_below(OUTBOX_HIGH_WATER)
-                    elif not self._may_read():
+                    elif not self._read_size():
                         await self.server.budget_changed()
                     else:
                         break
@@ -739,12 +739,6 @@ class _ConnectionHandler:
             self._ended = True  # also when stop_reading() cancelled us: answers must wake _run
             reactor.remove(sock)
 
-    def _blocked(self) -> bool:
-        return (
-            self._in_flight >= self.server.limits.max_in_flight
-            or self.outbox.queued >= OUTBOX_HIGH_WATER
-        )
-
     def _read_size(self) -> int:
         """Bytes to ask the socket for: 0 while the budget of messages in progress is spent
         and this connection holds all it may hold without it."""
@@ -754,9 +748,6 @@ class _ConnectionHandler:
             return RECEIVE_SIZE
         return max(0, FREE_HOLD - self.protocol.buffered)
 
-    def _may_read(self) -> bool:
-        return self._read_size() > 0
-
     def _on_readable(self) -> None:
         """The reactor's callback: take what the socket has and act on it."""
         if self._ended or self._paused:
@@ -764,6 +755,7 @@ class _ConnectionHandler:
         size = self._read_size()
         if not size:
             self._pause(excused=True)  # the budget is spent: the bytes wait in the socket
+            self._update_deadline()
             return
         try:
             data = self.stream.socket.recv(size)
@@ -788,7 +780,6 @@ class _ConnectionHandler:
         gets a new deadline when reading resumes."""
         self._paused, self._excused = True, excused
         self.server.reactor.pause(self.stream.socket)
-        self._update_deadline()
         self._changed.set()
 
     def _dispatch(self) -> None:
@@ -797,8 +788,9 @@ class _ConnectionHandler:
         completed = False
         try:
             while not self._ended:
-                if self._blocked():
-                    self._pause(excused=self._in_flight >= self.server.limits.max_in_flight)
+                full = self._in_flight >= self.server.limits.max_in_flight
+                if full or self.outbox.queued >= OUTBOX_HIGH_WATER:
+                    self._pause(excused=full)
                     return
                 try:
                     event = self.protocol.next_event()
