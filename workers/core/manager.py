@@ -303,15 +303,15 @@ class SessionManager(Actor):
         store: Store,
         settings: ManagerSettings,
         clock: ServiceClock,
-        counters: ManagerCounters | None = None,
-        telemetry: Metrics | None = None,
+        counters: ManagerCounters,
+        telemetry: Metrics,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.counters = ManagerCounters() if counters is None else counters
+        self.counters = counters
         #: The service's figures (batch sizes, inline answers, cache hits, store errors).
-        self.telemetry = Metrics() if telemetry is None else telemetry
+        self.telemetry = telemetry
         self.queue: list[_Queued] = []
         self.cache = ReadCache(settings.cache_size)
         #: Refreshed sessions whose new access time is not written yet, by id, and the access
@@ -580,7 +580,15 @@ class SessionManager(Actor):
 
     async def _persist_mark(self) -> None:
         """Commit the clock mark alone if it is due; a failure is logged, and a batch at least
-        MARK_EVERY_MS later tries again (the mark only moves up)."""
+        MARK_EVERY_MS later tries again (the mark only moves up).
+
+        Not while a commit is out (nothing else may be committed then): that commit carries
+        the mark if it was due when it went; if not, housekeeping writes it once it is over."""
+        out = self.out
+        if out is not None:
+            if out.mark is None:
+                self._ask_for_mark()
+            return
         mark = self.clock.mark()
         if mark is None:
             return
@@ -666,9 +674,13 @@ class SessionManager(Actor):
         sees_base = not self.pending.keys().isdisjoint(ids)
         try:
             self.busy = ids
-            unloaded = await self._load(
-                view, ids, {i for q in ready if q.op.touches for i in q.op.ids()}
+            # The ids to refresh as they load: only a TouchingStore (Redis) uses them.
+            touch = (
+                {i for q in ready if q.op.touches for i in q.op.ids()}
+                if self.touching is not None
+                else set()
             )
+            unloaded = await self._load(view, ids, touch)
         except SessionError as exc:
             return self._fail_all(ready, exc)
         finally:
@@ -678,9 +690,10 @@ class SessionManager(Actor):
         for item in ready:
             start = len(view.writes)
             try:
-                missed = next((unloaded[i] for i in item.op.ids() if i in unloaded), None)
-                if missed is not None:
-                    raise _fresh(missed)
+                if unloaded:
+                    missed = next((unloaded[i] for i in item.op.ids() if i in unloaded), None)
+                    if missed is not None:
+                        raise _fresh(missed)
                 result = item.op.apply(view)
             except SessionError as exc:
                 result = _Failed(exc)
@@ -732,10 +745,8 @@ class SessionManager(Actor):
         try:
             try:
                 outcomes = list(await self.store.commit(done.writes))
-            except PartialCommit as exc:
-                outcomes = exc.outcomes
             except SessionError as exc:
-                outcomes = [exc] * len(done.writes)
+                outcomes = _failed_outcomes(exc, len(done.writes))
             self._finish(done, outcomes)
         finally:
             self.pending.clear()
@@ -747,10 +758,8 @@ class SessionManager(Actor):
         """Per write, what ``commit(writes)`` said of it: True, False, or the error."""
         try:
             return list(commit(writes))
-        except PartialCommit as exc:
-            return exc.outcomes
         except SessionError as exc:
-            return [exc] * len(writes)
+            return _failed_outcomes(exc, len(writes))
 
     def _fail_all(self, items: list[_Queued], exc: SessionError) -> None:
         self.telemetry.store_error(exc)
@@ -825,6 +834,12 @@ class SessionManager(Actor):
             # load, one commit). Other requests are served meanwhile.
             n = max(item.attempts for item in retry)
             self.send_after(random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2**n)), _Retry(retry))
+
+
+def _failed_outcomes(exc: SessionError, count: int) -> list[Any]:
+    """Per write, what a commit of ``count`` writes that raised ``exc`` says of it: a partial
+    commit's own outcomes, else the error for each."""
+    return exc.outcomes if isinstance(exc, PartialCommit) else [exc] * count
 
 
 def _lost_races(writes: list[Write], outcomes: list[bool | SessionError]) -> list[bool]:

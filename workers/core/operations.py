@@ -276,7 +276,8 @@ def _draw_id_near(view: View, session_id: str) -> str:
     draws on average; the new id stays as random as any (its bucket is known: log2(n) bits).
     """
     store = view.store
-    if not isinstance(store, BucketedStore):
+    # Cheap exit first: a runtime-checkable Protocol's isinstance costs ~18 us.
+    if getattr(store, "bucket_of", None) is None or not isinstance(store, BucketedStore):
         return _draw_id(view)
     bucket = store.bucket_of(session_id)
     for _ in range(DRAWS_PER_BUCKET * max(1, store.buckets)):

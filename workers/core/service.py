@@ -145,14 +145,17 @@ class SessionService:
         #: The registered names of the service's actors by child id ("manager", "cleanup"), for
         #: :meth:`crash_actor` and diagnostics.
         self.actors = {"manager": self._manager, "cleanup": f"{name}.cleanup"}
-        #: Restarts of the service's children since it started (read by ``stats``).
-        self.restarts = 0
         #: The figures ``stats()`` reports (kept across manager restarts).
         self.telemetry = Metrics()
         #: The supervision tree, once built (read by ``tree()``).
         self._tree: Supervisor | None = None
         #: What the managers count for operators (store warnings), across their restarts.
         self.counters = ManagerCounters()
+
+    @property
+    def restarts(self) -> int:
+        """Restarts of the service's children since it started (read by ``stats``)."""
+        return sum(self.telemetry.restarts.values())
 
     async def _call(self, op: Operation) -> Any:
         try:
@@ -654,8 +657,6 @@ async def run_session_service(
     ]
 
     def tree_event(event: SupervisorEvent) -> None:
-        if event.kind == "restart":
-            service.restarts += 1
         service.telemetry.child_event(event.kind, event.child_id)
         if on_event is not None:
             on_event(event)
