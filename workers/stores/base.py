@@ -120,7 +120,10 @@ def write_ids(write: Write) -> tuple[str, ...]:
 
 
 def apply_in_order(
-    items: Iterable[T], session_ids: Callable[[T], tuple[str, ...]], apply: Callable[[T], bool]
+    items: Iterable[T],
+    session_ids: Callable[[T], tuple[str, ...]],
+    apply: Callable[[T], bool],
+    failed: set[str] | None = None,
 ) -> list[bool]:
     """``apply`` each item in order under the failed-write rule; per item, whether it took effect.
 
@@ -128,9 +131,11 @@ def apply_in_order(
     state the store does not hold: they are not applied and report ``False``. A write that
     depends on several ids (:func:`write_ids`) is not applied once any of them failed, and its
     own failure fails them all. Stores call this inside their transaction, with ``items`` in
-    whatever form they prepared the writes.
+    whatever form they prepared the writes. ``failed`` is the set of failed ids, updated in
+    place: a store that applies a batch in several parts passes the same set to each.
     """
-    failed: set[str] = set()
+    if failed is None:
+        failed = set()
     results: list[bool] = []
     for item in items:
         ok = not (failed and not failed.isdisjoint(session_ids(item))) and apply(item)

@@ -189,7 +189,17 @@ from diskcache.core import DBNAME, MODE_RAW, UNKNOWN
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, check_writes, may_delete, source_holds, write_ids
+from .base import (
+    Delete,
+    Mark,
+    Put,
+    Write,
+    apply_in_order,
+    check_writes,
+    may_delete,
+    source_holds,
+    write_ids,
+)
 from .files import Durability, OnCorrupt, StoreFiles, check_file_options, create_private
 from .thread import ThreadedStore
 
@@ -611,13 +621,7 @@ def _all_or_each(
             return [True] * len(rows)
         database.execute("ROLLBACK TO run")
         database.execute("RELEASE run")
-    outcomes = []
-    for i, sid in enumerate(ids):
-        ok = sid not in failed and each(i)
-        if not ok:
-            failed.add(sid)
-        outcomes.append(ok)
-    return outcomes
+    return apply_in_order(range(len(ids)), lambda i: (ids[i],), each, failed)
 
 
 def _insert_run(database: _Database, items: list[Any], now: float, failed: set[str]) -> list[bool]:
@@ -635,14 +639,9 @@ def _update_run(database: _Database, items: list[Any], now: float, failed: set[s
     """Puts over stored versions: the versions are read in one query, checked in order (a
     later Put of an id expects what the earlier one wrote), and the rows that pass are
     written with one ``executemany``. One Put alone (one caller's update) goes row by row."""
-    disk = database.disk
     if len(items) == 1:
-        put, key, mode, value = items[0]
-        execute = database.execute
-        ok = key not in failed and _apply_put(execute, disk, now, put, key, mode, value)
-        if not ok:
-            failed.add(key)
-        return [ok]
+        return _each_run(database, items, now, failed)
+    disk = database.disk
     keys = list({key for _, key, _, _ in items})
     stored: dict[str, tuple[int, int]] = {}  # key -> (rowid, version)
     for start in range(0, len(keys), _LOAD_CHUNK):
@@ -689,19 +688,17 @@ def _each_run(database: _Database, items: list[Any], now: float, failed: set[str
     """Writes that read what they replace (a rotate's Put, a Delete that names a version), one
     at a time; each depends on every id of :func:`~workers.stores.base.write_ids`."""
     execute, disk = database.execute, database.disk
-    outcomes = []
-    for item in items:
+
+    def ids(item: Any) -> tuple[str, ...]:
+        return write_ids(item[0] if isinstance(item, tuple) else item)
+
+    def apply(item: Any) -> bool:
         if isinstance(item, tuple):
             put, key, mode, value = item
-            ids = write_ids(put)
-            ok = failed.isdisjoint(ids) and _apply_put(execute, disk, now, put, key, mode, value)
-        else:
-            ids = write_ids(item)
-            ok = failed.isdisjoint(ids) and _apply_delete(execute, disk, item)
-        if not ok:
-            failed.update(ids)
-        outcomes.append(ok)
-    return outcomes
+            return _apply_put(execute, disk, now, put, key, mode, value)
+        return _apply_delete(execute, disk, item)
+
+    return apply_in_order(items, ids, apply, failed)
 
 
 def _apply_put(

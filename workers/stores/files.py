@@ -128,9 +128,10 @@ class StoreFiles:
                 )
             self.marked = True
             return
+        names = os.listdir(self.path)
         others = sorted(
             name
-            for name in os.listdir(self.path)
+            for name in names
             if name not in self.own_files and name not in (LOCK_NAME, MARKER_NAME)
         )
         if others:
@@ -139,7 +140,7 @@ class StoreFiles:
                 f"{', '.join(others[:5])} and no {MARKER_NAME} marker; nothing was touched "
                 "(give a new or empty directory)"
             )
-        if read_only and not self.own_files.intersection(os.listdir(self.path)):
+        if read_only and not self.own_files.intersection(names):
             raise StoreError(f"no {self.backend} store at {self.path}: the directory is empty")
 
     def _lock(self, read_only: bool) -> None:

@@ -37,8 +37,10 @@ go to the page cache with ``write(2)`` and no fsync, in a few microseconds, wher
 the thread and back costs 40-90. What bounds a stall there is :mod:`workers.stores.stall`: a
 page read from a slow disk, or a write the kernel throttles, turns the fast path off for a
 while. With ``durability="power"`` every commit syncs, so commits always run on the thread.
-Dropping mapped pages (below) is always a job of the thread's, done after the call that
-asked for it, so it never runs on the caller's thread.
+Dropping mapped pages (below) is normally a job of the thread's, done after the call that
+asked for it; but when as many records again are touched before that drop has run (twice
+``unmap_every`` in all), the call that touches them drops the pages in place, so a
+``load_now`` or ``commit_now`` may drop them on the caller's thread.
 
 The map size is LMDB's fixed upper bound on the file. It starts at ``map_size`` and doubles
 (``Environment.set_mapsize``, then the batch is run again) whenever a batch does not fit, up to
@@ -114,7 +116,17 @@ import lmdb
 from ..record.codec import decode_session, encode_session
 from ..record.errors import StoreError
 from ..record.session import Session
-from .base import Delete, Mark, Put, Write, may_delete, source_holds, write_id, write_ids
+from .base import (
+    Delete,
+    Mark,
+    Put,
+    Write,
+    apply_in_order,
+    may_delete,
+    source_holds,
+    write_id,
+    write_ids,
+)
 from .files import FILE_MODE, Durability, OnCorrupt, StoreFiles, check_file_options
 from .mapped_pages import MappedPages
 from .thread import ThreadedStore
@@ -378,14 +390,13 @@ class LmdbStore(ThreadedStore):
                 outcomes += [True] * (stop - start)
                 start = stop
                 continue
-            touched(3)
-            write = writes[start]
-            ids = write_ids(write)
-            ok = failed.isdisjoint(ids) and self._apply_one(txn, write)
-            if not ok:
-                failed.update(ids)
-            outcomes.append(ok)
-            start += 1
+            # A run that failed as a whole goes one write at a time, never batched again.
+            plain_until = max(stop, start + 1)
+            touched(3 * (plain_until - start))
+            outcomes += apply_in_order(
+                writes[start:plain_until], write_ids, lambda w: self._apply_one(txn, w), failed
+            )
+            start = plain_until
         return outcomes
 
     def _apply_one(self, txn: lmdb.Transaction, write: Write) -> bool:

@@ -164,6 +164,7 @@ from .base import (
 from .redis_scripts import COMMIT_SCRIPT, COUNT_SCRIPT, TOUCH_SCRIPT
 from .redis_sentinel import FailoverWatch, leaf
 from .redis_urls import RedisTarget, clients_for, parse_url, redact_url
+from .urls import DEFAULT_REDIS_URL
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str = "redis://127.0.0.1:6379/0",
+        url: str = DEFAULT_REDIS_URL,
         *,
         prefix: str = "sessions:",
         connect_timeout: float = 2.0,
@@ -383,16 +384,17 @@ class RedisStore:
         ]
         found: dict[str, Session] = {}
         errors: dict[str, SessionError] = {}
+        failures: list[SessionError] = []
         for bucket_ids, result in zip(by_bucket.values(), await self._each(calls), strict=True):
             if isinstance(result, SessionError):
+                failures.append(result)
                 errors.update(dict.fromkeys(bucket_ids, result))
             else:
                 found.update(result)
-        if errors:
-            error = next(iter(errors.values()))
-            if not found and len(errors) == sum(len(i) for i in by_bucket.values()):
-                raise error
-            raise PartialLoad(f"some buckets could not be read: {error}", found, errors)
+        if failures:
+            if len(failures) == len(by_bucket):
+                raise failures[0]
+            raise PartialLoad(f"some buckets could not be read: {failures[0]}", found, errors)
         return found
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:

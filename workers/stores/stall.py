@@ -9,24 +9,25 @@ pages. On a slow disk either can take milliseconds, and on the Trio thread that 
 task of the program.
 
 :class:`StallGuard` times every such call, and reads what the kernel counted for the thread
-meanwhile (``getrusage(RUSAGE_THREAD)``). A call slower than ``limit`` is taken for a slow
-disk when
+meanwhile (``getrusage(RUSAGE_THREAD)``). A call slower than :data:`DEFAULT_LIMIT` is taken
+for a slow disk when
 
 - it read from the disk (a major page fault, or blocks read): at once;
 - or it blocked in the kernel (a voluntary context switch), for the second time within a
-  ``backoff``: a write throttled by the kernel shows only this way, but so does a wait for
-  the GIL that another thread held while the machine was busy, which one slow call alone
-  cannot tell from the disk.
+  backoff (:data:`DEFAULT_BACKOFF`): a write throttled by the kernel shows only this way,
+  but so does a wait for the GIL that another thread held while the machine was busy, which
+  one slow call alone cannot tell from the disk.
 
 A thread merely preempted by other programs on a busy machine is slow too, but that says
 nothing about the disk, and is not counted. A slow disk turns calls on the caller's thread
-off for ``backoff`` seconds: meanwhile every call goes to the store's worker thread, as it
-would without this fast path, and the Trio thread only waits for it like for any I/O. Trips
-that follow each other (the next one comes within one backoff of the end of the last window)
-double the backoff, up to ``max_backoff``; a trip after a quiet spell starts again from
-``backoff``. So a slow disk stalls the Trio thread for at most two calls per backoff window,
-and less and less often while it stays slow; how long such a call takes is the disk's
-business (a few page reads or writes: the calls that may run here are bounded in size).
+off for a backoff (at first :data:`DEFAULT_BACKOFF`): meanwhile every call goes to the
+store's worker thread, as it would without this fast path, and the Trio thread only waits for
+it like for any I/O. Trips that follow each other (the next one comes within one backoff of
+the end of the last window) double the backoff, up to :data:`DEFAULT_MAX_BACKOFF`; a trip
+after a quiet spell starts again from :data:`DEFAULT_BACKOFF`. So a slow disk stalls the
+Trio thread for at most two calls per backoff window, and less and less often while it stays
+slow; how long such a call takes is the disk's business (a few page reads or writes: the
+calls that may run here are bounded in size).
 Where ``getrusage`` cannot say (not Linux), every slow call counts as the disk.
 """
 
@@ -81,24 +82,16 @@ class StallGuard:
         self,
         label: str,
         *,
-        limit: float = DEFAULT_LIMIT,
-        backoff: float = DEFAULT_BACKOFF,
-        max_backoff: float = DEFAULT_MAX_BACKOFF,
         timer: Callable[[], float] = time.perf_counter,
         usage: Callable[[], Usage] | None = None,
     ) -> None:
-        if not (0 < limit and 0 < backoff <= max_backoff):
-            raise ValueError(f"need 0 < limit and 0 < backoff <= max_backoff: {limit, backoff}")
         self.label = label
-        self.limit = limit
-        self.base_backoff = backoff
-        self.max_backoff = max_backoff
         self.timer = timer
         if usage is None:
             known = resource is not None and hasattr(resource, "RUSAGE_THREAD")
             usage = thread_usage if known else unknown_usage
         self.usage = usage
-        self._backoff = backoff
+        self._backoff = DEFAULT_BACKOFF
         #: Calls on the caller's thread are off until this time (timer's clock).
         self.off_until = -math.inf
         #: When a slow call last blocked in the kernel without reading the disk.
@@ -122,7 +115,7 @@ class StallGuard:
             return fn(*args)
         finally:
             took = timer() - start
-            if took > self.limit:
+            if took > DEFAULT_LIMIT:
                 self._slow(took, before)
             if self.record is not None:
                 self.record(took)
@@ -133,16 +126,16 @@ class StallGuard:
         if after.io != before.io or after.io < 0:
             self._trip(took, now)
         elif after.blocked != before.blocked:
-            if now - self._suspected < self.base_backoff:
+            if now - self._suspected < DEFAULT_BACKOFF:
                 self._trip(took, now)
             else:
                 self._suspected = now
 
     def _trip(self, took: float, now: float) -> None:
         if now - self.off_until < self._backoff:
-            self._backoff = min(self._backoff * 2, self.max_backoff)
+            self._backoff = min(self._backoff * 2, DEFAULT_MAX_BACKOFF)
         else:
-            self._backoff = self.base_backoff
+            self._backoff = DEFAULT_BACKOFF
         self.off_until = now + self._backoff
         self._suspected = -math.inf
         self.trips += 1
@@ -151,6 +144,6 @@ class StallGuard:
             "slow, so for %.0f s every call runs on the store's thread",
             self.label,
             took * 1000,
-            self.limit * 1000,
+            DEFAULT_LIMIT * 1000,
             self._backoff,
         )
