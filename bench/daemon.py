@@ -49,7 +49,7 @@ from typing import Any
 
 import msgpack
 
-from bench.records import Record, throughput
+from bench.records import Record, requests_at, throughput
 from bench.report import count_command_line
 from bench.sessions import METADATA
 from tests.helpers import ROOT
@@ -98,11 +98,6 @@ def _accepts(port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _requests_at(connections: int, requests: int) -> int:
-    """Requests per measurement: a quarter of them with one connection, which is slow."""
-    return requests if connections > 1 else requests // 4
 
 
 #: How each private redis-server runs: without persistence, and logging every write.
@@ -223,7 +218,7 @@ def run(requests: int = 20_000, embedded_create: float | None = None) -> list[Re
             for backend, daemon in daemons.items():
                 daemon.start()
                 for connections in CONNECTIONS:
-                    n = _requests_at(connections, requests)
+                    n = requests_at(connections, requests)
                     ours = daemon_rates(daemon.port, connections, n)
                     records += _against_redis(backend, connections, n, ours, redis_ports)
                     if (backend, connections) == ("disk", TARGET_CONNECTIONS) and embedded_create:
@@ -240,7 +235,7 @@ def run(requests: int = 20_000, embedded_create: float | None = None) -> list[Re
             with bare_server() as port:
                 retrieve = msgpack.packb([0, 1, "retrieve", ["0" * 32]])
                 for connections in CONNECTIONS:
-                    n = _requests_at(connections, requests)
+                    n = requests_at(connections, requests)
                     ours, _ = drive(port, connections, n, lambda i: retrieve)
                     theirs = redis_rates(redis_ports[""], connections, n)
                     records.append(

@@ -55,6 +55,16 @@ def throughput(
     }
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (0 to 1) of ``ordered``, a sorted list that is not empty."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def requests_at(callers: int, requests: int) -> int:
+    """Requests per measurement: a quarter of them with one caller, which is slow."""
+    return requests if callers > 1 else requests // 4
+
+
 def measurement(
     name: str,
     value: float,

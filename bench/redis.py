@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import trio
 
-from bench.records import Record, throughput
+from bench.records import Record, requests_at, throughput
 from bench.report import count_command_line
 from bench.sessions import METADATA, callers_rate, new_record
 from tests.helpers.redis_cluster import LocalCluster, LocalSentinel
@@ -97,7 +97,7 @@ def run(ops: int = 5000) -> list[Record]:
     for kind in DEPLOYMENTS:
         with deployment(kind) as url:
             for callers in CALLERS:
-                n = ops if callers > 1 else ops // 4  # one caller is slow
+                n = requests_at(callers, ops)
                 bare = trio.run(bare_rates, url, callers, n)
                 ours = trio.run(service_rates, url, callers, n)
                 for op, command in PAIRS:

@@ -79,25 +79,17 @@ import diskcache
 import lmdb
 import trio
 
-from bench.records import Record, measurement, throughput
+from bench.records import Record, measurement, percentile, throughput
 from workers import open_session_service
 from workers.record.codec import canonical_metadata, decode_session
 from workers.record.session import Session
 from workers.stores import make_store
 from workers.stores.base import Put, Store
-from workers.stores.disk import SessionDisk
+from workers.stores.disk import _DEFAULT_SETTINGS, _PINNED_SETTINGS, SessionDisk
 
 #: What a raw diskcache opened on a disk store passes: the store's own settings (diskcache
 #: writes the settings it is given, and its defaults would drop the expiry index).
-RAW_DISKCACHE_SETTINGS = {
-    "eviction_policy": "none",
-    "cull_limit": 0,
-    "size_limit": 2**63 - 1,
-    "disk_min_file_size": 2**63 - 1,
-    "tag_index": 1,
-    "statistics": 0,
-    "sqlite_mmap_size": 0,
-}
+RAW_DISKCACHE_SETTINGS = {**_DEFAULT_SETTINGS, **_PINNED_SETTINGS}
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("disk", "lmdb", "memory")
@@ -346,14 +338,10 @@ async def child_sweep(backend: str, path: str | None, n: int, **options: Any) ->
         "seconds": sweep_s,
         "left": left,
         "retrieves": len(latencies),
-        "p50_ms": _percentile(latencies, 0.50) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
         "max_ms": latencies[-1] * 1000,
     }
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def child_memory(kind: str, n: int) -> dict[str, float]:

@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # run as ``python bench/sessions.py``: import fro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import actor_calls, dets
-from bench.records import Record, measurement, throughput
+from bench.records import Record, measurement, percentile, throughput
 from bench.report import print_table
 from workers import open_session_service
 from workers.record.codec import decode_session, encode_session
@@ -348,8 +348,7 @@ def latency_records(backend: str, run: ServiceRun, records: Sequence[Record]) ->
                 )
             )
     if run.now_calls:
-        calls = sorted(run.now_calls)
-        p99 = calls[min(len(calls) - 1, int(0.99 * len(calls)))] * 1e6
+        p99 = percentile(sorted(run.now_calls), 0.99) * 1e6
         out.append(
             measurement(
                 f"{backend} calls on the Trio thread p99",

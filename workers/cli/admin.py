@@ -25,12 +25,11 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
@@ -41,7 +40,6 @@ import trio
 from ..core.service import open_session_service
 from ..record.codec import decode_session, encode_session, pack
 from ..record.errors import (
-    ServiceUnavailable,
     SessionError,
     SessionNotFound,
     StoreError,
@@ -57,7 +55,7 @@ from .output import (
     table,
     write_json,
 )
-from .remote import add_daemon_options, connect_daemon
+from .remote import Watchdog, add_daemon_options, connect_daemon
 
 BACKUP_FORMAT = "sessiond-backup"
 BACKUP_VERSION = 1
@@ -106,58 +104,6 @@ async def open_target(
     async with opened as target:
         watchdog.disarm()
         yield watchdog.bound(target)
-
-
-class Watchdog:
-    """Bounds each wait of a verb (opening, then every call) by ``seconds``: a daemon that
-    accepts and never answers, or a stuck store, fails the verb with ServiceUnavailable
-    instead of hanging it. One cancel scope around the whole verb, its deadline moved to
-    now + ``seconds`` while a wait is under way and away otherwise (the verb's own work, such
-    as writing a backup, is not bounded)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.scope = trio.CancelScope()
-        self._what = "opening"
-
-    def arm(self, what: str) -> None:
-        """A wait for ``what`` begins: it has ``seconds``."""
-        self._what = what
-        self.scope.deadline = trio.current_time() + self.seconds
-
-    def disarm(self) -> None:
-        self.scope.deadline = math.inf
-
-    @contextlib.contextmanager
-    def waiting(self, what: str) -> Iterator[None]:
-        self.arm(what)
-        try:
-            yield
-        finally:
-            self.disarm()
-
-    def bound(self, target: Any) -> Any:
-        return _Bounded(target, self)
-
-    def expired(self) -> ServiceUnavailable:
-        return ServiceUnavailable(f"{self._what}: no answer within {self.seconds:g} s (--timeout)")
-
-
-class _Bounded:
-    """``target``'s async methods, each waited for under a :class:`Watchdog`."""
-
-    def __init__(self, target: Any, watchdog: Watchdog) -> None:
-        self._target = target
-        self._watchdog = watchdog
-
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method = getattr(self._target, name)
-
-        async def bounded(*args: Any) -> Any:
-            with self._watchdog.waiting(name):
-                return await method(*args)
-
-        return bounded
 
 
 async def _pages(target: Any, size: int = BATCH) -> AsyncIterator[list[Session]]:
@@ -480,17 +426,20 @@ async def restore(target: Any, args: argparse.Namespace, out: IO[str]) -> None:
         progress = Progress("restore", header.get("count"))
         restored = seen = 0
         batch: list[Session] = []
-        for session in sessions:
-            batch.append(session)
-            if len(batch) == BATCH:
-                restored += await target.import_sessions(batch)
-                seen += len(batch)
-                progress.advance(len(batch))
-                batch = []
-        if batch:
+
+        async def flush() -> None:
+            nonlocal restored, seen, batch
             restored += await target.import_sessions(batch)
             seen += len(batch)
             progress.advance(len(batch))
+            batch = []
+
+        for session in sessions:
+            batch.append(session)
+            if len(batch) == BATCH:
+                await flush()
+        if batch:
+            await flush()
         progress.finish()
     if args.json:
         write_json({"file": args.file, "restored": restored, "skipped": seen - restored}, out)

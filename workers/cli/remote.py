@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
+
+import trio
 
 from ..record.errors import AuthenticationFailed, ServiceUnavailable
 from ..wire.address import DEFAULT_ADDRESS, parse_address
@@ -70,6 +73,58 @@ async def connect_daemon(args: argparse.Namespace) -> AsyncIterator[Any]:
         except ServiceUnavailable as exc:
             raise ServiceUnavailable(await unreachable(args.address, exc)) from None
         yield client
+
+
+class Watchdog:
+    """Bounds each wait of a verb (opening, then every call) by ``seconds``: a daemon that
+    accepts and never answers, or a stuck store, fails the verb with ServiceUnavailable
+    instead of hanging it. One cancel scope around the whole verb, its deadline moved to
+    now + ``seconds`` while a wait is under way and away otherwise (the verb's own work, such
+    as writing a backup, is not bounded)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.scope = trio.CancelScope()
+        self._what = "opening"
+
+    def arm(self, what: str) -> None:
+        """A wait for ``what`` begins: it has ``seconds``."""
+        self._what = what
+        self.scope.deadline = trio.current_time() + self.seconds
+
+    def disarm(self) -> None:
+        self.scope.deadline = math.inf
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        self.arm(what)
+        try:
+            yield
+        finally:
+            self.disarm()
+
+    def bound(self, target: Any) -> Any:
+        return _Bounded(target, self)
+
+    def expired(self) -> ServiceUnavailable:
+        return ServiceUnavailable(f"{self._what}: no answer within {self.seconds:g} s (--timeout)")
+
+
+class _Bounded:
+    """``target``'s async methods, each waited for under a :class:`Watchdog`."""
+
+    def __init__(self, target: Any, watchdog: Watchdog) -> None:
+        self._target = target
+        self._watchdog = watchdog
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._target, name)
+
+        async def bounded(*args: Any) -> Any:
+            with self._watchdog.waiting(name):
+                return await method(*args)
+
+        return bounded
 
 
 async def unreachable(address: str, exc: ServiceUnavailable) -> str:

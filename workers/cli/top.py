@@ -42,7 +42,7 @@ from ..record.errors import SessionError
 from ..wire.client import Client
 from .options import positive_int, positive_seconds
 from .output import debug_requested, report_failure, table_lines, write_json
-from .remote import add_daemon_options, connect_daemon
+from .remote import Watchdog, add_daemon_options, connect_daemon
 
 #: Keys that end the view.
 QUIT_KEYS = (b"q", b"Q")
@@ -243,23 +243,35 @@ async def _keys(quit_scope: trio.CancelScope) -> None:
 
 
 async def run_top(args: argparse.Namespace) -> None:
+    # Opening the connection is bounded by --timeout as the admin verbs' is (the same
+    # watchdog, the same message); each reading is bounded by read() itself.
+    watchdog = Watchdog(args.timeout)
+    with watchdog.scope:
+        watchdog.arm("opening")
+        async with connect_daemon(args) as client:
+            watchdog.disarm()
+            await _view(client, args)
+    if watchdog.scope.cancelled_caught:
+        raise watchdog.expired()
+
+
+async def _view(client: Client, args: argparse.Namespace) -> None:
     interactive = not (args.once or args.json) and sys.stdout.isatty() and sys.stdin.isatty()
-    async with connect_daemon(args) as client:
-        before = await read(client, args.timeout)
-        if args.once:
-            await trio.sleep(args.interval)
-            view = snapshot(args.address, await read(client, args.timeout), before)
-            _print(view, args)
-            return
-        with trio.CancelScope() as quit_scope:
-            if interactive:
-                screen = Screen(sys.stdout)
-                with screen.opened():
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_keys, quit_scope)
-                        await _loop(client, args, before, screen)
-            else:
-                await _loop(client, args, before, None)
+    before = await read(client, args.timeout)
+    if args.once:
+        await trio.sleep(args.interval)
+        view = snapshot(args.address, await read(client, args.timeout), before)
+        _print(view, args)
+        return
+    with trio.CancelScope() as quit_scope:
+        if interactive:
+            screen = Screen(sys.stdout)
+            with screen.opened():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_keys, quit_scope)
+                    await _loop(client, args, before, screen)
+        else:
+            await _loop(client, args, before, None)
 
 
 async def _loop(client: Client, args: argparse.Namespace, before: Reading, screen: Any) -> None:

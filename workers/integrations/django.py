@@ -86,11 +86,9 @@ class SessionStore(SessionBase):
         super().__init__(session_key)
         #: The keys the stored session holds, as last loaded or saved (None: not known yet).
         self._stored_keys: set[str] | None = None
-        self._stored_timeout_ms: int | None = None
 
     def _remember(self, session: Session) -> None:
         self._stored_keys = set(session.metadata)
-        self._stored_timeout_ms = session.timeout_ms
 
     def load(self) -> dict[str, Any]:
         try:
@@ -118,7 +116,7 @@ class SessionStore(SessionBase):
         self._session_key = client.create(data, ttl=age if age > 0 else None)
         if age <= 0:  # expired at once: it had a key, and is gone
             client.delete(self._session_key)
-        self._stored_keys, self._stored_timeout_ms = set(data), _ms(age)
+        self._stored_keys = set(data)
         self.modified = True
 
     def save(self, must_create: bool = False) -> None:
@@ -136,7 +134,7 @@ class SessionStore(SessionBase):
                 raise CreateError
             if age <= 0:
                 client.delete(key)
-            self._stored_keys, self._stored_timeout_ms = set(data), record.timeout_ms
+            self._stored_keys = set(data)
             return
         if age <= 0:
             if not client.delete(key):
@@ -155,7 +153,7 @@ class SessionStore(SessionBase):
                 client.set_ttl(key, age)
         except _GONE:
             raise UpdateError from None
-        self._stored_keys, self._stored_timeout_ms = set(data), _ms(age)
+        self._stored_keys = set(data)
 
     def delete(self, session_key: str | None = None) -> None:
         if session_key is None:
